@@ -1,0 +1,236 @@
+"""Shared benchmark helpers: bounded load loops, percentiles, ratio lines, JSON results, charts.
+
+Every benchmark prints absolute figures and the ratio to a baseline measured in the same run,
+saves its figures under bench/results/<name>.json (and a PNG chart when it has a curve), and
+exits non-zero when a correctness check of the run fails.
+"""
+
+import asyncio
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+MAX_SECONDS_PER_LOOP = float(os.environ.get("BENCH_MAX_SECONDS", "120"))
+
+
+def percentile(samples: list[float], pct: float) -> float:
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    rank = max(0, min(len(ordered) - 1, math.ceil(pct / 100 * len(ordered)) - 1))
+    return ordered[rank]
+
+
+@dataclass
+class LatencyStats:
+    count: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    errors: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds else 0.0
+
+    @classmethod
+    def of(cls, latencies_s: list[float], seconds: float, errors: int = 0) -> "LatencyStats":
+        ms = [value * 1000 for value in latencies_s]
+        return cls(
+            count=len(ms),
+            seconds=seconds,
+            p50_ms=percentile(ms, 50),
+            p99_ms=percentile(ms, 99),
+            mean_ms=statistics.fmean(ms) if ms else math.nan,
+            errors=errors,
+        )
+
+
+async def run_concurrently(
+    call: Callable[[int], Awaitable[None]],
+    *,
+    concurrency: int,
+    total: int,
+    max_seconds: float = MAX_SECONDS_PER_LOOP,
+) -> LatencyStats:
+    """Run `call(i)` `total` times from `concurrency` workers; stops early at `max_seconds`."""
+    latencies: list[float] = []
+    errors = 0
+    next_index = 0
+    deadline = time.monotonic() + max_seconds
+
+    async def worker() -> None:
+        nonlocal next_index, errors
+        while next_index < total and time.monotonic() < deadline:
+            index = next_index
+            next_index += 1
+            started = time.perf_counter()
+            try:
+                await call(index)
+            except Exception:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return LatencyStats.of(latencies, time.perf_counter() - started, errors)
+
+
+async def run_at_rate(
+    call: Callable[[int], Awaitable[None]], *, rate: float, seconds: float
+) -> LatencyStats:
+    """Open-loop load: start `rate` calls per second for `seconds` (bounded), whatever the
+    latency, so queueing shows up in the percentiles instead of lowering the offered load."""
+    seconds = min(seconds, MAX_SECONDS_PER_LOOP)
+    latencies: list[float] = []
+    errors = 0
+    total = int(rate * seconds)
+    interval = 1.0 / rate
+
+    async def one(index: int) -> None:
+        nonlocal errors
+        started = time.perf_counter()
+        try:
+            await call(index)
+        except Exception:
+            errors += 1
+            return
+        latencies.append(time.perf_counter() - started)
+
+    began = time.perf_counter()
+    tasks = []
+    for index in range(total):
+        delay = began + index * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(index)))
+    await asyncio.gather(*tasks)
+    return LatencyStats.of(latencies, time.perf_counter() - began, errors)
+
+
+def ratio_line(label: str, value: float, baseline: float, unit: str) -> str:
+    ratio = value / baseline if baseline else math.nan
+    return f"{label:<46} {value:>12,.1f} {unit:<8} baseline {baseline:>12,.1f}  ratio {ratio:6.2f}"
+
+
+@dataclass
+class Report:
+    name: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def figure(self, key: str, value: Any, line: str | None = None) -> None:
+        self.figures[key] = value
+        if line:
+            print(line, flush=True)
+
+    def compare(self, key: str, value: float, baseline: float, unit: str, label: str) -> None:
+        self.figures[key] = {"value": value, "baseline": baseline, "unit": unit}
+        self.figures[key]["ratio"] = value / baseline if baseline else None
+        print(ratio_line(label, value, baseline, unit), flush=True)
+
+    def target(self, key: str, ok: bool, text: str) -> None:
+        self.figures.setdefault("targets", {})[key] = {"met": ok, "target": text}
+        print(f"  target {text}: {'met' if ok else 'MISSED'}", flush=True)
+
+    def check(self, ok: bool, text: str) -> None:
+        if not ok:
+            self.failures.append(text)
+            print(f"  CORRECTNESS FAILURE: {text}", flush=True)
+
+    def save(self) -> Path:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RESULTS_DIR / f"{self.name}.json"
+        payload: dict[str, Any] = {
+            "name": self.name,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "figures": self.figures,
+            "failures": self.failures,
+        }
+        path.write_text(json.dumps(payload, indent=2, default=str))
+        return path
+
+    def finish(self) -> None:
+        print(f"results: {self.save().relative_to(ROOT)}")
+        if self.failures:
+            sys.exit(1)
+
+
+def chart(
+    name: str, offered: list[float], achieved: list[float], p50: list[float], p99: list[float]
+) -> Path:
+    """Throughput and latency against offered load, as the assignments ask."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(offered, achieved, marker="o")
+    left.plot(offered, offered, linestyle="--", color="grey", label="offered")
+    left.set(xlabel="offered load (req/s)", ylabel="achieved (req/s)", title="throughput")
+    left.legend()
+    right.plot(offered, p50, marker="o", label="p50")
+    right.plot(offered, p99, marker="o", label="p99")
+    right.set(xlabel="offered load (req/s)", ylabel="latency (ms)", title="latency")
+    right.legend()
+    fig.suptitle(name)
+    fig.tight_layout()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@contextmanager
+def process(args: list[str], *, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """A child process that is always stopped (SIGTERM, then SIGKILL) when the block ends."""
+    child = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})})
+    try:
+        yield child
+    finally:
+        child.terminate()
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0

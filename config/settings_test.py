@@ -1,0 +1,27 @@
+"""Test settings: the same module, faster hashing, no throttling surprises, quiet logs.
+
+Real services are used exactly when their URLs are in the environment (see tests/conftest.py).
+"""
+
+from config.settings import *  # noqa: F403
+from config.settings import BASE_DIR, DATABASES, REST_FRAMEWORK
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+if not DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    # A file, not :memory:, so live servers in other threads and processes see the same data.
+    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / "test.sqlite3")}
+REST_FRAMEWORK = {
+    **REST_FRAMEWORK,
+    "DEFAULT_THROTTLE_RATES": {
+        **REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"],  # type: ignore[dict-item]
+        "register": "1000/min",
+        "login": "1000/min",
+    },
+}
+MEDIA_ROOT = BASE_DIR / "var" / "test-media"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+# Live-server threads must not keep connections open, or the test database cannot be dropped.
+DATABASES["default"]["CONN_MAX_AGE"] = 0

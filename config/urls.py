@@ -1,0 +1,28 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from common import api as common_api
+from common import health
+from common.metrics_view import metrics
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("health", health.health, name="health"),
+    path("readyz", health.readyz, name="readyz"),
+    path("metrics", metrics, name="prometheus-django-metrics"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    path("api/auth/token", common_api.AuthTokenCreateApi.as_view(), name="auth-token"),
+    path("api/auth/register", common_api.AuthRegisterApi.as_view(), name="auth-register"),
+    path("api/auth/logout", common_api.AuthLogoutApi.as_view(), name="auth-logout"),
+    path("api/auth/me", common_api.MeApi.as_view(), name="auth-me"),
+    path("api/realtime/", include("realtime.urls")),
+    path("api/vmcontrol/", include("vmcontrol.urls")),
+    path("api/betting/", include("betting.urls")),
+    path("api/docbot/", include("docbot.urls")),
+    path("api/", include("warehouse.urls")),
+]
+
+handler404 = "common.api.json_not_found"
+handler500 = "common.api.json_server_error"

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class VmcontrolConfig(AppConfig):
+    name = "vmcontrol"
+    verbose_name = "VM control plane"
