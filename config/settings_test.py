@@ -3,13 +3,17 @@
 Real services are used exactly when their URLs are in the environment (see tests/conftest.py).
 """
 
+from pathlib import Path
+
 from config.settings import *  # noqa: F403
 from config.settings import BASE_DIR, DATABASES, REST_FRAMEWORK
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 if not DATABASES["default"]["ENGINE"].endswith("postgresql"):
     # A file, not :memory:, so live servers in other threads and processes see the same data.
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / "test.sqlite3")}
+    # Named after the main database file so parallel checkouts/runs do not share one test DB.
+    _stem = Path(str(DATABASES["default"]["NAME"])).stem
+    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / f"test-{_stem}.sqlite3")}
 REST_FRAMEWORK = {
     **REST_FRAMEWORK,
     "DEFAULT_THROTTLE_RATES": {
