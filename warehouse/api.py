@@ -1,0 +1,224 @@
+import uuid
+from typing import Any
+
+from django.conf import settings
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers
+from rest_framework.permissions import AllowAny, BasePermission, IsAdminUser, IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.throttling import AnonRateThrottle
+from rest_framework.views import APIView
+
+from common.exceptions import NotFound, ValidationFailed
+from common.pagination import LimitOffsetPagination
+from warehouse import selectors, services
+from warehouse.models import DeadLetter
+
+
+class PublicReadPermission(BasePermission):
+    """The assignment's two reads are public unless WAREHOUSE_PUBLIC_READS=false."""
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        if settings.WAREHOUSE_PUBLIC_READS:
+            return AllowAny().has_permission(request, view)
+        return IsAuthenticated().has_permission(request, view)
+
+
+class PublicReadThrottle(AnonRateThrottle):
+    scope = "warehouse_reads"
+
+    def get_rate(self) -> str | None:
+        return settings.WAREHOUSE_READ_THROTTLE or None
+
+    def get_cache_key(self, request: Request, view: Any) -> str | None:
+        ident = request.user.pk if request.user.is_authenticated else self.get_ident(request)
+        return self.cache_format % {"scope": self.scope, "ident": ident}
+
+
+def _uuid(value: str, name: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ValidationFailed(f"{name} is not a UUID", code="bad_uuid") from None
+
+
+class PartySerializer(serializers.Serializer):
+    warehouse_id = serializers.UUIDField()
+    source = serializers.CharField()  # type: ignore[assignment]
+
+
+class MovementDetailApi(APIView):
+    permission_classes = [PublicReadPermission]
+    throttle_classes = [PublicReadThrottle]
+
+    class OutputSerializer(serializers.Serializer):
+        movement_id = serializers.UUIDField()
+        product_id = serializers.UUIDField()
+        status = serializers.ChoiceField(["in_transit", "arrived", "completed", "anomaly"])
+        sender = PartySerializer(allow_null=True)
+        receiver = PartySerializer(allow_null=True)
+        departed_at = serializers.DateTimeField(allow_null=True)
+        arrived_at = serializers.DateTimeField(allow_null=True)
+        elapsed_seconds = serializers.IntegerField(allow_null=True)
+        quantity_sent = serializers.IntegerField(allow_null=True)
+        quantity_received = serializers.IntegerField(allow_null=True)
+        quantity_difference = serializers.IntegerField(allow_null=True)
+
+    @extend_schema(responses={200: OutputSerializer}, summary="A movement: both ends, timing")
+    def get(self, request: Request, movement_id: str) -> Response:
+        view = selectors.movement_get(movement_id=_uuid(movement_id, "movement_id"))
+        if view is None:
+            raise NotFound("No such movement.")
+        return Response(view)
+
+
+class StockDetailApi(APIView):
+    permission_classes = [PublicReadPermission]
+    throttle_classes = [PublicReadThrottle]
+
+    class OutputSerializer(serializers.Serializer):
+        warehouse_id = serializers.UUIDField()
+        product_id = serializers.UUIDField()
+        quantity = serializers.IntegerField(help_text="max(balance, 0)")
+        balance = serializers.IntegerField(help_text="Signed ledger balance")
+        short = serializers.BooleanField(help_text="The balance went below zero")
+        updated_at = serializers.DateTimeField()
+
+    @extend_schema(responses={200: OutputSerializer}, summary="Stock of a product at a warehouse")
+    def get(self, request: Request, warehouse_id: str, product_id: str) -> Response:
+        view = selectors.stock_get(
+            warehouse_id=_uuid(warehouse_id, "warehouse_id"),
+            product_id=_uuid(product_id, "product_id"),
+        )
+        if view is None:
+            raise NotFound("No stock recorded for this warehouse and product.")
+        return Response(view)
+
+
+class StockListApi(APIView):
+    class OutputSerializer(serializers.Serializer):
+        warehouse_id = serializers.UUIDField()
+        product_id = serializers.UUIDField()
+        quantity = serializers.IntegerField()
+        balance = serializers.IntegerField()
+        short = serializers.BooleanField()
+        updated_at = serializers.DateTimeField()
+
+    @extend_schema(
+        responses={200: OutputSerializer(many=True)},
+        summary="Stock of every product at a warehouse",
+    )
+    def get(self, request: Request, warehouse_id: str) -> Response:
+        rows = selectors.stock_list(warehouse_id=_uuid(warehouse_id, "warehouse_id"))
+        paginator = LimitOffsetPagination()
+        page = paginator.paginate_queryset(rows, request, view=self) or []
+        return paginator.get_paginated_response([selectors.stock_view(row) for row in page])
+
+
+class MovementHistoryApi(APIView):
+    class FilterSerializer(serializers.Serializer):
+        warehouse_id = serializers.UUIDField(required=False)
+        product_id = serializers.UUIDField(required=False)
+        since = serializers.DateTimeField(required=False)
+        until = serializers.DateTimeField(required=False)
+
+    class OutputSerializer(serializers.Serializer):
+        movement_id = serializers.UUIDField()
+        event = serializers.CharField()
+        warehouse_id = serializers.UUIDField()
+        product_id = serializers.UUIDField()
+        quantity = serializers.IntegerField()
+        delta = serializers.IntegerField()
+        occurred_at = serializers.DateTimeField()
+        source = serializers.CharField()  # type: ignore[assignment]
+        recorded_at = serializers.DateTimeField()
+        duplicates = serializers.IntegerField()
+
+    @extend_schema(
+        parameters=[FilterSerializer],
+        responses={200: OutputSerializer(many=True)},
+        summary="Movement event history, newest first",
+    )
+    def get(self, request: Request) -> Response:
+        filters = self.FilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        rows = selectors.ledger_list(**filters.validated_data)
+        paginator = LimitOffsetPagination()
+        page = paginator.paginate_queryset(rows, request, view=self) or []
+        return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
+
+
+class MovementIngestApi(APIView):
+    permission_classes = [IsAdminUser]
+
+    class OutputSerializer(serializers.Serializer):
+        stored = serializers.IntegerField()
+        duplicates = serializers.IntegerField()
+        dead_letters = serializers.IntegerField()
+        outcomes = serializers.ListField(child=serializers.CharField())
+
+    @extend_schema(
+        request={"application/json": {"type": "array", "items": {"type": "object"}}},
+        responses={200: OutputSerializer},
+        summary="Ingest a JSON array of envelopes through the consumer's pipeline (staff)",
+    )
+    def post(self, request: Request) -> Response:
+        if not isinstance(request.data, list) or not 0 < len(request.data) <= 5000:
+            raise ValidationFailed("expected a JSON array of 1..5000 envelopes", code="bad_body")
+        bodies = [item if isinstance(item, dict) else str(item) for item in request.data]
+        result = services.movements_ingest(bodies=bodies)
+        return Response(
+            self.OutputSerializer(
+                {
+                    "stored": result.stored,
+                    "duplicates": result.duplicates,
+                    "dead_letters": result.dead_letters,
+                    "outcomes": result.outcomes,
+                }
+            ).data
+        )
+
+
+class DeadLetterOutputSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = DeadLetter
+        fields = [
+            "id",
+            "received_at",
+            "reason",
+            "detail",
+            "body",
+            "movement_id",
+            "event",
+            "replayed_at",
+            "replay_outcome",
+        ]
+
+
+class DeadLetterListApi(APIView):
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(
+        parameters=[OpenApiParameter("reason", str, enum=DeadLetter.Reason.values)],
+        responses={200: DeadLetterOutputSerializer(many=True)},
+        summary="Dead letters, newest first (staff)",
+    )
+    def get(self, request: Request) -> Response:
+        rows = selectors.dead_letter_list(reason=request.query_params.get("reason"))
+        paginator = LimitOffsetPagination()
+        page = paginator.paginate_queryset(rows, request, view=self) or []
+        return paginator.get_paginated_response(DeadLetterOutputSerializer(page, many=True).data)
+
+
+class DeadLetterReplayApi(APIView):
+    permission_classes = [IsAdminUser]
+
+    @extend_schema(
+        request=None,
+        responses={200: DeadLetterOutputSerializer},
+        summary="Run a dead letter through the pipeline again (staff)",
+    )
+    def post(self, request: Request, dead_letter_id: int) -> Response:
+        dead_letter = services.dead_letter_replay(dead_letter_id=dead_letter_id)
+        return Response(DeadLetterOutputSerializer(dead_letter).data)

@@ -1,0 +1,174 @@
+"""Warehouse reads: the movement view, stock, history, dead letters, verification and the
+consumer heartbeat. The two public reads are cached; `services` invalidates after commit."""
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db.models import QuerySet, Sum
+from django.utils import timezone
+
+from warehouse.models import ConsumerHeartbeat, DeadLetter, LedgerEntry, Stock
+
+_MISSING = "missing"
+
+
+def stock_cache_key(warehouse_id: str, product_id: str) -> str:
+    return f"wh:stock:{warehouse_id}:{product_id}"
+
+
+def movement_cache_key(movement_id: str) -> str:
+    return f"wh:mv:{movement_id}"
+
+
+def stock_view(stock: Stock) -> dict[str, Any]:
+    return {
+        "warehouse_id": str(stock.warehouse_id),
+        "product_id": str(stock.product_id),
+        "quantity": max(stock.balance, 0),
+        "balance": stock.balance,
+        "short": stock.balance < 0,
+        "updated_at": stock.updated_at.isoformat(),
+    }
+
+
+def stock_get(*, warehouse_id: uuid.UUID, product_id: uuid.UUID) -> dict[str, Any] | None:
+    """Current stock of a pair (`quantity = max(balance, 0)`, `short` when negative), or None."""
+    key = stock_cache_key(str(warehouse_id), str(product_id))
+    cached = cache.get(key)
+    if cached is not None:
+        return None if cached == _MISSING else dict(cached)
+    stock = Stock.objects.filter(warehouse_id=warehouse_id, product_id=product_id).first()
+    view = stock_view(stock) if stock is not None else None
+    cache.set(key, view if view is not None else _MISSING, settings.WAREHOUSE_CACHE_SECONDS)
+    return view
+
+
+def stock_list(*, warehouse_id: uuid.UUID) -> QuerySet[Stock]:
+    return Stock.objects.filter(warehouse_id=warehouse_id).order_by("product_id")
+
+
+def _party(entry: LedgerEntry | None) -> dict[str, str] | None:
+    if entry is None:
+        return None
+    return {"warehouse_id": str(entry.warehouse_id), "source": entry.source}
+
+
+def movement_view(entries: list[LedgerEntry]) -> dict[str, Any] | None:
+    """The movement read model from its (at most two) ledger rows; independent of the order in
+    which they arrived. Status: `in_transit` (departure only), `arrived` (arrival only),
+    `completed` (both, consistent), `anomaly` (both, but quantity or product differ, the same
+    warehouse on both ends, or arrival before departure)."""
+    if not entries:
+        return None
+    departure = next((e for e in entries if e.event == LedgerEntry.Event.DEPARTURE), None)
+    arrival = next((e for e in entries if e.event == LedgerEntry.Event.ARRIVAL), None)
+    first = departure or arrival
+    assert first is not None
+    elapsed: int | None = None
+    difference: int | None = None
+    if departure is None:
+        status = "arrived"
+    elif arrival is None:
+        status = "in_transit"
+    else:
+        elapsed = round((arrival.occurred_at - departure.occurred_at).total_seconds())
+        difference = departure.quantity - arrival.quantity
+        consistent = (
+            difference == 0
+            and departure.product_id == arrival.product_id
+            and departure.warehouse_id != arrival.warehouse_id
+            and elapsed >= 0
+        )
+        status = "completed" if consistent else "anomaly"
+    return {
+        "movement_id": str(first.movement_id),
+        "product_id": str(first.product_id),
+        "status": status,
+        "sender": _party(departure),
+        "receiver": _party(arrival),
+        "departed_at": departure.occurred_at.isoformat() if departure else None,
+        "arrived_at": arrival.occurred_at.isoformat() if arrival else None,
+        "elapsed_seconds": elapsed,
+        "quantity_sent": departure.quantity if departure else None,
+        "quantity_received": arrival.quantity if arrival else None,
+        "quantity_difference": difference,
+    }
+
+
+def movement_get(*, movement_id: uuid.UUID) -> dict[str, Any] | None:
+    key = movement_cache_key(str(movement_id))
+    cached = cache.get(key)
+    if cached is not None:
+        return None if cached == _MISSING else dict(cached)
+    view = movement_view(list(LedgerEntry.objects.filter(movement_id=movement_id)))
+    cache.set(key, view if view is not None else _MISSING, settings.WAREHOUSE_CACHE_SECONDS)
+    return view
+
+
+def ledger_list(
+    *,
+    warehouse_id: uuid.UUID | None = None,
+    product_id: uuid.UUID | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> QuerySet[LedgerEntry]:
+    """Movement history, newest first, filtered by warehouse, product and occurrence time."""
+    entries = LedgerEntry.objects.all()
+    if warehouse_id is not None:
+        entries = entries.filter(warehouse_id=warehouse_id)
+    if product_id is not None:
+        entries = entries.filter(product_id=product_id)
+    if since is not None:
+        entries = entries.filter(occurred_at__gte=since)
+    if until is not None:
+        entries = entries.filter(occurred_at__lt=until)
+    return entries.order_by("-occurred_at", "-pk")
+
+
+def dead_letter_list(*, reason: str | None = None) -> QuerySet[DeadLetter]:
+    letters = DeadLetter.objects.all()
+    if reason:
+        letters = letters.filter(reason=reason)
+    return letters.order_by("-received_at", "-pk")
+
+
+def stock_mismatches() -> list[dict[str, Any]]:
+    """Pairs where stock != Σ ledger deltas (empty when the invariant holds)."""
+    ledger = {
+        (row["warehouse_id"], row["product_id"]): row["total"]
+        for row in LedgerEntry.objects.values("warehouse_id", "product_id")
+        .annotate(total=Sum("delta"))
+        .order_by()
+    }
+    stock = {
+        (w, p): balance
+        for w, p, balance in Stock.objects.values_list("warehouse_id", "product_id", "balance")
+    }
+    mismatches = []
+    for pair in ledger.keys() | stock.keys():
+        expected, actual = ledger.get(pair, 0), stock.get(pair, 0)
+        if expected != actual:
+            mismatches.append(
+                {
+                    "warehouse_id": str(pair[0]),
+                    "product_id": str(pair[1]),
+                    "ledger": expected,
+                    "stock": actual,
+                }
+            )
+    return mismatches
+
+
+def consumer_heartbeat_check() -> None:
+    """Readiness: raise when a registered consumer's heartbeat is older than the stale limit
+    (or, with WAREHOUSE_READYZ_REQUIRE_CONSUMER, when no consumer runs at all)."""
+    limit = timezone.now() - timedelta(seconds=settings.WAREHOUSE_HEARTBEAT_STALE_SECONDS)
+    beats = list(ConsumerHeartbeat.objects.values_list("name", "beat_at"))
+    if not beats and settings.WAREHOUSE_READYZ_REQUIRE_CONSUMER:
+        raise RuntimeError("no warehouse consumer heartbeat")
+    stale = [name for name, beat_at in beats if beat_at < limit]
+    if stale:
+        raise RuntimeError(f"warehouse consumer heartbeat stale: {', '.join(stale)[:200]}")

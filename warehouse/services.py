@@ -1,0 +1,380 @@
+"""Warehouse writes: the ingest pipeline (one transaction per batch), dead-letter replay, stock
+rebuild and the consumer heartbeat.
+
+Idempotency key of a message is `(movement_id, event)`, never the envelope `id` (both events of
+a movement share it). Every message of a batch ends in exactly one place in the batch's
+transaction: a new ledger row, the `duplicates` counter of the existing row, or a dead letter.
+"""
+
+import json
+import uuid
+from collections import Counter as Tally
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+from django.conf import settings
+from django.core.cache import cache
+from django.db import connection, models, transaction
+from django.db.models import F, Sum
+from django.utils import timezone
+from prometheus_client import Counter, Histogram
+
+from common.exceptions import NotFound, PreconditionFailed
+from realtime.services import publish
+from warehouse.lock_objects import stock_lock
+from warehouse.models import ConsumerHeartbeat, DeadLetter, LedgerEntry, Stock
+from warehouse.schemas import Envelope, EnvelopeInvalid, envelope_parse, envelope_validate
+from warehouse.selectors import movement_cache_key, stock_cache_key
+
+logger = structlog.get_logger(__name__)
+
+STOCK_TOPIC = "warehouse.stock"
+
+MOVEMENTS_STORED = Counter("movements_stored_counter", "Movement events stored in the ledger")
+MESSAGES = Counter("warehouse_messages", "Consumed messages by result", ["result"])
+DEAD_LETTERS = Counter("warehouse_dead_letters", "Dead-lettered messages by reason", ["reason"])
+STOCK_SHORT = Counter("warehouse_stock_short", "Stock balances that went below zero")
+BATCH_SIZE = Histogram(
+    "warehouse_batch_size",
+    "Messages per committed batch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
+)
+COMMIT_SECONDS = Histogram("warehouse_commit_seconds", "Time to process and commit one batch")
+INGEST_LAG = Histogram(
+    "warehouse_ingest_lag_seconds",
+    "Commit time minus the envelope's `time` (producer clock)",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600, 3600, float("inf")),
+)
+
+Body = bytes | str | dict[str, Any]
+
+
+@dataclass
+class BatchResult:
+    """Per-message outcome in input order: `stored`, `duplicate` or the dead-letter reason."""
+
+    outcomes: list[str] = field(default_factory=list)
+    stock_changes: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def stored(self) -> int:
+        return self.outcomes.count("stored")
+
+    @property
+    def duplicates(self) -> int:
+        return self.outcomes.count("duplicate")
+
+    @property
+    def dead_letters(self) -> int:
+        return len(self.outcomes) - self.stored - self.duplicates
+
+
+@dataclass
+class _Failure:
+    reason: str
+    detail: str
+    envelope: Envelope | None = None
+
+
+def _raw_text(body: Body) -> str:
+    if isinstance(body, dict):
+        return json.dumps(body, separators=(",", ":"))
+    if isinstance(body, bytes):
+        return body.decode("utf-8", errors="replace")
+    return body
+
+
+def _parse(body: Body) -> Envelope:
+    return envelope_validate(body) if isinstance(body, dict) else envelope_parse(body)
+
+
+def _uuid_param(value: uuid.UUID) -> Any:
+    return models.UUIDField().get_db_prep_value(value, connection)
+
+
+def _stock_apply(deltas: dict[tuple[uuid.UUID, uuid.UUID], int], now: datetime) -> list[Any]:
+    """Add each delta to its (warehouse, product) balance in one set-based upsert, in key order
+    so concurrent consumers lock rows in the same order; returns the new balances."""
+    if not deltas:
+        return []
+    table = connection.ops.quote_name(Stock._meta.db_table)
+    when = models.DateTimeField().get_db_prep_value(now, connection)
+    rows = sorted(deltas.items(), key=lambda item: (str(item[0][0]), str(item[0][1])))
+    params: list[Any] = []
+    for (warehouse_id, product_id), delta in rows:
+        params += [_uuid_param(warehouse_id), _uuid_param(product_id), delta, when]
+    values = ", ".join(["(%s, %s, %s, %s)"] * len(rows))
+    # Only the quoted table name and placeholders are interpolated; values are parameters.
+    sql = (
+        f"INSERT INTO {table} (warehouse_id, product_id, balance, updated_at) VALUES {values} "  # noqa: S608
+        "ON CONFLICT (warehouse_id, product_id) DO UPDATE SET "
+        f"balance = {table}.balance + excluded.balance, updated_at = excluded.updated_at "
+        "RETURNING warehouse_id, product_id, balance"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
+
+
+def _strict_filter(
+    candidates: dict[tuple[uuid.UUID, str], tuple[int, Envelope]],
+) -> set[tuple[uuid.UUID, str]]:
+    """Keys whose departure would drive its stock below zero, in batch order, with the affected
+    stock rows locked (ascending key order) for the rest of the transaction."""
+    pairs = {(env.warehouse_id, env.product_id) for _, env in candidates.values()}
+    balances = stock_lock(pairs=pairs)
+    rejected: set[tuple[uuid.UUID, str]] = set()
+    for key, (_, env) in sorted(candidates.items(), key=lambda item: item[1][0]):
+        pair = (env.warehouse_id, env.product_id)
+        after = balances.get(pair, 0) + env.delta
+        if env.delta < 0 and after < 0:
+            rejected.add(key)
+            continue
+        balances[pair] = after
+    return rejected
+
+
+def _ingest(bodies: Sequence[Body], *, record_dead_letters: bool = True) -> BatchResult:
+    now = timezone.now()
+    outcomes: list[str] = [""] * len(bodies)
+    failures: dict[int, _Failure] = {}
+    fresh: dict[tuple[uuid.UUID, str], tuple[int, Envelope]] = {}
+    copies: dict[tuple[uuid.UUID, str], list[int]] = defaultdict(list)
+
+    for index, body in enumerate(bodies):
+        try:
+            env = _parse(body)
+        except EnvelopeInvalid as exc:
+            failures[index] = _Failure(exc.reason, exc.detail)
+            continue
+        first = fresh.get(env.key)
+        if first is None:
+            fresh[env.key] = (index, env)
+        elif first[1].fingerprint == env.fingerprint:
+            copies[env.key].append(index)
+        else:
+            failures[index] = _Failure("conflict", "differs from an earlier copy in the batch", env)
+
+    existing: dict[tuple[uuid.UUID, str], tuple[int, str]] = {}
+    if fresh:
+        movement_ids = {key[0] for key in fresh}
+        for pk, movement_id, event, fingerprint in LedgerEntry.objects.filter(
+            movement_id__in=movement_ids
+        ).values_list("pk", "movement_id", "event", "fingerprint"):
+            existing[(movement_id, event)] = (pk, fingerprint)
+
+    redelivered: Tally[int] = Tally()
+    for key in [key for key in fresh if key in existing]:
+        index, env = fresh.pop(key)
+        pk, fingerprint = existing[key]
+        if fingerprint == env.fingerprint:
+            outcomes[index] = "duplicate"
+            redelivered[pk] += 1 + len(copies.get(key, []))
+        else:
+            failures[index] = _Failure("conflict", "differs from the stored event", env)
+            for copy in copies.pop(key, []):
+                failures[copy] = _Failure("conflict", "differs from the stored event", env)
+
+    if settings.WAREHOUSE_STRICT_STOCK and fresh:
+        for key in _strict_filter(fresh):
+            index, env = fresh.pop(key)
+            for rejected in [index, *copies.pop(key, [])]:
+                failures[rejected] = _Failure(
+                    "insufficient_stock", "departure exceeds the stock at the warehouse", env
+                )
+
+    entries = []
+    deltas: dict[tuple[uuid.UUID, uuid.UUID], int] = defaultdict(int)
+    for key, (index, env) in fresh.items():
+        outcomes[index] = "stored"
+        entries.append(
+            LedgerEntry(
+                movement_id=env.movement_id,
+                event=env.event,
+                warehouse_id=env.warehouse_id,
+                product_id=env.product_id,
+                quantity=env.quantity,
+                delta=env.delta,
+                occurred_at=env.timestamp,
+                source=env.source,
+                envelope_id=env.id,
+                sent_at=env.time,
+                fingerprint=env.fingerprint,
+                duplicates=len(copies.get(key, [])),
+                recorded_at=now,
+            )
+        )
+        deltas[(env.warehouse_id, env.product_id)] += env.delta
+    for indexes in copies.values():
+        for index in indexes:
+            if not outcomes[index] and index not in failures:
+                outcomes[index] = "duplicate"
+
+    LedgerEntry.objects.bulk_create(entries, batch_size=2000)
+    by_count: dict[int, list[int]] = defaultdict(list)
+    for pk, count in redelivered.items():
+        by_count[count].append(pk)
+    for count, pks in by_count.items():
+        LedgerEntry.objects.filter(pk__in=pks).update(duplicates=F("duplicates") + count)
+    balances = _stock_apply(deltas, now)
+
+    for index, failure in failures.items():
+        outcomes[index] = failure.reason
+    if record_dead_letters and failures:
+        DeadLetter.objects.bulk_create(
+            [
+                DeadLetter(
+                    received_at=now,
+                    body=_raw_text(bodies[index])[:65536],
+                    reason=failure.reason,
+                    detail=failure.detail[:500],
+                    movement_id=failure.envelope.movement_id if failure.envelope else None,
+                    event=failure.envelope.event if failure.envelope else "",
+                )
+                for index, failure in failures.items()
+            ]
+        )
+
+    changes = [
+        {
+            "warehouse_id": str(warehouse_id),
+            "product_id": str(product_id),
+            "balance": balance,
+            "quantity": max(balance, 0),
+            "short": balance < 0,
+        }
+        for warehouse_id, product_id, balance in balances
+    ]
+    touched_movements = {env.movement_id for _, env in fresh.values()}
+    stored_times = [env.time for _, env in fresh.values()]
+    result = BatchResult(outcomes=outcomes, stock_changes=changes)
+    transaction.on_commit(lambda: _after_commit(result, touched_movements, stored_times))
+    if changes:
+        publish(STOCK_TOPIC, {"changes": changes})
+    return result
+
+
+def _after_commit(
+    result: BatchResult, movement_ids: set[uuid.UUID], sent_times: list[datetime]
+) -> None:
+    keys = [stock_cache_key(c["warehouse_id"], c["product_id"]) for c in result.stock_changes]
+    keys += [movement_cache_key(str(movement_id)) for movement_id in movement_ids]
+    if keys:
+        try:
+            cache.delete_many(keys)
+        except Exception:
+            # Entries expire after WAREHOUSE_CACHE_SECONDS; readers must not see an error.
+            logger.exception("warehouse_cache_invalidation_failed", keys=len(keys))
+    tally = Tally(result.outcomes)
+    for outcome, count in tally.items():
+        if outcome in ("stored", "duplicate"):
+            MESSAGES.labels(outcome).inc(count)
+        else:
+            MESSAGES.labels("dead_letter").inc(count)
+            DEAD_LETTERS.labels(outcome).inc(count)
+    MOVEMENTS_STORED.inc(tally.get("stored", 0))
+    STOCK_SHORT.inc(sum(1 for change in result.stock_changes if change["short"]))
+    BATCH_SIZE.observe(len(result.outcomes))
+    now = timezone.now()
+    for sent in sent_times[:50]:
+        INGEST_LAG.observe(max(0.0, (now - sent).total_seconds()))
+
+
+@transaction.atomic
+def movements_ingest(*, bodies: Sequence[Body]) -> BatchResult:
+    """Run one batch of raw messages through validation, dedup and stock update in one
+    transaction. Side effects (cache invalidation, metrics, `warehouse.stock` publish) happen
+    after commit; the caller acks the messages only after this returns."""
+    with COMMIT_SECONDS.time():
+        return _ingest(bodies)
+
+
+def movements_ingest_each(*, bodies: Sequence[Body]) -> BatchResult:
+    """Fallback when a whole batch failed unexpectedly: one transaction per message, and a
+    message that still raises is dead-lettered as `error` so it cannot block the queue."""
+    result = BatchResult()
+    for body in bodies:
+        try:
+            single = movements_ingest(bodies=[body])
+        except Exception as exc:
+            if _database_unavailable(exc):
+                raise
+            logger.exception("warehouse_message_failed")
+            with transaction.atomic():
+                DeadLetter.objects.create(
+                    received_at=timezone.now(),
+                    body=_raw_text(body)[:65536],
+                    reason=DeadLetter.Reason.ERROR,
+                    detail=f"{type(exc).__name__}: {exc}"[:500],
+                )
+            transaction.on_commit(lambda: DEAD_LETTERS.labels("error").inc())
+            result.outcomes.append("error")
+        else:
+            result.outcomes += single.outcomes
+            result.stock_changes += single.stock_changes
+    return result
+
+
+def _database_unavailable(exc: Exception) -> bool:
+    from django.db import InterfaceError, OperationalError
+
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+@transaction.atomic
+def dead_letter_replay(*, dead_letter_id: int) -> DeadLetter:
+    """Run a dead letter's raw body through the pipeline again. On success (`stored` or
+    `duplicate`) it is marked replayed; otherwise it stays with the new reason and detail.
+    Replaying the same dead letter twice is refused."""
+    dead_letter = DeadLetter.objects.select_for_update().filter(pk=dead_letter_id).first()
+    if dead_letter is None:
+        raise NotFound("No such dead letter.")
+    if dead_letter.replay_outcome in ("stored", "duplicate"):
+        raise PreconditionFailed("Already replayed.", code="already_replayed")
+    outcome = _ingest([dead_letter.body], record_dead_letters=False).outcomes[0]
+    dead_letter.replayed_at = timezone.now()
+    dead_letter.replay_outcome = outcome
+    if outcome not in ("stored", "duplicate"):
+        dead_letter.reason = outcome
+    dead_letter.save(update_fields=["replayed_at", "replay_outcome", "reason"])
+    return dead_letter
+
+
+@transaction.atomic
+def stock_rebuild() -> int:
+    """Recompute every balance from the ledger (stock == Σ ledger); returns the row count."""
+    now = timezone.now()
+    Stock.objects.all().delete()
+    rows = (
+        LedgerEntry.objects.values("warehouse_id", "product_id")
+        .annotate(total=Sum("delta"))
+        .order_by()
+    )
+    stock = [
+        Stock(
+            warehouse_id=row["warehouse_id"],
+            product_id=row["product_id"],
+            balance=row["total"],
+            updated_at=now,
+        )
+        for row in rows
+    ]
+    Stock.objects.bulk_create(stock, batch_size=5000)
+    transaction.on_commit(cache.clear)
+    return len(stock)
+
+
+def consumer_heartbeat_beat(*, name: str, started_at: datetime) -> None:
+    """Record that consumer `name` is alive (one upsert)."""
+    ConsumerHeartbeat.objects.update_or_create(
+        name=name, defaults={"beat_at": timezone.now(), "started_at": started_at}
+    )
+
+
+def consumer_heartbeat_clear(*, name: str) -> None:
+    """A cleanly stopped consumer is not stale: forget it."""
+    ConsumerHeartbeat.objects.filter(name=name).delete()
