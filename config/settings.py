@@ -287,7 +287,9 @@ VMCONTROL_TLS_KEY = env.str("VMCONTROL_TLS_KEY", default="")
 # --- warehouse ---
 # Movement queue: the Celery broker's RabbitMQ when configured, else a kombu filesystem queue
 # under var/ so `warehouse_produce` in another terminal reaches `make run` with no service.
-WAREHOUSE_BROKER_URL = env.str("WAREHOUSE_BROKER_URL", default=CELERY_BROKER_URL or "filesystem://")
+WAREHOUSE_BROKER_URL = (
+    env.str("WAREHOUSE_BROKER_URL", default="") or CELERY_BROKER_URL or "filesystem://"
+)
 WAREHOUSE_QUEUE_DIR = env.path("WAREHOUSE_QUEUE_DIR", default=BASE_DIR / "var" / "warehouse-queue")
 WAREHOUSE_QUEUE = env.str("WAREHOUSE_QUEUE", default="warehouse.movements")
 WAREHOUSE_PREFETCH = env.int("WAREHOUSE_PREFETCH", default=2000)
@@ -325,6 +327,9 @@ DOCBOT_SHARE_LINK_TTL_SECONDS = env.int("DOCBOT_SHARE_LINK_TTL_SECONDS", default
 DOCBOT_MAX_FILE_BYTES = env.int("DOCBOT_MAX_FILE_BYTES", default=20 * 1024 * 1024)
 DOCBOT_STATE_TTL_SECONDS = env.int("DOCBOT_STATE_TTL_SECONDS", default=7 * 24 * 3600)
 DOCBOT_RATE_LIMIT_PER_SECOND = env.float("DOCBOT_RATE_LIMIT_PER_SECOND", default=30.0)
+# The bot sends `tg-<update_id>` as X-Request-ID; django-structlog must keep the id that
+# common.middleware.CorrelationIdMiddleware settled (and pass it into Celery tasks).
+DJANGO_STRUCTLOG_TRUST_UPSTREAM_REQUEST_ID = True
 
 # --- betting ---
 BETTING_MIN_STAKE = env.str("BETTING_MIN_STAKE", default="1.00")

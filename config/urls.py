@@ -21,6 +21,7 @@ urlpatterns = [
     path("api/vmcontrol/", include("vmcontrol.urls")),
     path("api/betting/", include("betting.urls")),
     path("api/docbot/", include("docbot.urls")),
+    path("docbot/", include("docbot.public_urls")),
     path("api/", include("warehouse.urls")),
 ]
 

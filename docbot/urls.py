@@ -1,3 +1,15 @@
-from django.urls import URLPattern, URLResolver
+from django.urls import URLPattern, URLResolver, path
 
-urlpatterns: list[URLPattern | URLResolver] = []
+from docbot import api
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    path("types/", api.TypeListCreateApi.as_view(), name="docbot-types"),
+    path("types/<int:type_id>", api.TypeDetailApi.as_view(), name="docbot-type"),
+    path("documents/", api.DocumentListCreateApi.as_view(), name="docbot-documents"),
+    path("documents/<int:document_id>", api.DocumentDetailApi.as_view(), name="docbot-document"),
+    path(
+        "documents/<int:document_id>/share",
+        api.DocumentShareApi.as_view(),
+        name="docbot-document-share",
+    ),
+]

@@ -1,0 +1,96 @@
+"""Per-user document vault fed by Telegram: accounts, document types, documents, failures."""
+
+from django.conf import settings
+from django.db import models
+from django.db.models.functions import Lower
+
+
+class TelegramAccount(models.Model):
+    """The Telegram identity behind a Quintet user (created on first contact with the bot)."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="telegram_account"
+    )
+    telegram_user_id = models.BigIntegerField(unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"tg:{self.telegram_user_id}"
+
+
+class DocumentType(models.Model):
+    """A user's own category (passport, insurance ...), unique per user case-insensitively."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="docbot_types"
+    )
+    name = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint("user", Lower("name"), name="docbot_type_unique_per_user_ci"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Document(models.Model):
+    """One stored file; `pending` until the ingestion task has fetched, hashed and stored it."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        STORED = "stored"
+        FAILED = "failed"
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="docbot_documents"
+    )
+    type = models.ForeignKey(DocumentType, on_delete=models.PROTECT, related_name="documents")
+    name = models.CharField(max_length=128)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    chat_id = models.BigIntegerField()
+    telegram_file_id = models.CharField(max_length=256, blank=True)
+    telegram_file_unique_id = models.CharField(max_length=128, blank=True)
+    mime_type = models.CharField(max_length=128, blank=True)
+    file_name = models.CharField(max_length=255, blank=True)
+    size = models.BigIntegerField(null=True, blank=True)
+    sha256 = models.CharField(max_length=64, blank=True)
+    storage_name = models.CharField(max_length=512, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    stored_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "type", "name"], name="docbot_document_unique_name"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(status__in=["pending", "stored", "failed"]),
+                name="docbot_document_status_valid",
+            ),
+        ]
+        indexes = [
+            models.Index(
+                "user", "type", models.F("created_at").desc(), name="docbot_doc_user_type_new"
+            ),
+            models.Index("user", Lower("name"), name="docbot_doc_user_name"),
+            models.Index(fields=["user", "sha256"], name="docbot_doc_user_sha256"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class IngestionFailure(models.Model):
+    """Why fetching or storing a document's file failed (the document id is kept, not a FK,
+    so the record outlives a deleted document)."""
+
+    document_id = models.BigIntegerField(db_index=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL)
+    error = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"document {self.document_id}: {self.error[:60]}"

@@ -1,0 +1,103 @@
+"""Wiring of the bot into this deployment: the service token, the per-event-loop webhook
+Application, and the embedded polling process for `runall`."""
+
+import asyncio
+import threading
+from datetime import timedelta
+
+import structlog
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from docbot import services
+from docbot.bot import texts
+from docbot.bot.application import (
+    DocbotApplication,
+    application_close,
+    build_application,
+    run_polling,
+    settings_from_django,
+)
+
+logger = structlog.get_logger(__name__)
+
+_lock = threading.Lock()
+_issued_token: str | None = None
+_webhook_apps: dict[asyncio.AbstractEventLoop, DocbotApplication] = {}
+_off_said = False
+
+
+def bot_enabled() -> bool:
+    return bool(settings.TELEGRAM_BOT_TOKEN)
+
+
+def say_off_once() -> None:
+    global _off_said
+    with _lock:
+        if _off_said:
+            return
+        _off_said = True
+    logger.warning("docbot_off", reason=texts.BOT_OFF)
+
+
+def service_token_sync() -> str:
+    """DOCBOT_SERVICE_TOKEN when configured; otherwise one token issued per process (expiring
+    after a day, so tokens of dead processes clean themselves up)."""
+    global _issued_token
+    if settings.DOCBOT_SERVICE_TOKEN:
+        return str(settings.DOCBOT_SERVICE_TOKEN)
+    with _lock:
+        if _issued_token is None:
+            _issued_token = services.service_token_issue(ttl=timedelta(days=1))
+        return _issued_token
+
+
+def reset_for_tests() -> None:
+    global _issued_token
+    with _lock:
+        _issued_token = None
+    _webhook_apps.clear()
+
+
+async def webhook_application() -> DocbotApplication:
+    """The Application serving webhook updates on the running event loop (one per loop)."""
+    loop = asyncio.get_running_loop()
+    application = _webhook_apps.get(loop)
+    if application is None:
+        token = await sync_to_async(service_token_sync, thread_sensitive=False)()
+        application = _webhook_apps.get(loop)
+        if application is None:
+            application = build_application(
+                settings_from_django(service_token=token, mode="webhook")
+            )
+            _webhook_apps[loop] = application
+            await application.initialize()
+    return application
+
+
+async def webhook_applications_close() -> None:
+    loop = asyncio.get_running_loop()
+    application = _webhook_apps.pop(loop, None)
+    if application is not None:
+        await application_close(application)
+
+
+async def run_embedded(stop: asyncio.Event) -> None:
+    """runall's docbot process: polling when a token is set and DOCBOT_MODE is polling."""
+    if not bot_enabled():
+        say_off_once()
+        await stop.wait()
+        return
+    if settings.DOCBOT_MODE != "polling":
+        await stop.wait()
+        return
+    token = await sync_to_async(service_token_sync, thread_sensitive=False)()
+    await run_polling(settings_from_django(service_token=token, mode="polling"), stop)
+
+
+def describe() -> str:
+    if not bot_enabled():
+        return f"  {'Docbot':<12} off (TELEGRAM_BOT_TOKEN not set)"
+    if settings.DOCBOT_MODE == "webhook":
+        return f"  {'Docbot':<12} webhook at /docbot/webhook"
+    return f"  {'Docbot':<12} polling {settings.TELEGRAM_API_BASE_URL}"

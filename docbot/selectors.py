@@ -1,0 +1,44 @@
+"""Reads of the document vault."""
+
+from typing import Any
+
+from django.db.models import Count, Q, QuerySet
+
+from common.exceptions import NotFound
+from docbot.models import Document, DocumentType
+
+
+def type_list(*, user: Any, non_empty: bool = False) -> QuerySet[DocumentType]:
+    """The user's types with `document_count` (failed uploads not counted), by name."""
+    queryset = DocumentType.objects.filter(user=user).annotate(
+        document_count=Count("documents", filter=~Q(documents__status=Document.Status.FAILED))
+    )
+    if non_empty:
+        queryset = queryset.filter(document_count__gt=0)
+    return queryset.order_by("name", "id")
+
+
+def document_list(
+    *, user: Any, type_id: int | None = None, query: str = "", name: str = ""
+) -> QuerySet[Document]:
+    """Newest first; `query` matches names case-insensitively, `name` exactly."""
+    queryset = (
+        Document.objects.filter(user=user)
+        .exclude(status=Document.Status.FAILED)
+        .select_related("type")
+    )
+    if type_id is not None:
+        queryset = queryset.filter(type_id=type_id)
+    if query:
+        queryset = queryset.filter(name__icontains=query)
+    if name:
+        queryset = queryset.filter(name=" ".join(name.split()))
+    return queryset.order_by("-created_at", "-id")
+
+
+def document_get(*, user: Any, document_id: int) -> Document:
+    """The user's own document; another user's id is simply not found."""
+    found = Document.objects.select_related("type").filter(user=user, pk=document_id).first()
+    if found is None:
+        raise NotFound("No such document.", code="document_not_found")
+    return found
