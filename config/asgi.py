@@ -1,4 +1,4 @@
-"""ASGI entry point: Django for HTTP, the realtime hub for WebSocket."""
+"""ASGI entry point: Django for HTTP, the realtime hub for WebSocket, VM agents for TCP."""
 
 import os
 
@@ -11,10 +11,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from realtime.auth import websocket_auth_stack  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
+from vmcontrol.consumers import AgentConsumer  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": websocket_auth_stack(URLRouter(websocket_urlpatterns)),
+        # VM agents: run_vmcontrol_server turns each TCP connection into a `tcp` scope.
+        "tcp": AgentConsumer.as_asgi(),
     }
 )

@@ -1,6 +1,32 @@
+import asyncio
+
 from django.apps import AppConfig
 
 
 class VmcontrolConfig(AppConfig):
     name = "vmcontrol"
     verbose_name = "VM control plane"
+
+    def ready(self) -> None:
+        from django.conf import settings
+
+        from common.processes import EmbeddedProcess, embedded_process_register
+        from vmcontrol import services
+
+        services.topics_register()
+
+        async def run(stop: asyncio.Event) -> None:
+            from vmcontrol.server import serve
+
+            await serve(stop)
+
+        embedded_process_register(
+            EmbeddedProcess(
+                name="vmcontrol",
+                run=run,
+                describe=lambda: (
+                    f"VM agents   tcp://{settings.BIND_HOST}:{settings.VMCONTROL_PORT} "
+                    "(line-delimited JSON, vmcontrol/PROTOCOL.md)"
+                ),
+            )
+        )

@@ -1,0 +1,371 @@
+"""The VM agent: dials the control server, authorizes, heartbeats, applies commands, and
+reconnects with exponential backoff and full jitter. `AgentFleet` runs many in one loop (the
+`--count` mode used to simulate a fleet). No Django: it only speaks vmcontrol.protocol."""
+
+import asyncio
+import contextlib
+import json
+import random
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmcontrol.protocol import (
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    Frame,
+    ProtocolError,
+    decode_server_frame,
+    encode_frame,
+    inventory_parse,
+)
+
+
+class AgentRefused(Exception):
+    """The server refused our credentials: retrying with them is pointless until they change."""
+
+
+@dataclass
+class AgentIdentity:
+    name: str
+    vm_id: int | None = None
+    token: str | None = None
+    inventory: dict[str, Any] = field(
+        default_factory=lambda: {
+            "cpu_cores": 2,
+            "ram_mb": 2048,
+            "disks": [{"name": "root", "size_gb": 20}],
+        }
+    )
+
+
+@dataclass
+class FleetStats:
+    connects: int = 0
+    authorized_now: int = 0
+    auths: int = 0
+    auth_failures: int = 0
+    disconnects: int = 0
+    commands: int = 0
+    logouts: int = 0
+    last_auth_at: float = 0.0
+    rtts: list[tuple[float, float]] = field(default_factory=list)
+    """(wall time the pong arrived, round trip seconds)"""
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "connects": self.connects,
+            "authorized_now": self.authorized_now,
+            "auths": self.auths,
+            "auth_failures": self.auth_failures,
+            "disconnects": self.disconnects,
+            "commands": self.commands,
+            "logouts": self.logouts,
+            "last_auth_at": self.last_auth_at,
+            "at": time.time(),
+        }
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter (AWS architecture blog): uniform(0, min(cap,
+    base·2^attempt)), so a restarted server is not hit by every agent at the same instant."""
+    return random.uniform(0, min(cap, base * (2**attempt)))
+
+
+class Agent:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        identity: AgentIdentity,
+        *,
+        stats: FleetStats | None = None,
+        enroll_secret: str = "",
+        answer_commands: bool = True,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+        on_enrolled: Callable[["Agent"], None] | None = None,
+        record_rtts: bool = True,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.identity = identity
+        self.stats = stats or FleetStats()
+        self.enroll_secret = enroll_secret
+        self.answer_commands = answer_commands
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.tls = tls
+        self.on_enrolled = on_enrolled
+        self.record_rtts = record_rtts
+        self.authorized = asyncio.Event()
+        self.attempts: list[float] = []
+        """monotonic time of every connection attempt (tests check the backoff)"""
+        self._writer: asyncio.StreamWriter | None = None
+        self._counter = 0
+
+    def _next_id(self) -> str:
+        self._counter += 1
+        return f"a{self._counter}"
+
+    async def _send(self, frame: Frame) -> None:
+        assert self._writer is not None
+        self._writer.write(encode_frame(frame))
+        await self._writer.drain()
+
+    async def _read(self, reader: asyncio.StreamReader) -> Frame:
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("server closed the connection")
+        return decode_server_frame(line)
+
+    async def _expect(self, reader: asyncio.StreamReader, *types: str) -> Frame:
+        frame = await self._read(reader)
+        if frame["type"] == "error" and frame.get("code") in ("auth_failed", "enroll_failed"):
+            raise AgentRefused(frame.get("message", "refused"))
+        if frame["type"] not in types:
+            raise ConnectionError(f"expected {types}, got {frame}")
+        return frame
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, serve, and on any failure wait a jittered backoff and connect again."""
+        attempt = 0
+        while not stop.is_set():
+            self.attempts.append(time.monotonic())
+            try:
+                await self._session(stop)
+                attempt = 0
+            except AgentRefused:
+                self.stats.auth_failures += 1
+            except (OSError, ConnectionError, ProtocolError, asyncio.IncompleteReadError):
+                pass
+            if self.authorized.is_set():
+                # We were authorized: the next attempt starts the backoff from the beginning.
+                self.authorized.clear()
+                self.stats.authorized_now -= 1
+                attempt = 0
+            self.stats.disconnects += 1
+            if stop.is_set():
+                break
+            delay = backoff_delay(attempt, base=self.backoff_base, cap=self.backoff_cap)
+            attempt += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        reader, self._writer = await asyncio.open_connection(
+            self.host, self.port, ssl=self.tls, limit=MAX_FRAME_BYTES
+        )
+        self.stats.connects += 1
+        try:
+            await self._handshake(reader)
+            await self._serve(reader, stop)
+        finally:
+            writer, self._writer = self._writer, None
+            with contextlib.suppress(Exception):
+                if stop.is_set():
+                    writer.write(encode_frame({"type": "bye"}))
+                writer.close()
+                await asyncio.wait_for(writer.wait_closed(), 1)
+
+    async def _handshake(self, reader: asyncio.StreamReader) -> None:
+        hello: Frame = {
+            "type": "hello",
+            "id": self._next_id(),
+            "protocol": PROTOCOL_VERSION,
+            "inventory": self.identity.inventory,
+        }
+        if self.identity.vm_id is not None:
+            hello["vm_id"] = self.identity.vm_id
+        await self._send(hello)
+        welcome = await self._expect(reader, "welcome")
+        self.heartbeat_interval = float(welcome["heartbeat_interval"])
+        if self.identity.token is None:
+            if not self.enroll_secret:
+                raise AgentRefused("no token and no enrollment secret")
+            await self._send(
+                {
+                    "type": "enroll",
+                    "id": self._next_id(),
+                    "secret": self.enroll_secret,
+                    "name": self.identity.name,
+                    "inventory": self.identity.inventory,
+                }
+            )
+            enrolled = await self._expect(reader, "enrolled")
+            self.identity.vm_id, self.identity.token = enrolled["vm_id"], enrolled["token"]
+            if self.on_enrolled is not None:
+                self.on_enrolled(self)
+        await self._authorize(reader)
+
+    async def _authorize(self, reader: asyncio.StreamReader) -> None:
+        await self._send(
+            {
+                "type": "auth",
+                "id": self._next_id(),
+                "vm_id": self.identity.vm_id,
+                "token": self.identity.token,
+                "inventory": self.identity.inventory,
+            }
+        )
+        await self._expect(reader, "auth_ok")
+        self._authorized_now()
+
+    def _authorized_now(self) -> None:
+        self.stats.auths += 1
+        self.stats.authorized_now += 1
+        self.stats.last_auth_at = time.time()
+        self.authorized.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, stop: asyncio.Event) -> None:
+        pinger = asyncio.create_task(self._heartbeat())
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            while True:
+                reading = asyncio.create_task(self._read(reader))
+                done, _ = await asyncio.wait(
+                    [reading, pinger, stopper], return_when=asyncio.FIRST_COMPLETED
+                )
+                if reading not in done:
+                    reading.cancel()
+                    if pinger in done:
+                        pinger.result()
+                    return
+                await self._on_frame(reader, reading.result())
+        finally:
+            pinger.cancel()
+            stopper.cancel()
+
+    async def _heartbeat(self) -> None:
+        # A random phase spreads a fleet's pings evenly over the interval.
+        await asyncio.sleep(random.uniform(0, self.heartbeat_interval))
+        while True:
+            self._ping_sent = time.perf_counter()
+            await self._send({"type": "ping"})
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _on_frame(self, reader: asyncio.StreamReader, frame: Frame) -> None:
+        kind = frame["type"]
+        if kind == "pong":
+            if self.record_rtts:
+                self.stats.rtts.append((time.time(), time.perf_counter() - self._ping_sent))
+        elif kind == "auth_ok":
+            self._authorized_now()
+        elif kind == "error" and frame.get("code") == "auth_failed":
+            raise AgentRefused(frame.get("message", "refused"))
+        elif kind == "command":
+            self.stats.commands += 1
+            if self.answer_commands:
+                await self._send(self._command_result(frame))
+        elif kind == "logout":
+            self.stats.logouts += 1
+            self.stats.authorized_now -= 1
+            self.authorized.clear()
+            if frame.get("reason") in ("token_rotated", "token_revoked"):
+                raise ConnectionError("credentials changed")
+            # Logged out by an operator: authorize again on this connection.
+            await asyncio.sleep(0.05)
+            await self._authorize_on_live_connection()
+
+    async def _authorize_on_live_connection(self) -> None:
+        await self._send(
+            {
+                "type": "auth",
+                "id": self._next_id(),
+                "vm_id": self.identity.vm_id,
+                "token": self.identity.token,
+            }
+        )
+
+    def _command_result(self, frame: Frame) -> Frame:
+        if frame.get("name") != "update_specs":
+            return {
+                "type": "result",
+                "id": frame["id"],
+                "ok": False,
+                "error": {"code": "unknown_command", "message": str(frame.get("name"))},
+            }
+        try:
+            inventory = inventory_parse(frame.get("args"))
+        except ProtocolError as error:
+            return {
+                "type": "result",
+                "id": frame["id"],
+                "ok": False,
+                "error": {"code": error.code, "message": error.message},
+            }
+        self.identity.inventory = inventory.as_dict()
+        return {"type": "result", "id": frame["id"], "ok": True, "data": inventory.as_dict()}
+
+
+class AgentFleet:
+    """Many agents in one process; identities persist in a JSON state file."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        count: int,
+        state_file: Path | None,
+        enroll_secret: str = "",
+        identities: list[AgentIdentity] | None = None,
+        answer_commands: bool = True,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        record_rtts: bool = True,
+    ) -> None:
+        self.stats = FleetStats()
+        self.state_file = state_file
+        known = identities or self._load()
+        while len(known) < count:
+            known.append(AgentIdentity(name=f"sim-{len(known) + 1}"))
+        self.agents = [
+            Agent(
+                host,
+                port,
+                identity,
+                stats=self.stats,
+                enroll_secret=enroll_secret,
+                answer_commands=answer_commands,
+                backoff_base=backoff_base,
+                backoff_cap=backoff_cap,
+                on_enrolled=lambda _agent: self._save(),
+                record_rtts=record_rtts,
+            )
+            for identity in known[:count]
+        ]
+
+    def _load(self) -> list[AgentIdentity]:
+        if self.state_file is None or not self.state_file.exists():
+            return []
+        return [AgentIdentity(**row) for row in json.loads(self.state_file.read_text())]
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        rows = [
+            {
+                "name": a.identity.name,
+                "vm_id": a.identity.vm_id,
+                "token": a.identity.token,
+                "inventory": a.identity.inventory,
+            }
+            for a in self.agents
+            if a.identity.token
+        ]
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows))
+        tmp.replace(self.state_file)
+
+    async def run(self, stop: asyncio.Event, *, ramp_seconds: float = 0.0) -> None:
+        async def start(index: int, agent: Agent) -> None:
+            if ramp_seconds:
+                await asyncio.sleep(ramp_seconds * index / max(1, len(self.agents)))
+            await agent.run(stop)
+
+        await asyncio.gather(*(start(i, a) for i, a in enumerate(self.agents)))

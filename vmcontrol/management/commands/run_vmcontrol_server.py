@@ -1,0 +1,36 @@
+"""The VM agent TCP server (also started by `manage.py runall`)."""
+
+import asyncio
+import signal
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandParser
+
+from common.metrics import metrics_server_start
+from vmcontrol.server import serve
+
+
+class Command(BaseCommand):
+    help = "Serve VM agents over TCP (line-delimited JSON) until SIGINT/SIGTERM."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default=settings.BIND_HOST)
+        parser.add_argument("--port", type=int, default=settings.VMCONTROL_PORT)
+
+    def handle(self, *args: Any, host: str, port: int, **options: Any) -> None:
+        if settings.METRICS_PORT:
+            metrics_server_start(settings.METRICS_PORT)
+        asyncio.run(self._main(host, port))
+
+    async def _main(self, host: str, port: int) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+
+        def started(bound: int) -> None:
+            self.stdout.write(f"vmcontrol listening on {host}:{bound}", ending="\n")
+            self.stdout.flush()
+
+        await serve(stop, host=host, port=port, started=started)

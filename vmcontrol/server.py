@@ -1,0 +1,313 @@
+"""The thin asyncio TCP server: each connection becomes an instance of the project's ASGI
+application with a `tcp` scope (Channels' ProtocolTypeRouter sends it to the agent consumer).
+
+Messages in (to the application): `tcp.connect`, `tcp.receive {bytes}`, `tcp.disconnect
+{reason}`. Messages out: `tcp.send {bytes}`, `tcp.close`. Framing and the protocol itself live in
+the consumer; this module also owns the per-process state consumers share: the batched event
+writer, the in-memory last-seen map and the liveness watchdog.
+"""
+
+import asyncio
+import contextlib
+import ssl
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import structlog
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+from django.utils import timezone
+from prometheus_client import Counter, Gauge, Histogram
+
+from realtime.services import apublish
+from vmcontrol import services
+from vmcontrol.services import VMS_TOPIC, AgentEvent, AgentEventResult
+
+logger = structlog.get_logger(__name__)
+
+CONNECTIONS = Gauge("vmcontrol_connections", "Open agent TCP connections")
+AUTHORIZED = Gauge("vmcontrol_authorized_connections", "Authorized agent connections")
+FRAMES = Counter("vmcontrol_frames_total", "Agent frames received", ["type"])
+BATCH_SIZE = Histogram(
+    "vmcontrol_event_batch_size", "Agent events per database batch", buckets=(1, 5, 20, 100, 500)
+)
+MAX_QUEUED_MESSAGES = 64
+
+
+class Expirable(Protocol):
+    last_frame_at: float
+    authorized: bool
+
+    async def expire(self, reason: str) -> None: ...
+
+
+@dataclass
+class ServerConfig:
+    heartbeat_interval: float = field(default_factory=lambda: settings.VMCONTROL_HEARTBEAT_INTERVAL)
+    missed_heartbeats: int = field(default_factory=lambda: settings.VMCONTROL_MISSED_HEARTBEATS)
+    auth_timeout: float = field(default_factory=lambda: settings.VMCONTROL_AUTH_TIMEOUT)
+    flush_interval: float = field(
+        default_factory=lambda: settings.VMCONTROL_LAST_SEEN_FLUSH_INTERVAL
+    )
+    server_name: str = field(default_factory=lambda: settings.VMCONTROL_SERVER_NAME)
+
+
+class ServerState:
+    """What the consumers of one server process share. Database writes from connections go
+    through one queue and are applied in batches by one thread, so a storm of reconnecting
+    agents costs a few statements per batch instead of a thread hop and a transaction each."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.connections: dict[uuid.UUID, Expirable] = {}
+        self.last_seen: dict[int, datetime] = {}
+        self._queue: list[tuple[AgentEvent, asyncio.Future[AgentEventResult] | None]] = []
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmcontrol-db")
+
+    # Event writer ---------------------------------------------------------------------------
+
+    def submit(self, event: AgentEvent) -> None:
+        """Queue an event whose outcome nobody waits for (open, end)."""
+        self._queue.append((event, None))
+        self._wakeup.set()
+
+    async def apply(self, event: AgentEvent) -> AgentEventResult:
+        """Queue an event and wait until its batch is committed."""
+        future: asyncio.Future[AgentEventResult] = asyncio.get_running_loop().create_future()
+        self._queue.append((event, future))
+        self._wakeup.set()
+        return await future
+
+    async def run_sync(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        def call() -> Any:
+            close_old_connections()
+            try:
+                return fn(**kwargs)
+            finally:
+                close_old_connections()
+
+        return await sync_to_async(call, thread_sensitive=False, executor=self._executor)()
+
+    async def _flush_events(self) -> None:
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+        BATCH_SIZE.observe(len(batch))
+        try:
+            results, changes = await self.run_sync(
+                services.agent_events_apply,
+                server_name=self.config.server_name,
+                events=[event for event, _ in batch],
+            )
+        except Exception as error:
+            logger.exception("vmcontrol_event_batch_failed", size=len(batch))
+            for _, future in batch:
+                if future is not None and not future.done():
+                    future.set_exception(error)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future is not None and not future.done():
+                future.set_result(result)
+        for change in changes:
+            await apublish(VMS_TOPIC, change)
+
+    async def _flush_last_seen(self) -> None:
+        seen, self.last_seen = self.last_seen, {}
+        if seen:
+            try:
+                await self.run_sync(services.last_seen_flush, seen=seen)
+            except Exception:
+                logger.exception("vmcontrol_last_seen_flush_failed", size=len(seen))
+
+    async def writer(self, stop: asyncio.Event) -> None:
+        """Apply queued events as they come (batches form while the previous one commits) and
+        last-seen times every flush interval; drains everything after `stop`."""
+        next_seen_flush = time.monotonic() + self.config.flush_interval
+        while not stop.is_set() or self._queue:
+            if not self._queue:
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=0.5)
+            await self._flush_events()
+            if time.monotonic() >= next_seen_flush:
+                next_seen_flush = time.monotonic() + self.config.flush_interval
+                await self._flush_last_seen()
+        await self._flush_last_seen()
+
+    # Liveness -------------------------------------------------------------------------------
+
+    async def watchdog(self, stop: asyncio.Event) -> None:
+        """Close authorized connections silent for `missed_heartbeats` intervals and
+        unauthorized ones silent for `auth_timeout`: one loop for all, no timer per socket."""
+        heartbeat_window = self.config.heartbeat_interval * self.config.missed_heartbeats
+        tick = max(0.02, min(self.config.heartbeat_interval, self.config.auth_timeout) / 4)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=tick)
+                return
+            now = time.monotonic()
+            for connection in list(self.connections.values()):
+                silent = now - connection.last_frame_at
+                if connection.authorized and silent > heartbeat_window:
+                    await connection.expire("heartbeat_timeout")
+                elif not connection.authorized and silent > self.config.auth_timeout:
+                    await connection.expire("idle_unauthenticated")
+
+    def mark_seen(self, vm_id: int) -> None:
+        self.last_seen[vm_id] = timezone.now()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
+ASGIApp = Callable[..., Any]
+
+
+class _TcpConnection(asyncio.Protocol):
+    """Bridges one socket to one application instance (the agent consumer)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState, instances: set["_TcpConnection"]):
+        self.app = app
+        self.state = state
+        self.instances = instances
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.paused = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        sockname = transport.get_extra_info("sockname") or ("", 0)
+        scope = {
+            "type": "tcp",
+            "client": [str(peer[0]), int(peer[1])],
+            "server": [str(sockname[0]), int(sockname[1])],
+            "vmcontrol.state": self.state,
+        }
+        self.queue.put_nowait({"type": "tcp.connect"})
+        self.instances.add(self)
+        CONNECTIONS.inc()
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(scope), name="vmcontrol-connection"
+        )
+
+    async def _run(self, scope: dict[str, Any]) -> None:
+        try:
+            await self.app(scope, self._receive, self._send)
+        except Exception:
+            logger.exception("vmcontrol_consumer_crashed", client=scope["client"])
+        finally:
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
+            self.instances.discard(self)
+
+    async def _receive(self) -> dict[str, Any]:
+        message = await self.queue.get()
+        if self.paused and self.queue.qsize() < MAX_QUEUED_MESSAGES // 2 and self.transport:
+            self.paused = False
+            self.transport.resume_reading()
+        return message
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if message["type"] == "tcp.send":
+            self.transport.write(message["bytes"])
+        elif message["type"] == "tcp.close":
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.queue.put_nowait({"type": "tcp.receive", "bytes": data})
+        if self.queue.qsize() >= MAX_QUEUED_MESSAGES and self.transport and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disconnect("closed")
+
+    def disconnect(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        CONNECTIONS.dec()
+        self.queue.put_nowait({"type": "tcp.disconnect", "reason": reason})
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+def _tls_context() -> ssl.SSLContext | None:
+    if not settings.VMCONTROL_TLS_CERT:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.VMCONTROL_TLS_CERT, settings.VMCONTROL_TLS_KEY or None)
+    return context
+
+
+async def serve(
+    stop: asyncio.Event,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    config: ServerConfig | None = None,
+    started: Callable[[int], None] | None = None,
+    app: ASGIApp | None = None,
+) -> None:
+    """Run the agent server until `stop` is set; `started(port)` is called once listening.
+
+    At start, sessions a killed predecessor (same VMCONTROL_SERVER_NAME) left open are closed.
+    On stop every connection ends with reason `server_shutdown` and queued writes are drained.
+    """
+    if app is None:
+        from config.asgi import application
+
+        app = application
+    state = ServerState(config or ServerConfig())
+    closed, changes = await state.run_sync(
+        services.server_sessions_recover, server_name=state.config.server_name
+    )
+    if closed:
+        logger.info("vmcontrol_sessions_recovered", sessions=closed)
+    for change in changes:
+        await apublish(VMS_TOPIC, change)
+    instances: set[_TcpConnection] = set()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: _TcpConnection(app, state, instances),
+        host=settings.BIND_HOST if host is None else host,
+        port=settings.VMCONTROL_PORT if port is None else port,
+        ssl=_tls_context(),
+        backlog=4096,
+        reuse_address=True,
+    )
+    bound_port = int(server.sockets[0].getsockname()[1])
+    logger.info("vmcontrol_server_listening", port=bound_port)
+    writer_stop = asyncio.Event()
+    writer = asyncio.create_task(state.writer(writer_stop), name="vmcontrol-writer")
+    watchdog = asyncio.create_task(state.watchdog(stop), name="vmcontrol-watchdog")
+    if started is not None:
+        started(bound_port)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        for connection in list(instances):
+            connection.disconnect("server_shutdown")
+        tasks = [c.task for c in instances if c.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        watchdog.cancel()
+        writer_stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer, timeout=15)
+        state.close()
+        logger.info("vmcontrol_server_stopped")

@@ -1,0 +1,643 @@
+"""vmcontrol writes: registration and tokens, operator actions, and the batched agent events the
+TCP server applies (connect, authorize, inventory, logout, disconnect, last seen)."""
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from common.exceptions import Conflict, NotAuthenticated, NotFound, UpstreamTimeout
+from realtime.services import TopicAccess, publish, topic_register
+from vmcontrol.models import (
+    AgentSession,
+    AuditEvent,
+    Command,
+    CommandStatus,
+    Disk,
+    SessionEndReason,
+    VirtualMachine,
+    VmStatus,
+)
+from vmcontrol.protocol import Disk as WireDisk
+from vmcontrol.protocol import Inventory, ProtocolError, inventory_parse
+
+logger = structlog.get_logger(__name__)
+
+VMS_TOPIC = "vmcontrol.vms"
+TOKEN_BYTES = 32
+
+Actor = AbstractBaseUser | AnonymousUser | None
+
+
+class VmNotAuthorized(Conflict):
+    code = "not_authorized"
+    default_message = "The VM is not authorized (no agent session holds it)."
+
+
+class AuthFailed(NotAuthenticated):
+    code = "auth_failed"
+    default_message = "Unknown VM or wrong, revoked or rotated token."
+
+
+class AgentTimeout(UpstreamTimeout):
+    code = "agent_timeout"
+    default_message = "The agent did not acknowledge in time."
+
+
+class CommandFailed(Conflict):
+    code = "command_failed"
+    default_message = "The agent refused the command."
+
+
+def topics_register() -> None:
+    topic_register(VMS_TOPIC, access=TopicAccess.STAFF)
+
+
+def vm_group(vm_id: int) -> str:
+    return f"vmcontrol.vm.{vm_id}"
+
+
+# --- tokens -------------------------------------------------------------------------------
+
+
+def token_hash(raw: str) -> str:
+    # sha256 suffices: the token is 32 random bytes, so there is nothing to brute-force.
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def token_generate() -> tuple[str, str]:
+    """A new raw token (shown once) and the hash that is stored."""
+    raw = secrets.token_urlsafe(TOKEN_BYTES)
+    return raw, token_hash(raw)
+
+
+def token_matches(raw: str, stored_hash: str) -> bool:
+    """Constant-time comparison; a revoked VM (empty hash) never matches."""
+    return bool(stored_hash) and hmac.compare_digest(token_hash(raw), stored_hash)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _actor_id(actor: Actor) -> int | None:
+    return actor.pk if actor is not None and actor.is_authenticated else None
+
+
+def _audit(*, actor: Actor, vm_id: int | None, action: str, **details: Any) -> None:
+    AuditEvent.objects.create(
+        actor_id=_actor_id(actor), vm_id=vm_id, action=action, details=details
+    )
+
+
+def _status_event(vm: VirtualMachine) -> dict[str, Any]:
+    return {"vm_id": vm.pk, "status": vm.status, "name": vm.name}
+
+
+def _layer_send_now(group: str, message: dict[str, Any]) -> None:
+    layer = get_channel_layer()
+    assert layer is not None
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        async_to_sync(layer.group_send)(group, message)
+    else:  # pragma: no cover - services are called from sync code
+        raise RuntimeError("call from sync code")
+
+
+def _vm_for_update(vm_id: int) -> VirtualMachine:
+    try:
+        return VirtualMachine.objects.select_for_update().get(pk=vm_id)
+    except VirtualMachine.DoesNotExist:
+        raise NotFound(f"VM {vm_id} does not exist.", code="vm_not_found") from None
+
+
+def _disks_replace(vm_ids_inventories: dict[int, Inventory]) -> None:
+    """Make each VM's disks equal to its inventory, matching by name so existing disks keep
+    their server-assigned ids; three set-based statements for the whole batch."""
+    if not vm_ids_inventories:
+        return
+    existing: dict[tuple[int, str], Disk] = {
+        (d.vm_id, d.name): d for d in Disk.objects.filter(vm_id__in=vm_ids_inventories.keys())
+    }
+    wanted: set[tuple[int, str]] = set()
+    to_create: list[Disk] = []
+    to_update: list[Disk] = []
+    for vm_id, inventory in vm_ids_inventories.items():
+        for disk in inventory.disks:
+            key = (vm_id, disk.name)
+            wanted.add(key)
+            current = existing.get(key)
+            if current is None:
+                to_create.append(Disk(vm_id=vm_id, name=disk.name, size_gb=disk.size_gb))
+            elif current.size_gb != disk.size_gb:
+                current.size_gb = disk.size_gb
+                to_update.append(current)
+    stale = [d.pk for key, d in existing.items() if key not in wanted]
+    if stale:
+        Disk.objects.filter(pk__in=stale).delete()
+    if to_update:
+        Disk.objects.bulk_update(to_update, ["size_gb"])
+    if to_create:
+        Disk.objects.bulk_create(to_create)
+
+
+# --- operator actions -----------------------------------------------------------------------
+
+
+@transaction.atomic
+def vm_register(
+    *,
+    name: str,
+    cpu_cores: int = 1,
+    ram_mb: int = 512,
+    disks: Sequence[WireDisk] = (),
+    actor: Actor = None,
+) -> tuple[VirtualMachine, str]:
+    """Add a VM; returns it and its raw token, which is never retrievable again."""
+    raw, hashed = token_generate()
+    vm = VirtualMachine.objects.create(
+        name=name,
+        cpu_cores=cpu_cores,
+        ram_mb=ram_mb,
+        token_hash=hashed,
+        registered_by_id=_actor_id(actor),
+    )
+    _disks_replace({vm.pk: Inventory(cpu_cores=cpu_cores, ram_mb=ram_mb, disks=tuple(disks))})
+    _audit(actor=actor, vm_id=vm.pk, action="vm.registered", name=name)
+    return vm, raw
+
+
+def vm_enroll(*, secret: str, name: str, inventory: Inventory) -> tuple[VirtualMachine, str]:
+    """Agent self-registration with the shared enrollment secret (disabled when unset)."""
+    expected = settings.VMCONTROL_ENROLL_SECRET
+    if not expected or not hmac.compare_digest(secret.encode(), expected.encode()):
+        raise AuthFailed("Enrollment refused.", code="enroll_failed")
+    vm, raw = vm_register(
+        name=name, cpu_cores=inventory.cpu_cores, ram_mb=inventory.ram_mb, disks=inventory.disks
+    )
+    AuditEvent.objects.create(vm_id=vm.pk, action="vm.enrolled", details={"name": name})
+    return vm, raw
+
+
+def _kick(vm_id: int, reason: str) -> None:
+    transaction.on_commit(
+        lambda: _layer_send_now(vm_group(vm_id), {"type": "vm.logout", "reason": reason})
+    )
+
+
+@transaction.atomic
+def vm_token_rotate(*, vm_id: int, actor: Actor = None) -> str:
+    """Issue a new token; the old one stops working and a live session must authorize again."""
+    vm = _vm_for_update(vm_id)
+    raw, vm.token_hash = token_generate()
+    was_authorized = vm.status == VmStatus.AUTHORIZED
+    if was_authorized:
+        vm.status = VmStatus.CONNECTED
+    vm.save(update_fields=["token_hash", "status", "updated_at"])
+    _audit(actor=actor, vm_id=vm.pk, action="vm.token_rotated")
+    if was_authorized:
+        publish(VMS_TOPIC, _status_event(vm))
+    _kick(vm.pk, "token_rotated")
+    return raw
+
+
+@transaction.atomic
+def vm_token_revoke(*, vm_id: int, actor: Actor = None) -> VirtualMachine:
+    """Revoke the token: no agent can authorize as this VM until a rotate."""
+    vm = _vm_for_update(vm_id)
+    vm.token_hash = ""
+    was_authorized = vm.status == VmStatus.AUTHORIZED
+    if was_authorized:
+        vm.status = VmStatus.CONNECTED
+    vm.save(update_fields=["token_hash", "status", "updated_at"])
+    _audit(actor=actor, vm_id=vm.pk, action="vm.token_revoked")
+    if was_authorized:
+        publish(VMS_TOPIC, _status_event(vm))
+    _kick(vm.pk, "token_revoked")
+    return vm
+
+
+@transaction.atomic
+def vm_logout(*, vm_id: int, actor: Actor = None) -> VirtualMachine:
+    """Log an authorized VM out: it stays connected and must authorize again. 409 otherwise."""
+    vm = _vm_for_update(vm_id)
+    if vm.status != VmStatus.AUTHORIZED:
+        raise VmNotAuthorized()
+    vm.status = VmStatus.CONNECTED
+    vm.save(update_fields=["status", "updated_at"])
+    _audit(actor=actor, vm_id=vm.pk, action="vm.logged_out")
+    publish(VMS_TOPIC, _status_event(vm))
+    _kick(vm.pk, "operator")
+    return vm
+
+
+def _command_create(*, vm_id: int, name: str, args: dict[str, Any], actor: Actor) -> Command:
+    with transaction.atomic():
+        vm = _vm_for_update(vm_id)
+        if vm.status != VmStatus.AUTHORIZED:
+            raise VmNotAuthorized()
+        command = Command.objects.create(
+            vm=vm, name=name, args=args, created_by_id=_actor_id(actor)
+        )
+        _audit(actor=actor, vm_id=vm_id, action=f"command.{name}", command_id=str(command.pk))
+    return command
+
+
+def _command_mark_sent(command_id: uuid.UUID) -> None:
+    Command.objects.filter(pk=command_id, status=CommandStatus.QUEUED).update(
+        status=CommandStatus.SENT, sent_at=timezone.now()
+    )
+
+
+def _command_time_out(command_id: uuid.UUID) -> Command:
+    """Claim the timeout with a conditional update; an answer that won the race is kept."""
+    Command.objects.filter(
+        pk=command_id, status__in=[CommandStatus.QUEUED, CommandStatus.SENT]
+    ).update(status=CommandStatus.TIMED_OUT, finished_at=timezone.now())
+    return Command.objects.get(pk=command_id)
+
+
+async def _command_push_and_wait(command: Command, wait: float) -> dict[str, Any] | None:
+    layer = get_channel_layer()
+    assert layer is not None
+    reply_to = await layer.new_channel("vmcontrol.reply.")
+    await layer.group_send(
+        vm_group(command.vm_id),
+        {
+            "type": "vm.command",
+            "command_id": str(command.pk),
+            "name": command.name,
+            "args": command.args,
+            "reply_to": reply_to,
+        },
+    )
+    await sync_to_async(_command_mark_sent, thread_sensitive=False)(command.pk)
+    try:
+        return dict(await asyncio.wait_for(layer.receive(reply_to), wait))
+    except TimeoutError:
+        return None
+
+
+def command_run(
+    *,
+    vm_id: int,
+    name: str,
+    args: dict[str, Any],
+    actor: Actor = None,
+    timeout: float | None = None,
+) -> Command:
+    """Send a command to the VM's agent through the channel layer (group `vmcontrol.vm.<id>`)
+    and wait for its outcome. 409 if the VM is not authorized, 504 when the agent does not
+    answer within `timeout` (VMCONTROL_COMMAND_TIMEOUT); the command row records either."""
+    command = _command_create(vm_id=vm_id, name=name, args=args, actor=actor)
+    wait = settings.VMCONTROL_COMMAND_TIMEOUT if timeout is None else timeout
+    reply = async_to_sync(_command_push_and_wait)(command, wait)
+    if reply is None:
+        command = _command_time_out(command.pk)
+    else:
+        command.refresh_from_db()
+    if command.status == CommandStatus.TIMED_OUT:
+        raise AgentTimeout(details={"command_id": str(command.pk)})
+    if command.status == CommandStatus.FAILED:
+        error = command.error or {}
+        if error.get("code") == "not_authorized":
+            raise VmNotAuthorized(details={"command_id": str(command.pk)})
+        raise CommandFailed(
+            str(error.get("message") or CommandFailed.default_message),
+            details={"command_id": str(command.pk), "error": error},
+        )
+    return command
+
+
+def vm_update_specs(
+    *,
+    vm_id: int,
+    cpu_cores: int | None = None,
+    ram_mb: int | None = None,
+    disks: Sequence[WireDisk] | None = None,
+    actor: Actor = None,
+    timeout: float | None = None,
+) -> VirtualMachine:
+    """Push `update_specs` to the agent; the database changes only when the agent acknowledges
+    (see `command_complete`). Unchanged fields are sent as they are now."""
+    try:
+        vm = VirtualMachine.objects.prefetch_related("disks").get(pk=vm_id)
+    except VirtualMachine.DoesNotExist:
+        raise NotFound(f"VM {vm_id} does not exist.", code="vm_not_found") from None
+    target = Inventory(
+        cpu_cores=vm.cpu_cores if cpu_cores is None else cpu_cores,
+        ram_mb=vm.ram_mb if ram_mb is None else ram_mb,
+        disks=tuple(WireDisk(name=d.name, size_gb=d.size_gb) for d in vm.disks.all())
+        if disks is None
+        else tuple(disks),
+    )
+    command_run(
+        vm_id=vm_id, name="update_specs", args=target.as_dict(), actor=actor, timeout=timeout
+    )
+    return VirtualMachine.objects.prefetch_related("disks").get(pk=vm_id)
+
+
+@transaction.atomic
+def command_complete(
+    *,
+    command_id: str,
+    vm_id: int | None,
+    ok: bool,
+    data: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+) -> str:
+    """Record an agent's answer once (conditional update on an open status; a late answer after
+    a timeout changes nothing). An acknowledged `update_specs` writes the new specs. Returns
+    the command's final status."""
+    commands = Command.objects.select_for_update().filter(pk=command_id)
+    if vm_id is not None:
+        commands = commands.filter(vm_id=vm_id)
+    command = commands.first()
+    if command is None:
+        return "unknown"
+    if command.status not in (CommandStatus.QUEUED, CommandStatus.SENT):
+        return str(command.status)
+    command.status = CommandStatus.SUCCEEDED if ok else CommandStatus.FAILED
+    command.result = data
+    command.error = error
+    command.finished_at = timezone.now()
+    command.save(update_fields=["status", "result", "error", "finished_at"])
+    if ok and command.name == "update_specs":
+        try:
+            inventory = inventory_parse(command.args)
+        except ProtocolError:  # pragma: no cover - args were built from a valid Inventory
+            return str(command.status)
+        VirtualMachine.objects.filter(pk=command.vm_id).update(
+            cpu_cores=inventory.cpu_cores, ram_mb=inventory.ram_mb, updated_at=timezone.now()
+        )
+        _disks_replace({command.vm_id: inventory})
+        AuditEvent.objects.create(
+            vm_id=command.vm_id, action="vm.specs_updated", details=inventory.as_dict()
+        )
+    return str(command.status)
+
+
+# --- agent events (applied in batches by the TCP server) ------------------------------------
+
+
+@dataclass
+class AgentEvent:
+    """One thing that happened on an agent connection, in the order it happened."""
+
+    kind: str
+    """open | bind | enroll | auth | inventory | deauth | end"""
+    session_id: uuid.UUID
+    vm_id: int | None = None
+    peer: str = ""
+    token: str = ""
+    secret: str = ""
+    name: str = ""
+    inventory: Inventory | None = None
+    reason: str = ""
+    at: datetime = field(default_factory=timezone.now)
+
+
+@dataclass
+class AgentEventResult:
+    ok: bool = True
+    vm_id: int | None = None
+    token: str = ""
+    error: str = ""
+
+
+PHASES = ("open", "bind", "enroll", "auth", "inventory", "deauth", "end")
+
+
+def agent_events_apply(
+    *, server_name: str, events: Sequence[AgentEvent]
+) -> tuple[list[AgentEventResult], list[dict[str, Any]]]:
+    """Apply a batch of agent events in one transaction, set-based per kind.
+
+    Kinds are applied in lifecycle order (open, bind, auth, ..., end): a session's later event
+    is only queued after its earlier one, so this keeps each session's order. Status writes are
+    conditional on `current_session_id`, so an old connection closing never touches the VM a
+    newer connection holds. Returns one result per event and the status changes to publish.
+    """
+    results = [AgentEventResult() for _ in events]
+    changes: dict[int, dict[str, Any]] = {}
+    by_kind: dict[str, list[int]] = {kind: [] for kind in PHASES}
+    for index, event in enumerate(events):
+        by_kind[event.kind].append(index)
+    with transaction.atomic():
+        if by_kind["open"]:
+            AgentSession.objects.bulk_create(
+                [
+                    AgentSession(
+                        id=events[i].session_id,
+                        server_name=server_name,
+                        peer=events[i].peer[:128],
+                        started_at=events[i].at,
+                    )
+                    for i in by_kind["open"]
+                ],
+                ignore_conflicts=True,
+            )
+        if by_kind["bind"]:
+            _apply_binds(events, by_kind["bind"], results, changes)
+        for i in by_kind["enroll"]:
+            event = events[i]
+            assert event.inventory is not None
+            try:
+                with transaction.atomic():
+                    vm, raw = vm_enroll(
+                        secret=event.secret, name=event.name, inventory=event.inventory
+                    )
+            except AuthFailed as error:
+                results[i] = AgentEventResult(ok=False, error=error.code)
+            else:
+                results[i] = AgentEventResult(vm_id=vm.pk, token=raw)
+        if by_kind["auth"]:
+            _apply_auths(events, by_kind["auth"], results, changes)
+        if by_kind["inventory"]:
+            _disks_and_specs_apply(
+                {events[i].vm_id: events[i].inventory for i in by_kind["inventory"]}  # type: ignore[misc]
+            )
+        for i in by_kind["deauth"]:
+            event = events[i]
+            if event.vm_id is None:
+                continue
+            updated = VirtualMachine.objects.filter(
+                pk=event.vm_id, current_session_id=event.session_id, status=VmStatus.AUTHORIZED
+            ).update(status=VmStatus.CONNECTED)
+            if updated:
+                changes[event.vm_id or 0] = {"vm_id": event.vm_id, "status": VmStatus.CONNECTED}
+        if by_kind["end"]:
+            _apply_ends(events, by_kind["end"], changes)
+    return results, list(changes.values())
+
+
+def _apply_binds(
+    events: Sequence[AgentEvent],
+    indexes: list[int],
+    results: list[AgentEventResult],
+    changes: dict[int, dict[str, Any]],
+) -> None:
+    """`hello` named a VM: the session belongs to it and an offline VM shows as connected (an
+    unauthenticated claim never displaces a live session)."""
+    wanted = {events[i].vm_id for i in indexes}
+    known = set(VirtualMachine.objects.filter(pk__in=wanted).values_list("pk", flat=True))
+    for i in indexes:
+        event = events[i]
+        if event.vm_id not in known:
+            results[i] = AgentEventResult(ok=False, error="unknown_vm")
+            continue
+        AgentSession.objects.filter(pk=event.session_id).update(vm_id=event.vm_id)
+        updated = VirtualMachine.objects.filter(pk=event.vm_id, status=VmStatus.OFFLINE).update(
+            status=VmStatus.CONNECTED, current_session_id=event.session_id, last_seen_at=event.at
+        )
+        VirtualMachine.objects.filter(pk=event.vm_id, first_connected_at__isnull=True).update(
+            first_connected_at=event.at
+        )
+        if updated:
+            changes[event.vm_id or 0] = {"vm_id": event.vm_id, "status": VmStatus.CONNECTED}
+        results[i] = AgentEventResult(vm_id=event.vm_id)
+
+
+def _disks_and_specs_apply(inventories: dict[int, Inventory]) -> None:
+    vms = list(VirtualMachine.objects.filter(pk__in=inventories.keys()))
+    for vm in vms:
+        vm.cpu_cores = inventories[vm.pk].cpu_cores
+        vm.ram_mb = inventories[vm.pk].ram_mb
+    VirtualMachine.objects.bulk_update(vms, ["cpu_cores", "ram_mb"])
+    _disks_replace({vm.pk: inventories[vm.pk] for vm in vms})
+
+
+def _apply_auths(
+    events: Sequence[AgentEvent],
+    indexes: list[int],
+    results: list[AgentEventResult],
+    changes: dict[int, dict[str, Any]],
+) -> None:
+    """Verify tokens (constant time) and make the session the VM's authorized one; the reported
+    inventory replaces the stored facts."""
+    vms = {
+        vm.pk: vm for vm in VirtualMachine.objects.filter(pk__in={events[i].vm_id for i in indexes})
+    }
+    accepted: dict[int, AgentEvent] = {}
+    for i in indexes:
+        event = events[i]
+        vm = vms.get(event.vm_id or 0)
+        if vm is None or not token_matches(event.token, vm.token_hash):
+            results[i] = AgentEventResult(ok=False, error=AuthFailed.code)
+            continue
+        # The last of two auths for one VM in a batch wins; the earlier gets replaced.
+        accepted[vm.pk] = event
+        results[i] = AgentEventResult(vm_id=vm.pk)
+    if not accepted:
+        return
+    inventories: dict[int, Inventory] = {}
+    to_save = []
+    for vm_id, event in accepted.items():
+        vm = vms[vm_id]
+        vm.status = VmStatus.AUTHORIZED
+        vm.current_session_id = event.session_id
+        vm.authorized_at = event.at
+        vm.last_seen_at = event.at
+        vm.first_connected_at = vm.first_connected_at or event.at
+        if event.inventory is not None:
+            vm.cpu_cores = event.inventory.cpu_cores
+            vm.ram_mb = event.inventory.ram_mb
+            inventories[vm_id] = event.inventory
+        to_save.append(vm)
+        changes[vm_id] = {"vm_id": vm_id, "status": VmStatus.AUTHORIZED}
+    VirtualMachine.objects.bulk_update(
+        to_save,
+        [
+            "status",
+            "current_session_id",
+            "authorized_at",
+            "last_seen_at",
+            "first_connected_at",
+            "cpu_cores",
+            "ram_mb",
+        ],
+    )
+    _disks_replace(inventories)
+    sessions = [
+        AgentSession(id=event.session_id, vm_id=vm_id, authorized_at=event.at)
+        for vm_id, event in accepted.items()
+    ]
+    AgentSession.objects.bulk_update(sessions, ["vm_id", "authorized_at"])
+
+
+def _apply_ends(
+    events: Sequence[AgentEvent], indexes: list[int], changes: dict[int, dict[str, Any]]
+) -> None:
+    ended: list[AgentSession] = []
+    for i in indexes:
+        event = events[i]
+        ended.append(AgentSession(id=event.session_id, ended_at=event.at, end_reason=event.reason))
+    AgentSession.objects.bulk_update(ended, ["ended_at", "end_reason"])
+    session_ids = [events[i].session_id for i in indexes]
+    dropped = list(
+        VirtualMachine.objects.filter(current_session_id__in=session_ids)
+        .exclude(status=VmStatus.OFFLINE)
+        .values_list("pk", flat=True)
+    )
+    if dropped:
+        VirtualMachine.objects.filter(pk__in=dropped, current_session_id__in=session_ids).update(
+            status=VmStatus.OFFLINE, current_session_id=None, last_seen_at=timezone.now()
+        )
+        for vm_id in dropped:
+            changes[vm_id] = {"vm_id": vm_id, "status": VmStatus.OFFLINE}
+
+
+def last_seen_flush(*, seen: dict[int, datetime]) -> int:
+    """Write heartbeats collected in memory: one UPDATE per distinct second, not per ping."""
+    by_time: dict[datetime, list[int]] = {}
+    for vm_id, at in seen.items():
+        by_time.setdefault(at.replace(microsecond=0), []).append(vm_id)
+    updated = 0
+    for at, vm_ids in by_time.items():
+        updated += VirtualMachine.objects.filter(pk__in=vm_ids).update(last_seen_at=at)
+    return updated
+
+
+@transaction.atomic
+def server_sessions_recover(*, server_name: str) -> tuple[int, list[dict[str, Any]]]:
+    """At server start: close sessions a killed predecessor left open and take its VMs
+    offline. Returns how many sessions were closed and the status changes."""
+    now = timezone.now()
+    open_ids = list(
+        AgentSession.objects.filter(server_name=server_name, ended_at__isnull=True).values_list(
+            "pk", flat=True
+        )
+    )
+    if not open_ids:
+        return 0, []
+    closed = AgentSession.objects.filter(pk__in=open_ids).update(
+        ended_at=now, end_reason=SessionEndReason.SERVER_CRASHED
+    )
+    stale = Q(current_session_id__in=open_ids) & ~Q(status=VmStatus.OFFLINE)
+    vm_ids = list(VirtualMachine.objects.filter(stale).values_list("pk", flat=True))
+    VirtualMachine.objects.filter(pk__in=vm_ids).update(
+        status=VmStatus.OFFLINE, current_session_id=None
+    )
+    AuditEvent.objects.create(
+        action="server.sessions_recovered", details={"server": server_name, "sessions": closed}
+    )
+    return closed, [{"vm_id": vm_id, "status": VmStatus.OFFLINE} for vm_id in vm_ids]
+
+
+def status_changes_publish(changes: Iterable[dict[str, Any]]) -> None:
+    for change in changes:
+        publish(VMS_TOPIC, change)
