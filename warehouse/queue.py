@@ -23,7 +23,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
-from kombu import Connection, Exchange, Message, Queue
+from kombu import Connection, Consumer, Exchange, Message, Queue
 
 from warehouse import services
 
@@ -187,7 +187,7 @@ class MovementConsumer:
     def _session(self, stop: threading.Event) -> None:
         with connection_open(self.url) as conn:
             channel = conn.channel()
-            consumer = conn.Consumer(channel, queues=[self.queue], on_message=self._on_message)
+            consumer = Consumer(channel, queues=[self.queue], on_message=self._on_message)
             consumer.qos(prefetch_count=self.prefetch)
             with consumer:
                 while True:

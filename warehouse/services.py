@@ -81,11 +81,12 @@ class _Failure:
 
 
 def _raw_text(body: Body) -> str:
+    """The body as storable text: PostgreSQL text cannot hold NUL, and such a body is never
+    valid JSON anyway, so NUL becomes U+FFFD like any undecodable byte."""
     if isinstance(body, dict):
         return json.dumps(body, separators=(",", ":"))
-    if isinstance(body, bytes):
-        return body.decode("utf-8", errors="replace")
-    return body
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    return text.replace("\x00", "\ufffd")[:65536]
 
 
 def _parse(body: Body) -> Envelope:
@@ -117,7 +118,11 @@ def _stock_apply(deltas: dict[tuple[uuid.UUID, uuid.UUID], int], now: datetime) 
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        return list(cursor.fetchall())
+        # SQLite hands UUIDs back as bare hex: normalise so cache keys match the readers'.
+        return [
+            (uuid.UUID(str(w)), uuid.UUID(str(p)), int(balance))
+            for w, p, balance in cursor.fetchall()
+        ]
 
 
 def _strict_filter(
@@ -229,7 +234,7 @@ def _ingest(bodies: Sequence[Body], *, record_dead_letters: bool = True) -> Batc
             [
                 DeadLetter(
                     received_at=now,
-                    body=_raw_text(bodies[index])[:65536],
+                    body=_raw_text(bodies[index]),
                     reason=failure.reason,
                     detail=failure.detail[:500],
                     movement_id=failure.envelope.movement_id if failure.envelope else None,
@@ -307,7 +312,7 @@ def movements_ingest_each(*, bodies: Sequence[Body]) -> BatchResult:
             with transaction.atomic():
                 DeadLetter.objects.create(
                     received_at=timezone.now(),
-                    body=_raw_text(body)[:65536],
+                    body=_raw_text(body),
                     reason=DeadLetter.Reason.ERROR,
                     detail=f"{type(exc).__name__}: {exc}"[:500],
                 )

@@ -1,0 +1,294 @@
+"""The queue consumer: batches from the real transport (RabbitMQ when CELERY_BROKER_URL is set,
+kombu's filesystem queue otherwise), poison messages, heartbeat, SIGTERM and SIGKILL."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.db import close_old_connections, connection
+from django.db.models import Model
+from django.test import Client, override_settings
+from django.utils import timezone
+
+from common.processes import embedded_processes
+from tests.warehouse.factories import body, example_pair, subprocess_env
+from warehouse import queue
+from warehouse.models import ConsumerHeartbeat, DeadLetter, LedgerEntry, Stock
+from warehouse.simulator import Simulation
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def transport(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A fresh queue on the configured transport; yields settings for this process and env
+    for child processes."""
+    name = f"warehouse.test.{uuid.uuid4().hex[:12]}"
+    url = os.environ.get("CELERY_BROKER_URL") or "filesystem://"
+    values = {"url": url, "queue": name, "dir": str(tmp_path / "queue")}
+    with override_settings(
+        WAREHOUSE_BROKER_URL=url, WAREHOUSE_QUEUE=name, WAREHOUSE_QUEUE_DIR=values["dir"]
+    ):
+        yield values
+    if url.startswith("amqp"):
+        with queue.connection_open(url) as conn:
+            queue.movement_queue(name)(conn.channel()).delete()
+
+
+def _child_env(transport: dict[str, str], **extra: str) -> dict[str, str]:
+    return subprocess_env(
+        WAREHOUSE_BROKER_URL=transport["url"],
+        WAREHOUSE_QUEUE=transport["queue"],
+        WAREHOUSE_QUEUE_DIR=transport["dir"],
+        WAREHOUSE_HEARTBEAT_SECONDS="0.2",
+        **extra,
+    )
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def _count(model: type[Model]) -> int:
+    close_old_connections()
+    return int(model._default_manager.count())
+
+
+def _consumer_thread(
+    *,
+    batch_size: int,
+    linger_ms: int,
+) -> tuple[queue.MovementConsumer, threading.Thread, threading.Event]:
+    consumer = queue.MovementConsumer(batch_size=batch_size, linger_ms=linger_ms)
+    halt = threading.Event()
+    thread = threading.Thread(target=consumer.run_blocking, args=(halt,), daemon=True)
+    thread.start()
+    return consumer, thread, halt
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(60)
+@override_settings(WAREHOUSE_HEARTBEAT_SECONDS=0.1)
+def test_poison_messages_are_dead_lettered_and_the_consumer_keeps_running(
+    transport: dict[str, str],
+) -> None:
+    departure, arrival = example_pair()
+    conflicting = {**departure, "data": {**departure["data"], "quantity": 1}}
+    _consumer, thread, halt = _consumer_thread(batch_size=10, linger_ms=100)
+    try:
+        queue.envelopes_publish([b"\x00garbage", body(departure), b"{}", body(conflicting)])
+        _wait_for(lambda: _count(DeadLetter) == 3 and _count(LedgerEntry) == 1)
+        assert thread.is_alive()
+        assert _count(ConsumerHeartbeat) == 1
+        queue.envelopes_publish([body(arrival), body(arrival)])
+        _wait_for(lambda: _count(LedgerEntry) == 2)
+        _wait_for(lambda: LedgerEntry.objects.get(event="arrival").duplicates == 1)
+        reasons = sorted(DeadLetter.objects.values_list("reason", flat=True))
+        assert reasons == ["conflict", "malformed", "malformed"]
+    finally:
+        halt.set()
+        thread.join(timeout=15)
+    assert not thread.is_alive()
+    assert _count(ConsumerHeartbeat) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(90)
+def test_produce_command_reaches_the_embedded_consumer_without_any_service(
+    tmp_path: Path,
+) -> None:
+    queue_dir = str(tmp_path / "embedded-queue")
+    name = "warehouse.movements"
+    child = subprocess_env(WAREHOUSE_QUEUE_DIR=queue_dir)
+    for variable in ("CELERY_BROKER_URL", "WAREHOUSE_BROKER_URL", "WAREHOUSE_QUEUE"):
+        child.pop(variable, None)  # the embedded defaults
+    options = ["--movements", "25", "--duplicate-rate", "0.2", "--poison-rate", "0.1"]
+    produced = subprocess.run(
+        [sys.executable, "manage.py", "warehouse_produce", *options, "--shuffle", "--seed", "3"],
+        cwd=ROOT,
+        env=child,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "filesystem://" in produced.stdout
+    simulation = Simulation(seed=3, movements=25, duplicate_rate=0.2, poison_rate=0.1, shuffle=True)
+    expected = simulation.movement_bodies()
+    poison = sum(1 for b in expected if not b.startswith(b'{"id"'))
+
+    async def run_embedded() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(queue.consumer_run(stop))
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            stored = await asyncio.to_thread(_count, LedgerEntry)
+            letters = await asyncio.to_thread(_count, DeadLetter)
+            if stored == 50 and letters == poison:
+                break
+            await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+    with override_settings(
+        WAREHOUSE_BROKER_URL="filesystem://", WAREHOUSE_QUEUE=name, WAREHOUSE_QUEUE_DIR=queue_dir
+    ):
+        asyncio.run(run_embedded())
+    assert _count(LedgerEntry) == 50
+    assert _count(DeadLetter) == poison
+    duplicates = sum(LedgerEntry.objects.values_list("duplicates", flat=True))
+    assert 50 + duplicates + poison == len(expected)
+
+
+def test_the_embedded_default_registers_the_consumer_with_runall() -> None:
+    names = [process.name for process in embedded_processes()]
+    assert ("warehouse-consumer" in names) is settings.WAREHOUSE_EMBEDDED_CONSUMER
+    if not os.environ.get("CELERY_BROKER_URL"):
+        assert "warehouse-consumer" in names
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(90)
+def test_sigterm_finishes_the_batch_acks_and_exits(transport: dict[str, str]) -> None:
+    bodies = Simulation(seed=5, movements=50).movement_bodies()
+    queue.envelopes_publish(bodies)
+    child = subprocess.Popen(
+        [sys.executable, "manage.py", "run_warehouse_consumer", "--batch-size", "20"],
+        cwd=ROOT,
+        env=_child_env(transport),
+    )
+    try:
+        _wait_for(lambda: _count(LedgerEntry) == 100, 60)
+        _wait_for(lambda: _count(ConsumerHeartbeat) == 1)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=20) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert _count(ConsumerHeartbeat) == 0
+    # Everything was acked: a fresh consumer finds nothing to redeliver.
+    _consumer, thread, halt = _consumer_thread(batch_size=20, linger_ms=50)
+    time.sleep(1.5)
+    halt.set()
+    thread.join(timeout=15)
+    assert sum(LedgerEntry.objects.values_list("duplicates", flat=True)) == 0
+
+
+@pytest.mark.needs_broker
+@pytest.mark.needs_postgres
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(120)
+def test_sigkill_between_commit_and_ack_redelivers_without_effect(
+    transport: dict[str, str], tmp_path: Path
+) -> None:
+    bodies = Simulation(seed=11, movements=30, initial_stock=0).movement_bodies()
+    queue.envelopes_publish(bodies)
+    marker = tmp_path / "committed"
+    command = [
+        sys.executable,
+        "manage.py",
+        "run_warehouse_consumer",
+        "--batch-size",
+        "500",
+        "--linger-ms",
+        "500",
+    ]
+    first = subprocess.Popen(
+        command, cwd=ROOT, env=_child_env(transport, WAREHOUSE_TEST_PAUSE_AFTER_COMMIT=str(marker))
+    )
+    try:
+        _wait_for(marker.exists, 60)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert _count(LedgerEntry) == 60, "the batch was committed before the kill"
+    balances = sorted(Stock.objects.values_list("warehouse_id", "product_id", "balance"))
+    with queue.connection_open(transport["url"]) as conn:
+        declared = queue.movement_queue(transport["queue"])(conn.channel()).queue_declare(
+            passive=True
+        )
+    assert declared.message_count == 60, "unacked messages went back to the queue"
+
+    second = subprocess.Popen(command, cwd=ROOT, env=_child_env(transport))
+    try:
+        _wait_for(lambda: sum(LedgerEntry.objects.values_list("duplicates", flat=True)) == 60, 60)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=20) == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+    assert _count(LedgerEntry) == 60
+    assert _count(DeadLetter) == 0
+    assert sorted(Stock.objects.values_list("warehouse_id", "product_id", "balance")) == balances
+    verified = subprocess.run(
+        [sys.executable, "manage.py", "warehouse_verify_stock"],
+        cwd=ROOT,
+        env=_child_env(transport),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert verified.returncode == 0 and "stock == sum(ledger)" in verified.stdout
+
+
+def test_readyz_fails_on_a_stale_consumer_heartbeat_and_health_stays_up(
+    http: httpx.Client,
+) -> None:
+    now = timezone.now()
+    ConsumerHeartbeat.objects.create(name="test-consumer", beat_at=now, started_at=now)
+    assert http.get("/readyz").json()["checks"]["warehouse_consumer"]["ok"] is True
+    stale = now - timedelta(seconds=settings.WAREHOUSE_HEARTBEAT_STALE_SECONDS + 1)
+    ConsumerHeartbeat.objects.filter(name="test-consumer").update(beat_at=stale)
+    response = http.get("/readyz")
+    assert response.status_code == 503
+    assert "stale" in response.json()["checks"]["warehouse_consumer"]["error"]
+    assert http.get("/health").status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+def test_readyz_fails_when_the_database_is_unreachable() -> None:
+    original = dict(connection.settings_dict)
+    connection.close()
+    if connection.vendor == "sqlite":
+        connection.settings_dict["NAME"] = "/nonexistent/dir/warehouse.sqlite3"
+    else:
+        connection.settings_dict["PORT"] = "1"
+    try:
+        response = Client().get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["checks"]["database"]["ok"] is False
+        assert Client().get("/health").status_code == 200
+    finally:
+        connection.close()
+        connection.settings_dict.update(original)
+        connection.connect()
+
+
+def test_readyz_fails_when_the_broker_is_unreachable(http: httpx.Client) -> None:
+    with override_settings(CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:1//"):
+        response = http.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["broker"]["ok"] is False
+
+
+@pytest.mark.django_db
+def test_the_verify_command_passes_on_an_empty_ledger() -> None:
+    call_command("warehouse_verify_stock")
