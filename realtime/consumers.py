@@ -1,8 +1,15 @@
 """The `/ws/` WebSocket: one JSON frame per message, handlers chosen by `type`.
 
-Frames in: `subscribe {topic}`, `unsubscribe {topic}`, `ping`. Frames out: `event {topic,
-payload}`, `subscribed`, `unsubscribed`, `pong`, `error {code, detail, ref}`. A bad frame gets an
-error frame and the connection stays open.
+Frames in: messenger `sendMessage {text, room?, client_id?}`, `join {room}`, `leave {room}`,
+`history {room, before_seq?, limit?}`, `sync {room, after_seq}`, `typing {room}`,
+`read {room, seq}`; hub `subscribe {topic}`, `unsubscribe {topic}`; `ping`. Frames out:
+`message`, `ack {ref, id, seq}`, `joined`, `left`, `presence {room, joined, left}`, `history`,
+`sync`, `typing`, `read`, `sync_required`, `event {topic, payload}`, `subscribed`,
+`unsubscribed`, `pong`, `error {code, detail, ref}`. A bad frame gets an error frame and the
+connection stays open; sustained rate-limit abuse closes it (4429).
+
+Every frame to the client goes through the connection's bounded outbox (realtime.fanout), the
+same path room broadcasts take, so a client that stops reading is dropped alone.
 """
 
 import asyncio
@@ -10,49 +17,154 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
+from channels.consumer import get_handler_name
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from prometheus_client import Gauge
 
-from common.exceptions import ApplicationError, ValidationFailed
+from common.exceptions import ApplicationError, RateLimited, ValidationFailed
+from realtime import protocol, selectors, services
+from realtime.fanout import SLOW_CLIENTS, Outbox, dumps, hub, member_parse
+from realtime.models import Room
 from realtime.services import hub_loop_remember
-from realtime.topics import topic_authorize, topic_group
+from realtime.topics import topic_authorize
+
+logger = structlog.get_logger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
+CLOSE_RATE_LIMITED = 4429
 CONNECTIONS = Gauge("realtime_ws_connections", "Open WebSocket connections on this process")
 
 Frame = dict[str, Any]
 
 
+def _transport_of(send: Any) -> Any:
+    """The server transport behind an ASGI `send` (uvicorn), through Channels' wrappers.
+
+    ASGI offers no way to drop a client that stopped reading: `websocket.close` waits until the
+    stuck write buffer drains, which it never does. Aborting the transport is the only exit."""
+    target = send
+    for _ in range(6):
+        owner = getattr(target, "__self__", None)
+        if owner is None:
+            return None
+        transport = getattr(owner, "transport", None)
+        if transport is not None:
+            return transport
+        target = getattr(owner, "real_send", None) or getattr(owner, "send", None)
+    return None
+
+
+def _room_and_sync(user: Any, slug: str, after_seq: int) -> dict[str, Any]:
+    room = selectors.room_get_visible(user=user, slug=slug)
+    return selectors.messages_sync(
+        room=room, after_seq=after_seq, bound=settings.REALTIME_SYNC_LIMIT
+    )
+
+
+def _room_and_history(user: Any, slug: str, before_seq: int | None, limit: int) -> dict[str, Any]:
+    room = selectors.room_get_visible(user=user, slug=slug)
+    return {
+        "room": room.slug,
+        "messages": selectors.messages_page(room=room, before_seq=before_seq, limit=limit),
+    }
+
+
+def _room_and_send(
+    user: Any, slug: str | None, text: str, client_id: str | None
+) -> tuple[str, int, int, bool]:
+    room = selectors.room_get_visible(user=user, slug=slug)
+    message, created = services.message_send(user=user, room=room, text=text, client_id=client_id)
+    return room.slug, message.pk, message.seq, created
+
+
+def _room_and_read(user: Any, slug: str, seq: int) -> int:
+    room = selectors.room_get_visible(user=user, slug=slug)
+    return services.membership_read_mark(user=user, room=room, seq=seq)
+
+
 class HubConsumer(AsyncWebsocketConsumer):
+    # No channel-layer channel per socket: room messages and hub events arrive through the
+    # process's fan-out hub. A per-socket channel would cost a layer receive loop per socket and
+    # tie every socket's life to Redis (channels_redis raises out of the consumer when it goes).
+    channel_layer_alias = "realtime-no-per-socket-channel"
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale DB connections before every frame with a thread hop; the
+        # handlers reach the database only through database_sync_to_async, which does it there.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
+
     async def connect(self) -> None:
         hub_loop_remember(asyncio.get_running_loop())
         self.user = self.scope.get("user")
         self.topics: set[str] = set()
+        self.rooms: dict[str, int] = {}
+        self.attached = False
         await self.accept()
         if self.user is None or not self.user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         CONNECTIONS.inc()
+        self.user_id: int = self.user.pk
+        self.username: str = self.user.username
+        self.hub = hub()
+        self.outbox = Outbox(self.base_send, settings.REALTIME_SEND_BUFFER_FRAMES, self._overflow)
+        self.bucket = protocol.TokenBucket(
+            settings.REALTIME_RATE_PER_SECOND, settings.REALTIME_RATE_BURST
+        )
+        self.strikes = 0
         self.handlers: dict[str, Callable[[Frame], Awaitable[None]]] = {
+            "sendMessage": self.on_send_message,
+            "join": self.on_join,
+            "leave": self.on_leave,
+            "history": self.on_history,
+            "sync": self.on_sync,
+            "typing": self.on_typing,
+            "read": self.on_read,
             "subscribe": self.on_subscribe,
             "unsubscribe": self.on_unsubscribe,
             "ping": self.on_ping,
         }
+        await self.hub.start()
+        self.hub.attach(self)
+        self.attached = True
+        if settings.REALTIME_AUTOJOIN_DEFAULT_ROOM:
+            try:
+                await self._join(settings.REALTIME_DEFAULT_ROOM, ref=None, announce=False)
+            except ApplicationError:
+                logger.exception("realtime_default_room_join_failed")
 
     async def disconnect(self, code: int) -> None:
         if self.user is None or not self.user.is_authenticated:
             return
         CONNECTIONS.dec()
-        for topic in list(self.topics):
-            await self.channel_layer.group_discard(topic_group(topic), self.channel_name)
+        self.outbox.close()
+        if self.attached:
+            self.attached = False
+            self.hub.detach(self)
+            for room_id in list(self.rooms.values()):
+                await self.hub.room_remove(room_id, self)
+            self.rooms.clear()
+            for topic in self.topics:
+                self.hub.topic_remove(topic, self)
         self.topics.clear()
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    # --- receiving: the one place ApplicationError becomes an error frame -----------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         ref: Any = None
         try:
             frame = self._decode(text_data, bytes_data)
             ref = frame.get("ref")
+            self._rate_check()
             handler = self.handlers.get(frame.get("type"))  # type: ignore[arg-type]
             if handler is None:
                 raise ValidationFailed(f"unknown type {frame.get('type')!r}", code="unknown_type")
@@ -61,6 +173,18 @@ class HubConsumer(AsyncWebsocketConsumer):
             await self.send_frame(
                 {"type": "error", "code": error.code, "detail": error.message, "ref": ref}
             )
+            if isinstance(error, RateLimited) and self.strikes >= settings.REALTIME_RATE_STRIKES:
+                self.outbox.push_close(CLOSE_RATE_LIMITED)
+
+    def _rate_check(self) -> None:
+        # Both buckets are charged so that opening more tabs does not multiply a user's rate.
+        allowed = self.bucket.take()
+        allowed = self.hub.user_bucket(self.user_id).take() and allowed
+        if allowed:
+            self.strikes = 0
+            return
+        self.strikes += 1
+        raise RateLimited("slow down", code="rate_limited")
 
     def _decode(self, text_data: str | None, bytes_data: bytes | None) -> Frame:
         raw = text_data if text_data is not None else (bytes_data or b"").decode("utf-8", "replace")
@@ -74,8 +198,129 @@ class HubConsumer(AsyncWebsocketConsumer):
             raise ValidationFailed("frame must be an object with a string type", code="bad_frame")
         return frame
 
+    # --- sending ----------------------------------------------------------------------------
+
     async def send_frame(self, frame: Frame) -> None:
-        await self.send(text_data=json.dumps(frame, separators=(",", ":")))
+        self.outbox.push(dumps(frame))
+
+    def _overflow(self) -> None:
+        """The client stopped reading and its outbox is full: drop it, and it alone."""
+        SLOW_CLIENTS.inc()
+        logger.warning("realtime_slow_client_dropped", user_id=self.user_id)
+        if self.attached:
+            self.attached = False
+            self.hub.detach(self)
+            for topic in self.topics:
+                self.hub.topic_remove(topic, self)
+            self.topics.clear()
+            rooms, self.rooms = self.rooms, {}
+            asyncio.get_running_loop().create_task(self._rooms_release(list(rooms.values())))
+        transport = _transport_of(self.base_send)
+        if transport is not None:
+            transport.abort()
+        else:
+            asyncio.get_running_loop().create_task(self.close(code=1013))
+
+    async def _rooms_release(self, room_ids: list[int]) -> None:
+        for room_id in room_ids:
+            await self.hub.room_remove(room_id, self)
+
+    def hub_kicked(self, room_id: int) -> None:
+        for slug, joined_id in list(self.rooms.items()):
+            if joined_id == room_id:
+                del self.rooms[slug]
+                self.outbox.push(dumps({"type": "left", "room": slug, "reason": "removed"}))
+                asyncio.get_running_loop().create_task(self.hub.room_remove(room_id, self))
+
+    # --- messenger ----------------------------------------------------------------------------
+
+    async def on_send_message(self, frame: Frame) -> None:
+        slug = protocol.room_field(frame, required=False)
+        text = protocol.text_field(frame, max_chars=settings.REALTIME_MAX_MESSAGE_CHARS)
+        client_id = protocol.client_id_field(frame)
+        room_slug, message_id, seq, created = await database_sync_to_async(_room_and_send)(
+            self.user, slug, text, client_id
+        )
+        ack = {"type": "ack", "ref": frame.get("ref"), "room": room_slug, "id": message_id}
+        await self.send_frame({**ack, "seq": seq, "duplicate": not created})
+
+    async def on_join(self, frame: Frame) -> None:
+        slug = protocol.room_field(frame)
+        assert slug is not None
+        await self._join(slug, ref=frame.get("ref"))
+
+    async def _join(self, slug: str, *, ref: Any, announce: bool = True) -> None:
+        """Start delivering the room. The automatic join of Sparq's default room on connect is
+        silent (`announce=False`): no frames and no presence until the client joins it."""
+        room: Room = await database_sync_to_async(selectors.room_get_visible)(
+            user=self.user, slug=slug
+        )
+        if room.slug not in self.rooms:
+            if len(self.rooms) >= settings.REALTIME_MAX_ROOMS_PER_CONNECTION:
+                raise ValidationFailed("too many rooms", code="too_many_rooms")
+            self.rooms[room.slug] = room.pk
+        online = await self.hub.room_add(room.pk, room.slug, self, presence=announce)
+        if not announce:
+            return
+        await self.send_frame(
+            {"type": "joined", "room": room.slug, "last_seq": room.last_seq, "ref": ref}
+        )
+        await self.send_frame(
+            {
+                "type": "presence",
+                "room": room.slug,
+                "snapshot": True,
+                "online": sorted((member_parse(m) for m in online), key=lambda u: u["id"]),
+                "joined": [],
+                "left": [],
+            }
+        )
+
+    def _joined_room(self, frame: Frame) -> tuple[str, int]:
+        slug = protocol.room_field(frame)
+        assert slug is not None
+        room_id = self.rooms.get(slug)
+        if room_id is None:
+            raise ValidationFailed("join the room first", code="not_joined")
+        return slug, room_id
+
+    async def on_leave(self, frame: Frame) -> None:
+        slug, room_id = self._joined_room(frame)
+        del self.rooms[slug]
+        await self.hub.room_remove(room_id, self)
+        await self.send_frame({"type": "left", "room": slug, "ref": frame.get("ref")})
+
+    async def on_history(self, frame: Frame) -> None:
+        slug = protocol.room_field(frame)
+        before_seq = protocol.seq_field(frame, "before_seq", required=False)
+        limit = protocol.limit_field(frame, maximum=settings.REALTIME_HISTORY_LIMIT)
+        batch = await database_sync_to_async(_room_and_history)(self.user, slug, before_seq, limit)
+        await self.send_frame({"type": "history", **batch, "ref": frame.get("ref")})
+
+    async def on_sync(self, frame: Frame) -> None:
+        slug = protocol.room_field(frame)
+        after_seq = protocol.seq_field(frame, "after_seq", required=True)
+        assert slug is not None and after_seq is not None
+        batch = await database_sync_to_async(_room_and_sync)(self.user, slug, after_seq)
+        await self.send_frame({"type": "sync", **batch, "ref": frame.get("ref")})
+
+    async def on_typing(self, frame: Frame) -> None:
+        slug, room_id = self._joined_room(frame)
+        typing = {"type": "typing", "room": slug, "user": self.username, "user_id": self.user_id}
+        await self.hub.apublish(
+            {"room": room_id, "frame": dumps(typing), "skip_user": self.user_id}
+        )
+
+    async def on_read(self, frame: Frame) -> None:
+        slug = protocol.room_field(frame)
+        seq = protocol.seq_field(frame, "seq", required=True)
+        assert slug is not None and seq is not None
+        marker = await database_sync_to_async(_room_and_read)(self.user, slug, seq)
+        await self.send_frame(
+            {"type": "read", "room": slug, "seq": marker, "ref": frame.get("ref")}
+        )
+
+    # --- live-event hub -----------------------------------------------------------------------
 
     async def on_ping(self, frame: Frame) -> None:
         await self.send_frame({"type": "pong", "ref": frame.get("ref")})
@@ -87,7 +332,7 @@ class HubConsumer(AsyncWebsocketConsumer):
         if topic not in self.topics:
             if len(self.topics) >= settings.REALTIME_MAX_TOPICS_PER_CONNECTION:
                 raise ValidationFailed("too many subscriptions", code="too_many_topics")
-            await self.channel_layer.group_add(topic_group(topic), self.channel_name)
+            self.hub.topic_add(topic, self)
             self.topics.add(topic)
         await self.send_frame({"type": "subscribed", "topic": topic, "ref": frame.get("ref")})
 
@@ -95,12 +340,6 @@ class HubConsumer(AsyncWebsocketConsumer):
         topic = frame.get("topic")
         if not isinstance(topic, str) or topic not in self.topics:
             raise ValidationFailed("not subscribed to that topic", code="not_subscribed")
-        await self.channel_layer.group_discard(topic_group(topic), self.channel_name)
+        self.hub.topic_remove(topic, self)
         self.topics.discard(topic)
         await self.send_frame({"type": "unsubscribed", "topic": topic, "ref": frame.get("ref")})
-
-    async def hub_event(self, event: dict[str, Any]) -> None:
-        if event["topic"] in self.topics:
-            await self.send_frame(
-                {"type": "event", "topic": event["topic"], "payload": event["payload"]}
-            )

@@ -1,0 +1,103 @@
+"""Messenger reads: room visibility, message pages and their wire form."""
+
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import Q, QuerySet
+
+from common.exceptions import NotFound
+from realtime.models import Membership, Message, Room
+
+
+def message_frame(message: Message, *, room_slug: str, username: str) -> dict[str, Any]:
+    """The `message` frame (also the REST representation); `display` is Sparq's line."""
+    return {
+        "type": "message",
+        "room": room_slug,
+        "id": message.pk,
+        "seq": message.seq,
+        "user": username,
+        "user_id": message.sender_id,
+        "text": message.text,
+        "ts": message.created_at.isoformat(),
+        "client_id": message.client_id,
+        "display": f"{username}: {message.text}",
+        "deleted": message.deleted_at is not None,
+    }
+
+
+def rooms_visible_to(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Room]:
+    """Public rooms and the private/direct rooms `user` is a member of."""
+    member_of = Membership.objects.filter(user_id=int(user.pk or 0)).values("room_id")
+    return Room.objects.filter(Q(kind=Room.Kind.PUBLIC) | Q(pk__in=member_of)).order_by("slug")
+
+
+def room_get_visible(*, user: AbstractBaseUser | AnonymousUser, slug: str | None) -> Room:
+    """The room if `user` may see it; NotFound otherwise, so private rooms are not revealed.
+    `None` is the default public room (created on first use)."""
+    if slug is None:
+        from realtime.services import room_default
+
+        return room_default()
+    room = Room.objects.filter(slug=slug).first()
+    if room is None:
+        if slug == settings.REALTIME_DEFAULT_ROOM:
+            from realtime.services import room_default
+
+            return room_default()
+        raise NotFound("no such room", code="room_not_found")
+    if room.kind != Room.Kind.PUBLIC and not room_is_member(room=room, user=user):
+        raise NotFound("no such room", code="room_not_found")
+    return room
+
+
+def room_is_member(*, room: Room, user: AbstractBaseUser | AnonymousUser) -> bool:
+    return Membership.objects.filter(room=room, user_id=int(user.pk or 0)).exists()
+
+
+def room_members(*, room: Room) -> QuerySet[Membership]:
+    return Membership.objects.filter(room=room).select_related("user").order_by("user__username")
+
+
+def messages_page(
+    *,
+    room: Room,
+    after_seq: int | None = None,
+    before_seq: int | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Messages in ascending seq: the first `limit` after `after_seq`, or else the last `limit`
+    before `before_seq` (the newest when neither is given)."""
+    query = Message.objects.filter(room=room).select_related("sender")
+    if after_seq is not None:
+        query = query.filter(seq__gt=after_seq)
+    if before_seq is not None:
+        query = query.filter(seq__lt=before_seq)
+    if after_seq is not None:
+        rows = list(query.order_by("seq")[:limit])
+    else:
+        rows = list(query.order_by("-seq")[:limit])
+        rows.reverse()
+    return [message_frame(m, room_slug=room.slug, username=m.sender.username) for m in rows]
+
+
+def messages_sync(*, room: Room, after_seq: int, bound: int) -> dict[str, Any]:
+    """What a client missed after `after_seq`: every message in order, or `reset_required`
+    when more than `bound` were missed (the client then reloads history)."""
+    room.refresh_from_db(fields=["last_seq"])
+    missed = room.last_seq - after_seq
+    if missed > bound:
+        return {
+            "room": room.slug,
+            "last_seq": room.last_seq,
+            "reset_required": True,
+            "messages": [],
+        }
+    messages = messages_page(room=room, after_seq=after_seq, limit=max(missed, 1))
+    return {
+        "room": room.slug,
+        "last_seq": room.last_seq,
+        "reset_required": False,
+        "messages": messages,
+    }
