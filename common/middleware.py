@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -40,7 +41,7 @@ class CorrelationIdMiddleware:
             return self.__acall__(request)
         request_id = self._settle(request)
         response = self.get_response(request)
-        assert isinstance(response, HttpResponse)
+        assert isinstance(response, HttpResponseBase)  # streaming responses included
         response["X-Request-ID"] = request_id
         return response
 

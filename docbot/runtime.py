@@ -8,6 +8,7 @@ from datetime import timedelta
 import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import connections
 
 from docbot import services
 from docbot.bot import texts
@@ -52,6 +53,14 @@ def service_token_sync() -> str:
         return _issued_token
 
 
+def _service_token_off_request() -> str:
+    """For event-loop callers: runs in a pool thread, which must not keep a DB connection."""
+    try:
+        return service_token_sync()
+    finally:
+        connections.close_all()
+
+
 def reset_for_tests() -> None:
     global _issued_token
     with _lock:
@@ -64,7 +73,7 @@ async def webhook_application() -> DocbotApplication:
     loop = asyncio.get_running_loop()
     application = _webhook_apps.get(loop)
     if application is None:
-        token = await sync_to_async(service_token_sync, thread_sensitive=False)()
+        token = await sync_to_async(_service_token_off_request, thread_sensitive=False)()
         application = _webhook_apps.get(loop)
         if application is None:
             application = build_application(
@@ -91,7 +100,7 @@ async def run_embedded(stop: asyncio.Event) -> None:
     if settings.DOCBOT_MODE != "polling":
         await stop.wait()
         return
-    token = await sync_to_async(service_token_sync, thread_sensitive=False)()
+    token = await sync_to_async(_service_token_off_request, thread_sensitive=False)()
     await run_polling(settings_from_django(service_token=token, mode="polling"), stop)
 
 

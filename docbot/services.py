@@ -142,7 +142,13 @@ def _own_document(user: Any, document_id: int, *, lock: bool = False) -> Documen
 def _enqueue_ingest(document_id: int) -> None:
     from docbot.tasks import ingest_document
 
-    ingest_document.delay(document_id)
+    try:
+        ingest_document.delay(document_id)
+    except Exception:
+        # The row is committed; a broker outage or an eager-mode failure must not turn the
+        # accepted request into a 500. The document stays pending and is visible in the admin.
+        logger.exception("docbot_ingest_enqueue_failed", document_id=document_id)
+        return
     metrics.QUEUE_SENT.labels("docbot.ingest_document").inc()
 
 

@@ -17,7 +17,8 @@ def ingest_document(self: Task, document_id: int) -> str:
     try:
         outcome = services.document_ingest(document_id=document_id)
     except TelegramUnavailable as exc:
-        if self.request.retries < (self.max_retries or 0):
+        # Eager (embedded) runs inside the API request: no waiting retries there.
+        if not self.request.is_eager and self.request.retries < (self.max_retries or 0):
             metrics.QUEUE_CONSUMED.labels(INGEST_TASK, "retry").inc()
             raise self.retry(exc=exc, countdown=2**self.request.retries) from exc
         services.document_ingest_fail(document_id=document_id, error=str(exc))

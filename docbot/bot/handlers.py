@@ -279,7 +279,9 @@ async def on_file(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     if attachment.file_size and attachment.file_size > config.max_file_bytes:
         await message.reply_text(texts.ADD_FILE_TOO_LARGE)
         return
-    # Said before the call: with eager tasks the worker's confirmation comes back inside it.
+    # Cleared and said before the call: with eager tasks the worker's confirmation comes back
+    # inside it, and the user may already be on the next dialog when it returns.
+    await store.clear(user.id)
     await message.reply_text(texts.ADD_RECEIVED.format(name=state["name"]), reply_markup=MENU)
     await backend.document_create(
         user.id,
@@ -292,7 +294,6 @@ async def on_file(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         mime_type=mime_type,
         file_name=file_name,
     )
-    await store.clear(user.id)
 
 
 # --- browse -------------------------------------------------------------------------------

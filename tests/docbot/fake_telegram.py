@@ -243,7 +243,7 @@ class FakeTelegram:
             return len(self.calls)
 
     def wait_for(
-        self, predicate: Callable[[Call], bool], *, timeout: float = 15, since: int = 0
+        self, predicate: Callable[[Call], bool], *, timeout: float = 30, since: int = 0
     ) -> Call:
         """The first recorded call (from index `since`) matching `predicate`."""
         deadline = time.monotonic() + timeout
@@ -259,7 +259,7 @@ class FakeTelegram:
                 self._changed.wait(remaining)
 
     def wait_text(
-        self, chat_id: int, fragment: str, *, timeout: float = 15, since: int = 0
+        self, chat_id: int, fragment: str, *, timeout: float = 30, since: int = 0
     ) -> Call:
         return self.wait_for(
             lambda c: c.chat_id == chat_id and fragment in c.text, timeout=timeout, since=since

@@ -46,7 +46,7 @@ class Command(BaseCommand):
             loop.add_signal_handler(signum, stop.set)
         from asgiref.sync import sync_to_async
 
-        token = await sync_to_async(runtime.service_token_sync, thread_sensitive=False)()
+        token = await sync_to_async(runtime.service_token_sync, thread_sensitive=True)()
         self.stdout.write("docbot polling; Ctrl-C stops.")
         await run_polling(
             settings_from_django(service_token=token, mode="polling"),
