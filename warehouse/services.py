@@ -93,6 +93,15 @@ def _parse(body: Body) -> Envelope:
     return envelope_validate(body) if isinstance(body, dict) else envelope_parse(body)
 
 
+def _pg_cursor() -> Any:
+    """A server-side-binding psycopg cursor on Django's connection (same transaction). Django's
+    own cursors bind client-side, which quotes large array parameters slowly in Python."""
+    import psycopg
+
+    connection.ensure_connection()
+    return psycopg.Cursor(connection.connection)
+
+
 def _uuid_param(value: uuid.UUID) -> Any:
     return models.UUIDField().get_db_prep_value(value, connection)
 
@@ -103,26 +112,93 @@ def _stock_apply(deltas: dict[tuple[uuid.UUID, uuid.UUID], int], now: datetime) 
     if not deltas:
         return []
     table = connection.ops.quote_name(Stock._meta.db_table)
-    when = models.DateTimeField().get_db_prep_value(now, connection)
     rows = sorted(deltas.items(), key=lambda item: (str(item[0][0]), str(item[0][1])))
-    params: list[Any] = []
-    for (warehouse_id, product_id), delta in rows:
-        params += [_uuid_param(warehouse_id), _uuid_param(product_id), delta, when]
-    values = ", ".join(["(%s, %s, %s, %s)"] * len(rows))
+    params: list[Any]
+    if connection.vendor == "postgresql":
+        # Three array parameters instead of 4 x N placeholders: far cheaper to send and plan.
+        source = (
+            "SELECT w, p, d, %b FROM unnest(%b::uuid[], %b::uuid[], %b::bigint[]) AS t(w, p, d)"
+        )
+        params = [now, [r[0][0] for r in rows], [r[0][1] for r in rows], [r[1] for r in rows]]
+    else:
+        when = models.DateTimeField().get_db_prep_value(now, connection)
+        params = []
+        for (warehouse_id, product_id), delta in rows:
+            params += [_uuid_param(warehouse_id), _uuid_param(product_id), delta, when]
+        source = "VALUES " + ", ".join(["(%s, %s, %s, %s)"] * len(rows))
     # Only the quoted table name and placeholders are interpolated; values are parameters.
     sql = (
-        f"INSERT INTO {table} (warehouse_id, product_id, balance, updated_at) VALUES {values} "  # noqa: S608
+        f"INSERT INTO {table} (warehouse_id, product_id, balance, updated_at) {source} "
         "ON CONFLICT (warehouse_id, product_id) DO UPDATE SET "
         f"balance = {table}.balance + excluded.balance, updated_at = excluded.updated_at "
         "RETURNING warehouse_id, product_id, balance"
     )
-    with connection.cursor() as cursor:
+    with _pg_cursor() if connection.vendor == "postgresql" else connection.cursor() as cursor:
         cursor.execute(sql, params)
         # SQLite hands UUIDs back as bare hex: normalise so cache keys match the readers'.
         return [
             (uuid.UUID(str(w)), uuid.UUID(str(p)), int(balance))
             for w, p, balance in cursor.fetchall()
         ]
+
+
+def _existing_entries(
+    movement_ids: set[uuid.UUID],
+) -> dict[tuple[uuid.UUID, str], tuple[int, str]]:
+    """Stored (pk, fingerprint) by idempotency key for the batch's movements."""
+    rows: list[Any]
+    if connection.vendor == "postgresql":
+        table = connection.ops.quote_name(LedgerEntry._meta.db_table)
+        with _pg_cursor() as cursor:
+            cursor.execute(
+                f"SELECT id, movement_id, event, fingerprint FROM {table} "  # noqa: S608
+                "WHERE movement_id = ANY(%b::uuid[])",
+                [list(movement_ids)],
+            )
+            rows = cursor.fetchall()
+    else:
+        rows = list(
+            LedgerEntry.objects.filter(movement_id__in=movement_ids).values_list(
+                "pk", "movement_id", "event", "fingerprint"
+            )
+        )
+    return {(movement_id, event): (pk, fp) for pk, movement_id, event, fp in rows}
+
+
+_LEDGER_COLUMNS = (
+    ("movement_id", "uuid"),
+    ("event", "text"),
+    ("warehouse_id", "uuid"),
+    ("product_id", "uuid"),
+    ("quantity", "integer"),
+    ("delta", "bigint"),
+    ("occurred_at", "timestamptz"),
+    ("source", "text"),
+    ("envelope_id", "uuid"),
+    ("sent_at", "timestamptz"),
+    ("fingerprint", "text"),
+    ("duplicates", "integer"),
+    ("recorded_at", "timestamptz"),
+)
+
+
+def _ledger_insert(entries: list[dict[str, Any]]) -> None:
+    """Append the batch's new ledger rows in one statement (unnest of column arrays, sent in
+    binary, on PostgreSQL; the ORM's multi-row INSERT elsewhere)."""
+    if not entries:
+        return
+    if connection.vendor != "postgresql":
+        LedgerEntry.objects.bulk_create([LedgerEntry(**entry) for entry in entries], batch_size=500)
+        return
+    table = connection.ops.quote_name(LedgerEntry._meta.db_table)
+    names = ", ".join(name for name, _ in _LEDGER_COLUMNS)
+    arrays = ", ".join(f"%b::{kind}[]" for _, kind in _LEDGER_COLUMNS)
+    params = [[entry[name] for entry in entries] for name, _ in _LEDGER_COLUMNS]
+    with _pg_cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays})",  # noqa: S608
+            params,
+        )
 
 
 def _strict_filter(
@@ -164,13 +240,7 @@ def _ingest(bodies: Sequence[Body], *, record_dead_letters: bool = True) -> Batc
         else:
             failures[index] = _Failure("conflict", "differs from an earlier copy in the batch", env)
 
-    existing: dict[tuple[uuid.UUID, str], tuple[int, str]] = {}
-    if fresh:
-        movement_ids = {key[0] for key in fresh}
-        for pk, movement_id, event, fingerprint in LedgerEntry.objects.filter(
-            movement_id__in=movement_ids
-        ).values_list("pk", "movement_id", "event", "fingerprint"):
-            existing[(movement_id, event)] = (pk, fingerprint)
+    existing = _existing_entries({key[0] for key in fresh}) if fresh else {}
 
     redelivered: Tally[int] = Tally()
     for key in [key for key in fresh if key in existing]:
@@ -192,26 +262,26 @@ def _ingest(bodies: Sequence[Body], *, record_dead_letters: bool = True) -> Batc
                     "insufficient_stock", "departure exceeds the stock at the warehouse", env
                 )
 
-    entries = []
+    entries: list[dict[str, Any]] = []
     deltas: dict[tuple[uuid.UUID, uuid.UUID], int] = defaultdict(int)
     for key, (index, env) in fresh.items():
         outcomes[index] = "stored"
         entries.append(
-            LedgerEntry(
-                movement_id=env.movement_id,
-                event=env.event,
-                warehouse_id=env.warehouse_id,
-                product_id=env.product_id,
-                quantity=env.quantity,
-                delta=env.delta,
-                occurred_at=env.timestamp,
-                source=env.source,
-                envelope_id=env.id,
-                sent_at=env.time,
-                fingerprint=env.fingerprint,
-                duplicates=len(copies.get(key, [])),
-                recorded_at=now,
-            )
+            {
+                "movement_id": env.movement_id,
+                "event": env.event,
+                "warehouse_id": env.warehouse_id,
+                "product_id": env.product_id,
+                "quantity": env.quantity,
+                "delta": env.delta,
+                "occurred_at": env.timestamp,
+                "source": env.source,
+                "envelope_id": env.id,
+                "sent_at": env.time,
+                "fingerprint": env.fingerprint,
+                "duplicates": len(copies.get(key, [])),
+                "recorded_at": now,
+            }
         )
         deltas[(env.warehouse_id, env.product_id)] += env.delta
     for indexes in copies.values():
@@ -219,7 +289,7 @@ def _ingest(bodies: Sequence[Body], *, record_dead_letters: bool = True) -> Batc
             if not outcomes[index] and index not in failures:
                 outcomes[index] = "duplicate"
 
-    LedgerEntry.objects.bulk_create(entries, batch_size=2000)
+    _ledger_insert(entries)
     by_count: dict[int, list[int]] = defaultdict(list)
     for pk, count in redelivered.items():
         by_count[count].append(pk)
