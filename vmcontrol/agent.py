@@ -86,7 +86,7 @@ class Agent:
         enroll_secret: str = "",
         answer_commands: bool = True,
         backoff_base: float = 0.5,
-        backoff_cap: float = 30.0,
+        backoff_cap: float = 10.0,
         tls: ssl.SSLContext | None = None,
         on_enrolled: Callable[["Agent"], None] | None = None,
         record_rtts: bool = True,
@@ -316,7 +316,7 @@ class AgentFleet:
         identities: list[AgentIdentity] | None = None,
         answer_commands: bool = True,
         backoff_base: float = 0.5,
-        backoff_cap: float = 30.0,
+        backoff_cap: float = 10.0,
         record_rtts: bool = True,
     ) -> None:
         self.stats = FleetStats()

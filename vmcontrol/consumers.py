@@ -65,8 +65,8 @@ class AgentConsumer(AsyncConsumer):
         self.group: str | None = None
         self.inventory: Inventory | None = None
         self.end_reason = ""
-        self.pending: dict[str, str] = {}
-        """command id → reply channel of the process waiting for it"""
+        self.pending: dict[str, tuple[str, str, dict[str, Any]]] = {}
+        """command id → (reply channel of the process waiting for it, name, args)"""
         client = self.scope.get("client") or ["", 0]
         self.state.connections[self.session_id] = self
         self.state.submit(
@@ -92,7 +92,7 @@ class AgentConsumer(AsyncConsumer):
         self.authorized = False
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
-        for command_id, reply_to in self.pending.items():
+        for command_id, (reply_to, _, _) in self.pending.items():
             await self._command_finish(command_id, reply_to, ok=False, error={"code": "closed"})
         self.state.submit(
             AgentEvent(kind="end", session_id=self.session_id, vm_id=self.vm_id, reason=reason)
@@ -226,11 +226,18 @@ class AgentConsumer(AsyncConsumer):
         await self._write(self._reply("ack", frame))
 
     async def on_result(self, frame: Frame) -> None:
-        reply_to = self.pending.pop(frame["id"], None)
-        if reply_to is None:
+        pending = self.pending.pop(frame["id"], None)
+        if pending is None:
             raise ProtocolError("unknown_command", "no such pending command", frame_id=frame["id"])
+        reply_to, name, args = pending
         await self._command_finish(
-            frame["id"], reply_to, ok=frame["ok"], data=frame.get("data"), error=frame.get("error")
+            frame["id"],
+            reply_to,
+            ok=frame["ok"],
+            data=frame.get("data"),
+            error=frame.get("error"),
+            name=name,
+            args=args,
         )
         await self._write(self._reply("ack", frame))
 
@@ -263,7 +270,7 @@ class AgentConsumer(AsyncConsumer):
                 command_id, reply_to, ok=False, error={"code": "not_authorized"}
             )
             return
-        self.pending[command_id] = reply_to
+        self.pending[command_id] = (reply_to, message["name"], message["args"])
         await self._write(
             {"type": "command", "id": command_id, "name": message["name"], "args": message["args"]}
         )
@@ -287,10 +294,19 @@ class AgentConsumer(AsyncConsumer):
         ok: bool,
         data: dict[str, Any] | None = None,
         error: dict[str, Any] | None = None,
+        name: str = "",
+        args: dict[str, Any] | None = None,
     ) -> None:
         status = await sync_to_async(_command_complete, thread_sensitive=False)(
-            command_id=command_id, vm_id=self.vm_id, ok=ok, data=data, error=error
+            command_id=command_id,
+            vm_id=self.vm_id,
+            ok=ok,
+            data=data,
+            error=error,
+            name=name,
+            args=args,
         )
         await self.channel_layer.send(
-            reply_to, {"type": "vm.command.done", "command_id": command_id, "status": status}
+            reply_to,
+            {"type": "vm.command.done", "command_id": command_id, "status": status, "error": error},
         )

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import secrets
 import uuid
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,7 +14,8 @@ from typing import Any
 
 import structlog
 from asgiref.sync import async_to_sync, sync_to_async
-from channels.layers import get_channel_layer
+from channels import DEFAULT_CHANNEL_LAYER
+from channels.layers import InMemoryChannelLayer, channel_layers, get_channel_layer
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import transaction
@@ -271,9 +273,28 @@ def _command_time_out(command_id: uuid.UUID) -> Command:
     return Command.objects.get(pk=command_id)
 
 
-async def _command_push_and_wait(command: Command, wait: float) -> dict[str, Any] | None:
+_reply_layers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _reply_layer() -> Any:
+    """The layer to wait for an agent's answer on. A cross-process layer (Redis) gets one
+    instance per event loop: channels_redis lets only one loop receive on an instance, and the
+    console or a test may wait on another loop than the TCP server's consumers."""
     layer = get_channel_layer()
     assert layer is not None
+    if isinstance(layer, InMemoryChannelLayer):
+        return layer
+    loop = asyncio.get_running_loop()
+    own = _reply_layers.get(loop)
+    if own is None:
+        own = _reply_layers[loop] = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER)
+    return own
+
+
+async def _command_push_and_wait(command: Command, wait: float) -> dict[str, Any] | None:
+    layer = _reply_layer()
     reply_to = await layer.new_channel("vmcontrol.reply.")
     await layer.group_send(
         vm_group(command.vm_id),
@@ -285,11 +306,16 @@ async def _command_push_and_wait(command: Command, wait: float) -> dict[str, Any
             "reply_to": reply_to,
         },
     )
-    await sync_to_async(_command_mark_sent, thread_sensitive=False)(command.pk)
+    # `sent` is bookkeeping: written while the agent works, off the round trip.
+    marking = asyncio.create_task(
+        sync_to_async(_command_mark_sent, thread_sensitive=False)(command.pk)
+    )
     try:
         return dict(await asyncio.wait_for(layer.receive(reply_to), wait))
     except TimeoutError:
         return None
+    finally:
+        await marking
 
 
 def command_run(
@@ -309,10 +335,11 @@ def command_run(
     if reply is None:
         command = _command_time_out(command.pk)
     else:
-        command.refresh_from_db()
+        command.status = reply["status"]
+        command.error = reply.get("error")
     if command.status == CommandStatus.TIMED_OUT:
         raise AgentTimeout(details={"command_id": str(command.pk)})
-    if command.status == CommandStatus.FAILED:
+    if command.status != CommandStatus.SUCCEEDED:
         error = command.error or {}
         if error.get("code") == "not_authorized":
             raise VmNotAuthorized(details={"command_id": str(command.pk)})
@@ -331,7 +358,7 @@ def vm_update_specs(
     disks: Sequence[WireDisk] | None = None,
     actor: Actor = None,
     timeout: float | None = None,
-) -> VirtualMachine:
+) -> Command:
     """Push `update_specs` to the agent; the database changes only when the agent acknowledges
     (see `command_complete`). Unchanged fields are sent as they are now."""
     try:
@@ -345,10 +372,9 @@ def vm_update_specs(
         if disks is None
         else tuple(disks),
     )
-    command_run(
+    return command_run(
         vm_id=vm_id, name="update_specs", args=target.as_dict(), actor=actor, timeout=timeout
     )
-    return VirtualMachine.objects.prefetch_related("disks").get(pk=vm_id)
 
 
 @transaction.atomic
@@ -359,36 +385,35 @@ def command_complete(
     ok: bool,
     data: dict[str, Any] | None,
     error: dict[str, Any] | None,
+    name: str = "",
+    args: dict[str, Any] | None = None,
 ) -> str:
-    """Record an agent's answer once (conditional update on an open status; a late answer after
-    a timeout changes nothing). An acknowledged `update_specs` writes the new specs. Returns
-    the command's final status."""
-    commands = Command.objects.select_for_update().filter(pk=command_id)
+    """Record an agent's answer once: a conditional update from an open status, so a late
+    answer after a timeout (or a duplicate) changes nothing. An acknowledged `update_specs`
+    writes the specs it carried (`args`, as sent). Returns the command's final status."""
+    commands = Command.objects.filter(pk=command_id)
     if vm_id is not None:
         commands = commands.filter(vm_id=vm_id)
-    command = commands.first()
-    if command is None:
-        return "unknown"
-    if command.status not in (CommandStatus.QUEUED, CommandStatus.SENT):
-        return str(command.status)
-    command.status = CommandStatus.SUCCEEDED if ok else CommandStatus.FAILED
-    command.result = data
-    command.error = error
-    command.finished_at = timezone.now()
-    command.save(update_fields=["status", "result", "error", "finished_at"])
-    if ok and command.name == "update_specs":
+    final = CommandStatus.SUCCEEDED if ok else CommandStatus.FAILED
+    claimed = commands.filter(status__in=[CommandStatus.QUEUED, CommandStatus.SENT]).update(
+        status=final, result=data, error=error, finished_at=timezone.now()
+    )
+    if not claimed:
+        status = commands.values_list("status", flat=True).first()
+        return str(status or "unknown")
+    if ok and name == "update_specs" and vm_id is not None:
         try:
-            inventory = inventory_parse(command.args)
+            inventory = inventory_parse(args)
         except ProtocolError:  # pragma: no cover - args were built from a valid Inventory
-            return str(command.status)
-        VirtualMachine.objects.filter(pk=command.vm_id).update(
+            return str(final)
+        VirtualMachine.objects.filter(pk=vm_id).update(
             cpu_cores=inventory.cpu_cores, ram_mb=inventory.ram_mb, updated_at=timezone.now()
         )
-        _disks_replace({command.vm_id: inventory})
+        _disks_replace({vm_id: inventory})
         AuditEvent.objects.create(
-            vm_id=command.vm_id, action="vm.specs_updated", details=inventory.as_dict()
+            vm_id=vm_id, action="vm.specs_updated", details=inventory.as_dict()
         )
-    return str(command.status)
+    return str(final)
 
 
 # --- agent events (applied in batches by the TCP server) ------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.core.management import CommandError, call_command
 
-from tests.vmcontrol.conftest import VmServer, authorized_wire
+from tests.vmcontrol.conftest import VmServer, authorized_wire, manage, test_database_url
 from tests.vmcontrol.factories import vm_with_token
 from vmcontrol.agent import Agent, AgentIdentity
 from vmcontrol.models import VirtualMachine
@@ -61,8 +61,15 @@ async def test_console_update_reaches_the_agent(start_vmserver: Callable[..., Vm
     task = asyncio.create_task(agent.run(stop))
     await asyncio.wait_for(agent.authorized.wait(), 10)
     try:
-        output = await sync_to_async(vmctl)("update", str(vm.pk), "--cpu", "7", "--ram", "3000")
-        assert "acknowledged" in output
+        # The console is its own process, as in production: it reaches the TCP server's
+        # consumer through the Redis channel layer.
+        child = manage(
+            ["vmctl", "update", str(vm.pk), "--cpu", "7", "--ram", "3000"],
+            {"DATABASE_URL": await sync_to_async(test_database_url)()},
+        )
+        output, _ = await asyncio.to_thread(child.communicate, timeout=60)
+        assert child.returncode == 0, output
+        assert b"acknowledged" in output
         await vm.arefresh_from_db()
         assert (vm.cpu_cores, vm.ram_mb) == (7, 3000)
     finally:

@@ -45,7 +45,7 @@ class Command(BaseCommand):
         parser.add_argument("--ramp", type=float, default=0.0, help="seconds to spread connects")
         parser.add_argument("--ignore-commands", action="store_true")
         parser.add_argument("--backoff-base", type=float, default=0.5)
-        parser.add_argument("--backoff-cap", type=float, default=30.0)
+        parser.add_argument("--backoff-cap", type=float, default=10.0)
         parser.add_argument("--duration", type=float, default=0.0, help="stop after N seconds")
 
     def handle(self, *args: Any, **options: Any) -> None:

@@ -9,7 +9,6 @@ from rich.table import Table
 
 from common.exceptions import ApplicationError
 from vmcontrol import selectors, services
-from vmcontrol.models import VirtualMachine
 from vmcontrol.protocol import Disk as WireDisk
 
 
@@ -99,10 +98,10 @@ class Command(BaseCommand):
                 "update needs a channel layer shared between processes (set REDIS_URL); "
                 "in the embedded run use PATCH /api/vmcontrol/vms/<id> on `manage.py runall`."
             )
-        vm: VirtualMachine = services.vm_update_specs(
+        services.vm_update_specs(
             vm_id=vm_id, cpu_cores=cpu, ram_mb=ram, disks=disk, timeout=options.get("timeout")
         )
-        self._vms([vm], "Updated (acknowledged by the agent)")
+        self._vms([selectors.vm_get(vm_id=vm_id)], "Updated (acknowledged by the agent)")
 
     def do_logout(self, *, vm_id: int, **options: Any) -> None:
         self._vms([services.vm_logout(vm_id=vm_id)], "Logged out")
