@@ -20,7 +20,9 @@ class TicketAuthMiddleware(BaseMiddleware):
         query = parse_qs(scope.get("query_string", b"").decode("latin1"))
         tickets = query.get("ticket")
         if tickets:
-            user = await database_sync_to_async(services.ticket_consume)(raw=tickets[0])
+            # Off the single thread-sensitive thread: a reconnect storm claims tickets in parallel.
+            consume = database_sync_to_async(services.ticket_consume, thread_sensitive=False)
+            user = await consume(raw=tickets[0])
             scope = {**scope, "user": user or AnonymousUser()}
         return await super().__call__(scope, receive, send)
 

@@ -13,8 +13,8 @@ same path room broadcasts take, so a client that stops reading is dropped alone.
 """
 
 import asyncio
+import functools
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -85,6 +85,26 @@ def _room_and_read(user: Any, slug: str, seq: int) -> int:
     return services.membership_read_mark(user=user, room=room, seq=seq)
 
 
+# Frame type -> handler method; a class-level table keeps per-connection memory down.
+HANDLERS = {
+    "sendMessage": "on_send_message",
+    "join": "on_join",
+    "leave": "on_leave",
+    "history": "on_history",
+    "sync": "on_sync",
+    "typing": "on_typing",
+    "read": "on_read",
+    "subscribe": "on_subscribe",
+    "unsubscribe": "on_unsubscribe",
+    "ping": "on_ping",
+}
+
+# Reads run on the shared thread pool, in parallel (a reconnect storm is mostly reads). Writes
+# stay on Channels' single thread-sensitive thread: a process then commits and publishes one
+# message at a time, so its broadcasts leave in seq order.
+read_db = functools.partial(database_sync_to_async, thread_sensitive=False)
+
+
 class HubConsumer(AsyncWebsocketConsumer):
     # No channel-layer channel per socket: room messages and hub events arrive through the
     # process's fan-out hub. A per-socket channel would cost a layer receive loop per socket and
@@ -118,18 +138,6 @@ class HubConsumer(AsyncWebsocketConsumer):
             settings.REALTIME_RATE_PER_SECOND, settings.REALTIME_RATE_BURST
         )
         self.strikes = 0
-        self.handlers: dict[str, Callable[[Frame], Awaitable[None]]] = {
-            "sendMessage": self.on_send_message,
-            "join": self.on_join,
-            "leave": self.on_leave,
-            "history": self.on_history,
-            "sync": self.on_sync,
-            "typing": self.on_typing,
-            "read": self.on_read,
-            "subscribe": self.on_subscribe,
-            "unsubscribe": self.on_unsubscribe,
-            "ping": self.on_ping,
-        }
         await self.hub.start()
         self.hub.attach(self)
         self.attached = True
@@ -165,10 +173,10 @@ class HubConsumer(AsyncWebsocketConsumer):
             frame = self._decode(text_data, bytes_data)
             ref = frame.get("ref")
             self._rate_check()
-            handler = self.handlers.get(frame.get("type"))  # type: ignore[arg-type]
-            if handler is None:
+            name = HANDLERS.get(frame["type"])
+            if name is None:
                 raise ValidationFailed(f"unknown type {frame.get('type')!r}", code="unknown_type")
-            await handler(frame)
+            await getattr(self, name)(frame)
         except ApplicationError as error:
             await self.send_frame(
                 {"type": "error", "code": error.code, "detail": error.message, "ref": ref}
@@ -252,9 +260,7 @@ class HubConsumer(AsyncWebsocketConsumer):
     async def _join(self, slug: str, *, ref: Any, announce: bool = True) -> None:
         """Start delivering the room. The automatic join of Sparq's default room on connect is
         silent (`announce=False`): no frames and no presence until the client joins it."""
-        room: Room = await database_sync_to_async(selectors.room_get_visible)(
-            user=self.user, slug=slug
-        )
+        room: Room = await read_db(selectors.room_get_visible)(user=self.user, slug=slug)
         if room.slug not in self.rooms:
             if len(self.rooms) >= settings.REALTIME_MAX_ROOMS_PER_CONNECTION:
                 raise ValidationFailed("too many rooms", code="too_many_rooms")
@@ -294,14 +300,14 @@ class HubConsumer(AsyncWebsocketConsumer):
         slug = protocol.room_field(frame)
         before_seq = protocol.seq_field(frame, "before_seq", required=False)
         limit = protocol.limit_field(frame, maximum=settings.REALTIME_HISTORY_LIMIT)
-        batch = await database_sync_to_async(_room_and_history)(self.user, slug, before_seq, limit)
+        batch = await read_db(_room_and_history)(self.user, slug, before_seq, limit)
         await self.send_frame({"type": "history", **batch, "ref": frame.get("ref")})
 
     async def on_sync(self, frame: Frame) -> None:
         slug = protocol.room_field(frame)
         after_seq = protocol.seq_field(frame, "after_seq", required=True)
         assert slug is not None and after_seq is not None
-        batch = await database_sync_to_async(_room_and_sync)(self.user, slug, after_seq)
+        batch = await read_db(_room_and_sync)(self.user, slug, after_seq)
         await self.send_frame({"type": "sync", **batch, "ref": frame.get("ref")})
 
     async def on_typing(self, frame: Frame) -> None:

@@ -84,8 +84,8 @@ def messages_page(
 
 def messages_sync(*, room: Room, after_seq: int, bound: int) -> dict[str, Any]:
     """What a client missed after `after_seq`: every message in order, or `reset_required`
-    when more than `bound` were missed (the client then reloads history)."""
-    room.refresh_from_db(fields=["last_seq"])
+    when more than `bound` were missed (the client then reloads history). `room` must be
+    freshly read: its `last_seq` bounds the replay."""
     missed = room.last_seq - after_seq
     if missed > bound:
         return {
