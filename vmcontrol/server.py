@@ -70,6 +70,7 @@ class ServerState:
         self._queue: list[tuple[AgentEvent, asyncio.Future[AgentEventResult] | None]] = []
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmcontrol-db")
+        self._last_publish: asyncio.Task[None] | None = None
 
     # Event writer ---------------------------------------------------------------------------
 
@@ -115,6 +116,18 @@ class ServerState:
         for (_, future), result in zip(batch, results, strict=True):
             if future is not None and not future.done():
                 future.set_result(result)
+        if changes:
+            # Notifications must not hold up the next batch (a storm makes thousands); each
+            # batch's publisher waits for the previous one so a VM's changes stay in order.
+            self._last_publish = asyncio.create_task(
+                self._publish(changes, after=self._last_publish)
+            )
+
+    async def _publish(
+        self, changes: list[dict[str, Any]], *, after: "asyncio.Task[None] | None"
+    ) -> None:
+        if after is not None:
+            await asyncio.wait([after])
         for change in changes:
             await apublish(VMS_TOPIC, change)
 
@@ -140,6 +153,8 @@ class ServerState:
                 next_seen_flush = time.monotonic() + self.config.flush_interval
                 await self._flush_last_seen()
         await self._flush_last_seen()
+        if self._last_publish is not None:
+            await asyncio.wait([self._last_publish], timeout=10)
 
     # Liveness -------------------------------------------------------------------------------
 

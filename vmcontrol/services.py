@@ -517,24 +517,38 @@ def _apply_binds(
     changes: dict[int, dict[str, Any]],
 ) -> None:
     """`hello` named a VM: the session belongs to it and an offline VM shows as connected (an
-    unauthenticated claim never displaces a live session)."""
+    unauthenticated claim never displaces a live session). Set-based for the whole batch."""
     wanted = {events[i].vm_id for i in indexes}
     known = set(VirtualMachine.objects.filter(pk__in=wanted).values_list("pk", flat=True))
+    claims: dict[int, AgentEvent] = {}
+    sessions: list[AgentSession] = []
     for i in indexes:
         event = events[i]
         if event.vm_id not in known:
             results[i] = AgentEventResult(ok=False, error="unknown_vm")
             continue
-        AgentSession.objects.filter(pk=event.session_id).update(vm_id=event.vm_id)
-        updated = VirtualMachine.objects.filter(pk=event.vm_id, status=VmStatus.OFFLINE).update(
-            status=VmStatus.CONNECTED, current_session_id=event.session_id, last_seen_at=event.at
-        )
-        VirtualMachine.objects.filter(pk=event.vm_id, first_connected_at__isnull=True).update(
-            first_connected_at=event.at
-        )
-        if updated:
-            changes[event.vm_id or 0] = {"vm_id": event.vm_id, "status": VmStatus.CONNECTED}
+        assert event.vm_id is not None
+        claims[event.vm_id] = event
+        sessions.append(AgentSession(id=event.session_id, vm_id=event.vm_id))
         results[i] = AgentEventResult(vm_id=event.vm_id)
+    if not claims:
+        return
+    AgentSession.objects.bulk_update(sessions, ["vm_id"])
+    offline = list(
+        VirtualMachine.objects.select_for_update()
+        .filter(pk__in=claims.keys(), status=VmStatus.OFFLINE)
+        .only("pk", "first_connected_at")
+    )
+    for vm in offline:
+        event = claims[vm.pk]
+        vm.status = VmStatus.CONNECTED
+        vm.current_session_id = event.session_id
+        vm.last_seen_at = event.at
+        vm.first_connected_at = vm.first_connected_at or event.at
+        changes[vm.pk] = {"vm_id": vm.pk, "status": VmStatus.CONNECTED}
+    VirtualMachine.objects.bulk_update(
+        offline, ["status", "current_session_id", "last_seen_at", "first_connected_at"]
+    )
 
 
 def _disks_and_specs_apply(inventories: dict[int, Inventory]) -> None:
