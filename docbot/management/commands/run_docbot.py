@@ -25,6 +25,9 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if not runtime.bot_enabled():
             self.stdout.write(texts.BOT_OFF)
+            # Idle instead of exiting: a process manager (honcho, compose) would otherwise
+            # stop or restart its siblings.
+            asyncio.run(self._idle())
             return
         if options["set_webhook"]:
             asyncio.run(self._set_webhook(options["set_webhook"]))
@@ -33,17 +36,26 @@ class Command(BaseCommand):
         if mode == "webhook":
             self.stdout.write(
                 "Webhook mode: updates arrive at POST /docbot/webhook on the web process; "
-                "register it with --set-webhook URL."
+                "register it with --set-webhook URL. Nothing to poll."
             )
+            asyncio.run(self._idle())
             return
         metrics_server_start(settings.METRICS_PORT, settings.BIND_HOST)
         asyncio.run(self._poll(options["poll_timeout"]))
 
-    async def _poll(self, poll_timeout: int) -> None:
+    @staticmethod
+    def _stop_event() -> asyncio.Event:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        return stop
+
+    async def _idle(self) -> None:
+        await self._stop_event().wait()
+
+    async def _poll(self, poll_timeout: int) -> None:
+        stop = self._stop_event()
         from asgiref.sync import sync_to_async
 
         token = await sync_to_async(runtime.service_token_sync, thread_sensitive=True)()

@@ -1,0 +1,503 @@
+"""docbot benchmark against the real services and the fake Bot API.
+
+1. Webhook browse flow: USERS users ("My documents" -> type -> document sent back), CONCURRENCY
+   at a time, POSTed to /docbot/webhook of the real app under uvicorn (WEB_WORKERS workers, the
+   bot calling the backend REST API over HTTP, dialog state/dedupe in Redis). Updates/s, p99
+   update-to-reply (POST sent -> reply recorded at the fake Bot API), lost replies; baseline: a
+   bare ASGI app doing the same secret check and one sendMessage, same load, same run.
+2. 1 MiB uploads: documents created through the API, ingested by a real Celery worker
+   (RabbitMQ) that fetches from the fake Bot API, hashes and stores; docs/s until the last
+   "Stored" reply; baseline: the same download+hash+write done in one process.
+3. Memory: server RSS growth while a 20 MiB document streams out of /docbot/files/<token>.
+
+Sizes: BENCH_DOCBOT_USERS (1000), BENCH_DOCBOT_CONCURRENCY (16), BENCH_DOCBOT_UPLOADS (60),
+BENCH_DOCBOT_BIG_MIB (20), WEB_WORKERS (2).
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/quintet_docbot")
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/5")
+os.environ.setdefault("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/h_docbot")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+# Share links are signed here and checked by the server: one key for both.
+BENCH_SECRET_KEY = "bench-docbot-secret-key-not-for-production-0123456789"
+os.environ.setdefault("DJANGO_SECRET_KEY", BENCH_SECRET_KEY)
+
+USERS = int(os.environ.get("BENCH_DOCBOT_USERS", "1000"))
+CONCURRENCY = int(os.environ.get("BENCH_DOCBOT_CONCURRENCY", "16"))
+UPLOADS = int(os.environ.get("BENCH_DOCBOT_UPLOADS", "60"))
+BIG_MIB = int(os.environ.get("BENCH_DOCBOT_BIG_MIB", "20"))
+WEB_WORKERS = int(os.environ.get("WEB_WORKERS", "2"))
+DOCS_PER_USER = 10
+FIRST_TG_ID = 50_000_000
+SECRET = "bench-webhook-secret"
+ROOT = Path(__file__).resolve().parent.parent
+MEDIA = ROOT / "var" / "bench-docbot-media"
+
+
+# --- the baseline: a bare ASGI app with the same secret check and one reply ----------------
+
+_bare_client: Any = None
+
+
+async def bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    global _bare_client
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    headers = dict(scope["headers"])
+    presented = headers.get(b"x-telegram-bot-api-secret-token", b"")
+    if not hmac.compare_digest(presented, os.environ["TELEGRAM_WEBHOOK_SECRET"].encode()):
+        await send({"type": "http.response.start", "status": 403, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    import httpx
+
+    if _bare_client is None:
+        _bare_client = httpx.AsyncClient()
+    update = json.loads(body)
+    source = update.get("message") or update.get("callback_query") or {}
+    chat_id = (source.get("chat") or source.get("from") or {}).get("id")
+    url = f"{os.environ['TELEGRAM_API_BASE_URL']}{os.environ['TELEGRAM_BOT_TOKEN']}/sendMessage"
+    await _bare_client.post(url, json={"chat_id": chat_id, "text": "ok"})
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def seed(fake: Any) -> tuple[dict[int, tuple[int, int]], str]:
+    """USERS Telegram users with one type and DOCS_PER_USER stored documents each."""
+    from django.contrib.auth.models import User
+
+    from docbot import services
+    from docbot.models import Document, DocumentType, TelegramAccount
+
+    last = FIRST_TG_ID + USERS + 10
+    User.objects.filter(
+        telegram_account__telegram_user_id__gte=FIRST_TG_ID,
+        telegram_account__telegram_user_id__lt=last,
+    ).delete()
+    sample = fake.add_file(b"%PDF bench" * 10, name="bench.pdf")
+    users = User.objects.bulk_create(
+        [User(username=f"tg{FIRST_TG_ID + i}") for i in range(USERS + 1)]
+    )
+    TelegramAccount.objects.bulk_create(
+        [TelegramAccount(user=u, telegram_user_id=FIRST_TG_ID + i) for i, u in enumerate(users)]
+    )
+    types = DocumentType.objects.bulk_create(
+        [DocumentType(user=u, name="Tickets") for u in users[:USERS]]
+    )
+    Document.objects.bulk_create(
+        [
+            Document(
+                user=t.user,
+                type=t,
+                name=f"Ticket {k}",
+                chat_id=FIRST_TG_ID + i,
+                telegram_file_id=sample.file_id,
+                status=Document.Status.STORED,
+                size=100,
+                sha256=f"{i:032d}{k:032d}",
+                storage_name="",
+            )
+            for i, t in enumerate(types)
+            for k in range(DOCS_PER_USER)
+        ],
+        batch_size=2000,
+    )
+    plan = {}
+    for i, t in enumerate(types):
+        newest = Document.objects.filter(type=t).order_by("-created_at", "-id").first()
+        assert newest is not None
+        plan[FIRST_TG_ID + i] = (t.pk, newest.pk)
+    return plan, services.service_token_issue()
+
+
+def server_env(fake: Any, token: str) -> dict[str, str]:
+    return {
+        "TELEGRAM_BOT_TOKEN": fake.token,
+        "TELEGRAM_API_BASE_URL": fake.base_url,
+        "TELEGRAM_FILE_BASE_URL": fake.base_file_url,
+        "TELEGRAM_WEBHOOK_SECRET": SECRET,
+        "DOCBOT_MODE": "webhook",
+        "DOCBOT_SERVICE_TOKEN": token,
+        # The fake Bot API is not Telegram: the limiter stays in the path, above the load.
+        "DOCBOT_RATE_LIMIT_PER_SECOND": "5000",
+        "DOCBOT_FLOOD_MAX_PER_SECOND": "20",
+        "DJANGO_DEBUG": "false",
+        "DJANGO_SECRET_KEY": os.environ["DJANGO_SECRET_KEY"],
+        "DJANGO_SECURE_SSL_REDIRECT": "false",
+        "DJANGO_SECURE_COOKIES": "false",
+        "LOG_LEVEL": "WARNING",
+        "MEDIA_ROOT": str(MEDIA),
+    }
+
+
+def uvicorn_args(app: str, port: int) -> list[str]:
+    return [
+        str(ROOT / ".venv" / "bin" / "uvicorn"),
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(WEB_WORKERS),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
+# --- phase 1: webhook browse flow ---------------------------------------------------------
+
+
+async def browse_load(
+    fake: Any, port: int, plan: dict[int, tuple[int, int]], update_base: int
+) -> dict[str, Any]:
+    import httpx
+
+    from bench.harness import percentile
+
+    fake.clear()
+    url = f"http://127.0.0.1:{port}/docbot/webhook"
+    headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
+    sent_at: dict[int, list[float]] = {}
+    errors = 0
+    users = list(plan)
+    next_user = 0
+    counter = [update_base]
+    deadline = time.monotonic() + 240
+
+    def update_id() -> int:
+        counter[0] += 1
+        return counter[0]
+
+    async with httpx.AsyncClient(
+        timeout=30, limits=httpx.Limits(max_connections=CONCURRENCY)
+    ) as client:
+
+        async def post(user_id: int, update: dict[str, Any]) -> None:
+            nonlocal errors
+            update["update_id"] = update_id()
+            sent_at.setdefault(user_id, []).append(time.monotonic())
+            try:
+                response = await client.post(url, json=update, headers=headers)
+                if response.status_code != 200:
+                    errors += 1
+            except httpx.HTTPError:
+                errors += 1
+
+        async def worker() -> None:
+            nonlocal next_user
+            while next_user < len(users) and time.monotonic() < deadline:
+                user_id = users[next_user]
+                next_user += 1
+                type_id, document_id = plan[user_id]
+                await post(user_id, fake.text_update(user_id, "My documents"))
+                await post(user_id, fake.callback_update(user_id, f"bt:{type_id}"))
+                await post(user_id, fake.callback_update(user_id, f"d:{document_id}"))
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        await asyncio.sleep(0.5)
+        elapsed = time.monotonic() - started
+
+    replies: dict[int, list[float]] = {}
+    for call in fake.sent():
+        if call.method in {"sendMessage", "editMessageText", "sendDocument"} and call.chat_id:
+            replies.setdefault(call.chat_id, []).append(call.at)
+    latencies, lost = [], 0
+    for user_id, starts in sent_at.items():
+        answered = replies.get(user_id, [])
+        lost += max(0, len(starts) - len(answered))
+        latencies += [(end - begin) * 1000 for begin, end in zip(starts, answered, strict=False)]
+    updates = sum(len(s) for s in sent_at.values())
+    return {
+        "updates": updates,
+        "seconds": elapsed,
+        "rate": updates / elapsed,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "lost": lost,
+        "errors": errors,
+    }
+
+
+# --- phase 2: 1 MiB uploads through the real worker ---------------------------------------
+
+
+async def upload_load(fake: Any, port: int, token: str) -> dict[str, Any]:
+    import httpx
+
+    from docbot.bot import texts
+
+    user_id = FIRST_TG_ID + USERS
+    headers = {"Authorization": f"Token {token}", "X-Telegram-User-Id": str(user_id)}
+    files = [fake.add_file(os.urandom(1024 * 1024), name=f"up{i}.bin") for i in range(UPLOADS)]
+    base = f"http://127.0.0.1:{port}/api/docbot/"
+    fake.clear()
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as client:
+        created = await client.post("types/", json={"name": f"Uploads {time.time_ns()}"})
+        created.raise_for_status()
+        type_id = created.json()["id"]
+        started = time.monotonic()
+        semaphore = asyncio.Semaphore(8)
+
+        async def create(i: int) -> None:
+            async with semaphore:
+                body = {
+                    "type_id": type_id,
+                    "name": f"Upload {i}",
+                    "chat_id": user_id,
+                    "file_id": files[i].file_id,
+                    "file_unique_id": files[i].file_unique_id,
+                    "size": len(files[i].content),
+                }
+                response = await client.post("documents/", json=body)
+                assert response.status_code == 202, response.text
+
+        await asyncio.gather(*(create(i) for i in range(UPLOADS)))
+    stored_prefix = texts.STORED.split("\u201c")[0]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        done = [c for c in fake.sent("sendMessage", user_id) if c.text.startswith(stored_prefix)]
+        if len(done) >= UPLOADS:
+            break
+        await asyncio.sleep(0.05)
+    elapsed = max(c.at for c in done) - started if done else float("nan")
+    return {"stored": len(done), "seconds": elapsed, "rate": len(done) / elapsed}
+
+
+def upload_baseline(fake: Any) -> float:
+    """The same fetch + sha256 + write to disk, one process, no API/queue/database."""
+    import httpx
+
+    files = [fake.add_file(os.urandom(1024 * 1024), name=f"base{i}.bin") for i in range(UPLOADS)]
+    target = MEDIA / "baseline"
+    target.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with httpx.Client(timeout=30) as client:
+        for stored in files:
+            digest = hashlib.sha256()
+            with (
+                client.stream("GET", f"{fake.base_file_url}{fake.token}/{stored.path}") as r,
+                (target / stored.file_id).open("wb") as sink,
+            ):
+                for chunk in r.iter_bytes(64 * 1024):
+                    digest.update(chunk)
+                    sink.write(chunk)
+    return UPLOADS / (time.monotonic() - started)
+
+
+# --- phase 3: memory while streaming a big download ---------------------------------------
+
+
+def download_memory(port: int, server_pid: int) -> dict[str, Any]:
+    import httpx
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import default_storage
+
+    from bench.harness import rss_kib
+    from docbot import services
+    from docbot.models import Document, DocumentType, TelegramAccount
+
+    account = TelegramAccount.objects.get(telegram_user_id=FIRST_TG_ID + USERS)
+    content = os.urandom(BIG_MIB * 1024 * 1024)
+    digest = hashlib.sha256(content).hexdigest()
+    storage_name = default_storage.save(f"docbot/bench/{digest[:16]}.bin", ContentFile(content))
+    doc_type = DocumentType.objects.create(user=account.user, name=f"Big {time.time_ns()}")
+    document = Document.objects.create(
+        user=account.user,
+        type=doc_type,
+        name="Big file",
+        chat_id=account.telegram_user_id,
+        status=Document.Status.STORED,
+        size=len(content),
+        sha256=digest,
+        storage_name=storage_name,
+        file_name="big.bin",
+    )
+    link = services.share_link_create(user=account.user, document_id=document.pk)
+    pids = [p for p in children_of(server_pid) if Path(f"/proc/{p}/status").exists()]
+    pids = pids or [server_pid]
+    with httpx.Client(timeout=60) as client:  # warm both workers' code paths first
+        for _ in range(2 * len(pids)):
+            client.get(f"http://127.0.0.1:{port}/health")
+    before = {pid: rss_kib(pid) for pid in pids}
+    peak = dict(before)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    peak[pid] = max(peak[pid], rss_kib(pid))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    received = hashlib.sha256()
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream("GET", f"http://127.0.0.1:{port}/docbot/files/{link.token}") as response,
+    ):
+        response.raise_for_status()
+        for chunk in response.iter_bytes(64 * 1024):
+            received.update(chunk)
+            time.sleep(0.0005)  # a slow-ish reader, so buffering would show up
+    stop.set()
+    sampler.join()
+    default_storage.delete(storage_name)
+    growth_mib = max(peak[pid] - before[pid] for pid in pids) / 1024
+    return {"growth_mib": growth_mib, "intact": received.hexdigest() == digest}
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def main() -> None:
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, check=True
+    )
+    import django
+
+    django.setup()
+    from bench.harness import Report, free_port, process, wait_for_port
+    from tests.docbot.fake_telegram import FakeTelegram
+
+    shutil.rmtree(MEDIA, ignore_errors=True)
+    MEDIA.mkdir(parents=True)
+    report = Report("docbot")
+    fake = FakeTelegram().start()
+    try:
+        print(f"seeding {USERS} users x {DOCS_PER_USER} documents ...", flush=True)
+        plan, token = seed(fake)
+        env = server_env(fake, token)
+        update_base = int(time.time()) * 100_000
+
+        bare_port = free_port()
+        with process(uvicorn_args("bench.docbot:bare_app", bare_port), env=env):
+            wait_for_port(bare_port)
+            bare = asyncio.run(browse_load(fake, bare_port, plan, update_base))
+        port = free_port()
+        with process(uvicorn_args("config.asgi:application", port), env=env) as server:
+            wait_for_port(port)
+            flow = asyncio.run(browse_load(fake, port, plan, update_base + 10_000))
+            print(f"webhook browse flow: {flow}", flush=True)
+            report.compare(
+                "browse_updates_per_s",
+                flow["rate"],
+                bare["rate"],
+                "upd/s",
+                f"webhook browse flow ({USERS} users, {CONCURRENCY} conc.)",
+            )
+            report.compare(
+                "browse_p99_ms", flow["p99_ms"], bare["p99_ms"], "ms", "update-to-reply p99"
+            )
+            report.figure(
+                "browse_p50_ms", flow["p50_ms"], f"  update-to-reply p50 {flow['p50_ms']:.1f} ms"
+            )
+            report.figure(
+                "browse_lost", flow["lost"], f"  lost replies {flow['lost']} of {flow['updates']}"
+            )
+            report.figure("browse_http_errors", flow["errors"])
+            report.target("browse_rate", flow["rate"] >= 100, ">= 100 updates/s")
+            report.target("browse_p99", flow["p99_ms"] <= 500, "p99 update-to-reply <= 500 ms")
+            report.check(
+                flow["lost"] == 0 and flow["errors"] == 0,
+                f"{flow['lost']} lost, {flow['errors']} errors",
+            )
+
+            worker_args = [
+                str(ROOT / ".venv" / "bin" / "celery"),
+                "-A",
+                "config",
+                "worker",
+                "-Q",
+                "quintet.default",
+                "--concurrency",
+                "2",
+                "--loglevel",
+                "WARNING",
+                "--purge",
+                "-n",
+                f"docbot-bench-{os.getpid()}@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+            with process(worker_args, env=env):
+                time.sleep(4)
+                uploads = asyncio.run(upload_load(fake, port, token))
+            baseline_rate = upload_baseline(fake)
+            report.compare(
+                "upload_docs_per_s",
+                uploads["rate"],
+                baseline_rate,
+                "docs/s",
+                f"1 MiB uploads via API+Celery ({UPLOADS} docs)",
+            )
+            report.target("upload_rate", uploads["rate"] >= 15, ">= 15 docs/s (1 MiB)")
+            report.check(uploads["stored"] == UPLOADS, f"{uploads['stored']}/{UPLOADS} stored")
+
+            memory = download_memory(port, server.pid)
+            report.compare(
+                "download_rss_growth_mib",
+                memory["growth_mib"],
+                BIG_MIB,
+                "MiB",
+                f"server RSS growth streaming {BIG_MIB} MiB (vs size)",
+            )
+            report.target("download_memory", memory["growth_mib"] <= 64, "growth <= 64 MiB")
+            report.check(memory["intact"], "downloaded file hash differs")
+        report.figure(
+            "sizes",
+            {
+                "users": USERS,
+                "concurrency": CONCURRENCY,
+                "uploads": UPLOADS,
+                "big_mib": BIG_MIB,
+                "web_workers": WEB_WORKERS,
+            },
+        )
+    finally:
+        fake.stop()
+        shutil.rmtree(MEDIA, ignore_errors=True)
+    report.finish()
+
+
+if __name__ == "__main__":
+    main()
