@@ -1,3 +1,13 @@
-from django.urls import URLPattern, URLResolver
+from django.urls import URLPattern, URLResolver, path
 
-urlpatterns: list[URLPattern | URLResolver] = []
+from betting import api
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    path("events", api.EventCollectionApi.as_view(), name="betting-events"),
+    path("events/<str:event_id>/odds", api.EventOddsUpdateApi.as_view(), name="betting-event-odds"),
+    path("events/<str:event_id>/finish", api.EventFinishApi.as_view(), name="betting-event-finish"),
+    path("events/<str:event_id>/cancel", api.EventCancelApi.as_view(), name="betting-event-cancel"),
+    path("bet", api.BetPlaceApi.as_view(), name="betting-bet-place"),
+    path("bets", api.BetCollectionApi.as_view(), name="betting-bets"),
+    path("bets/<int:bet_id>", api.BetDetailApi.as_view(), name="betting-bet-detail"),
+]

@@ -1,0 +1,69 @@
+"""Betting reads."""
+
+from django.db.models import Max, QuerySet
+from django.utils import timezone
+
+from betting.models import Bet, Event, EventChange, EventState
+from common.exceptions import NotFound
+
+
+def events_open() -> QuerySet[Event]:
+    """Events open for betting: NEW with the deadline still ahead, soonest first."""
+    return Event.objects.filter(state=EventState.NEW, deadline__gt=timezone.now()).order_by(
+        "deadline", "id"
+    )
+
+
+def events_list(*, state: str | None = None, open_only: bool = False) -> QuerySet[Event]:
+    events = events_open() if open_only else Event.objects.order_by("deadline", "id")
+    return events.filter(state=state) if state else events
+
+
+def event_get(*, event_id: str) -> Event:
+    event = Event.objects.filter(pk=event_id).first()
+    if event is None:
+        raise NotFound(f"event {event_id} not found", code="event_not_found")
+    return event
+
+
+def bets_of_user(
+    *, user_id: int, status: str | None = None, event_id: str | None = None
+) -> QuerySet[Bet]:
+    bets = Bet.objects.filter(user_id=user_id)
+    if status:
+        bets = bets.filter(status=status)
+    if event_id:
+        bets = bets.filter(event_id=event_id)
+    return bets.order_by("-id")
+
+
+def bet_of_user(*, user_id: int, bet_id: int) -> Bet:
+    """Another user's bet is NotFound, never Forbidden (no existence leak)."""
+    bet = Bet.objects.filter(pk=bet_id, user_id=user_id).first()
+    if bet is None:
+        raise NotFound("bet not found", code="bet_not_found")
+    return bet
+
+
+def event_changes_after(*, sequence: int, limit: int = 1000) -> list[EventChange]:
+    return list(EventChange.objects.filter(sequence__gt=sequence).order_by("sequence")[:limit])
+
+
+def event_changes_latest_per_event(*, up_to: int) -> list[EventChange]:
+    """The state of every event as of sequence `up_to` (the WatchEvents snapshot)."""
+    latest = (
+        EventChange.objects.filter(sequence__lte=up_to)
+        .values("event_id")
+        .annotate(last=Max("sequence"))
+        .values("last")
+    )
+    return list(EventChange.objects.filter(sequence__in=latest).order_by("sequence"))
+
+
+def change_sequence_current() -> int:
+    return EventChange.objects.aggregate(m=Max("sequence"))["m"] or 0
+
+
+def bets_pending_count(*, event_id: str | None = None) -> int:
+    bets = Bet.objects.filter(status="pending")
+    return (bets.filter(event_id=event_id) if event_id else bets).count()
