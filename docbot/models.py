@@ -47,7 +47,8 @@ class Document(models.Model):
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="docbot_documents"
     )
-    type = models.ForeignKey(DocumentType, on_delete=models.PROTECT, related_name="documents")
+    # RESTRICT, not PROTECT: deleting the user still cascades to both types and documents.
+    type = models.ForeignKey(DocumentType, on_delete=models.RESTRICT, related_name="documents")
     name = models.CharField(max_length=128)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     chat_id = models.BigIntegerField()

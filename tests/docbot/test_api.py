@@ -162,3 +162,11 @@ def test_regular_users_reach_only_their_own_documents(http: httpx.Client) -> Non
     headers = auth_header(user)
     assert http.get("/api/docbot/types/", headers=headers).json() == []
     assert http.get(f"/api/docbot/documents/{other.pk}", headers=headers).status_code == 404
+
+
+@pytest.mark.django_db
+def test_deleting_a_user_removes_their_types_and_documents() -> None:
+    owner = telegram_user(9601)
+    stored_document(owner)
+    owner.delete()
+    assert not Document.objects.exists()
