@@ -117,6 +117,8 @@ class AgentConsumer(AsyncConsumer):
             FRAMES.labels(kind).inc()
             self.last_frame_at = time.monotonic()
             await getattr(self, f"on_{kind}")(frame)
+            # Time spent on our side (a busy batch) is not the peer's silence.
+            self.last_frame_at = time.monotonic()
         except ProtocolError as error:
             await self._refuse(error)
         except ApplicationError as error:

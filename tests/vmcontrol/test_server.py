@@ -365,3 +365,20 @@ async def test_status_changes_are_published_to_the_staff_topic(
             if event["type"] == "event" and event["payload"]["vm_id"] == vm.pk:
                 seen.append(event["payload"]["status"])
         assert seen == ["connected", "authorized", "offline"]
+
+
+async def test_a_new_authorized_connection_replaces_the_old_one_and_the_vm_stays_authorized(
+    vmserver: VmServer,
+) -> None:
+    vm, token = await sync_to_async(vm_with_token)("twice")
+    old = await authorized_wire(vmserver.port, vm.pk, token)
+    new = await authorized_wire(vmserver.port, vm.pk, token)
+    assert await old.closed_by_server()
+    sessions = await eventually(
+        sync_to_async(lambda: list(AgentSession.objects.filter(vm=vm, end_reason="replaced")))
+    )
+    assert len(sessions) == 1
+    await asyncio.sleep(0.3)
+    assert (await listed())["authorized"] == {vm.pk}
+    assert (await new.request({"type": "ping"}))["type"] == "pong"
+    await new.close()
