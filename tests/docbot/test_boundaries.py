@@ -18,7 +18,5 @@ def test_bot_package_imports_no_models_and_no_database_layer() -> None:
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            offenders += [
-                f"{source.name}: {name}" for name in names if name.startswith(FORBIDDEN)
-            ]
+            offenders += [f"{source.name}: {name}" for name in names if name.startswith(FORBIDDEN)]
     assert offenders == []
