@@ -448,12 +448,14 @@ async def recovery_scenario(report: Report, ours: str, bare: str) -> None:
     await asyncio.sleep(DROP_SECONDS)
     fresh = await asyncio.to_thread(tickets_issue, user_ids[1:])
     times: list[float] = []
+    connected: list[float] = []
     complete = 0
 
     async def recover(index: int) -> None:
         nonlocal complete
         began = time.perf_counter()
         ws = await connect(f"{ours}/ws/?ticket={fresh[index]}", ping_interval=None, max_queue=None)
+        connected.append(time.perf_counter() - began)
         sub = Sub(ws)
         sub.start()
         await ws.send(json.dumps({"type": "join", "room": "bench-recover"}))
@@ -483,6 +485,11 @@ async def recovery_scenario(report: Report, ours: str, bare: str) -> None:
 
     await asyncio.gather(*(bare_reconnect() for _ in range(RECOVER_CLIENTS)))
     worst = max(times) if times else float("nan")
+    report.figure(
+        "recovery_connect_p50_s",
+        percentile(connected, 50),
+        f"recovery: median reconnect (handshake + ticket) {percentile(connected, 50):.2f} s",
+    )
     report.figure(
         "recovery_size",
         [RECOVER_CLIENTS, DROP_SECONDS, RECOVER_RATE],

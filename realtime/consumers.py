@@ -57,13 +57,6 @@ def _transport_of(send: Any) -> Any:
     return None
 
 
-def _room_and_sync(user: Any, slug: str, after_seq: int) -> dict[str, Any]:
-    room = selectors.room_get_visible(user=user, slug=slug)
-    return selectors.messages_sync(
-        room=room, after_seq=after_seq, bound=settings.REALTIME_SYNC_LIMIT
-    )
-
-
 def _room_and_history(user: Any, slug: str, before_seq: int | None, limit: int) -> dict[str, Any]:
     room = selectors.room_get_visible(user=user, slug=slug)
     return {
@@ -307,7 +300,19 @@ class HubConsumer(AsyncWebsocketConsumer):
         slug = protocol.room_field(frame)
         after_seq = protocol.seq_field(frame, "after_seq", required=True)
         assert slug is not None and after_seq is not None
-        batch = await read_db(_room_and_sync)(self.user, slug, after_seq)
+        room: Room = await read_db(selectors.room_get_visible)(user=self.user, slug=slug)
+        missed = room.last_seq - after_seq
+        if missed <= settings.REALTIME_SYNC_LIMIT:
+            cached = self.hub.recent_range(room.pk, after_seq + 1, room.last_seq)
+            if cached is not None:
+                head = {"type": "sync", "room": room.slug, "last_seq": room.last_seq}
+                head |= {"reset_required": False, "ref": frame.get("ref")}
+                # The frames are already encoded: splice them in rather than re-encode.
+                self.outbox.push(f'{dumps(head)[:-1]},"messages":[{",".join(cached)}]}}')
+                return
+        batch = await read_db(selectors.messages_sync)(
+            room=room, after_seq=after_seq, bound=settings.REALTIME_SYNC_LIMIT
+        )
         await self.send_frame({"type": "sync", **batch, "ref": frame.get("ref")})
 
     async def on_typing(self, frame: Frame) -> None:

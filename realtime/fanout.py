@@ -15,7 +15,7 @@ its sockets to `sync` when its subscription comes back.
 import asyncio
 import json
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -193,6 +193,7 @@ class FanoutHub:
         self.by_room: dict[int, set[Connection]] = {}
         self.presence_conns: dict[int, set[Connection]] = {}
         self.by_topic: dict[str, set[Connection]] = {}
+        self.recent: OrderedDict[int, dict[int, str]] = OrderedDict()
         self.by_user: dict[int, set[Connection]] = {}
         self.user_buckets: dict[int, TokenBucket] = {}
         self.room_slugs: dict[int, str] = {}
@@ -227,6 +228,7 @@ class FanoutHub:
         # A new loop (tests start a server per test): loop-bound state starts afresh.
         self.loop = loop
         self.by_room, self.by_user, self.presence_conns, self.by_topic = {}, {}, {}, {}
+        self.recent = OrderedDict()
         if isinstance(self.presence, MemoryPresence):
             self.presence = MemoryPresence()
         self._listening = asyncio.Event()
@@ -435,6 +437,37 @@ class FanoutHub:
         else:
             EVENTS.labels("sent").inc()
 
+    # --- recent messages, so that a reconnect storm's `sync` is served from memory ------------
+
+    def _remember(self, room_id: int, seq: int, frame: str) -> None:
+        frames = self.recent.get(room_id)
+        if frames is None:
+            frames = self.recent[room_id] = {}
+            if len(self.recent) > settings.REALTIME_RECENT_ROOMS:
+                self.recent.popitem(last=False)
+        else:
+            self.recent.move_to_end(room_id)
+        frames[seq] = frame
+        if len(frames) > settings.REALTIME_RECENT_PER_ROOM:
+            # Oldest inserted first; a rare out-of-order arrival only sends a sync to the DB.
+            del frames[next(iter(frames))]
+
+    def recent_range(self, room_id: int, first: int, last: int) -> list[str] | None:
+        """The encoded message frames `first..last` if this process holds every one of them
+        (it may have missed some, e.g. while its Redis subscription was down); else None."""
+        frames = self.recent.get(room_id)
+        if last < first:
+            return []
+        if frames is None:
+            return None
+        out = []
+        for seq in range(first, last + 1):
+            frame = frames.get(seq)
+            if frame is None:
+                return None
+            out.append(frame)
+        return out
+
     def _deliver_on_loop(self, envelope: dict[str, Any]) -> None:
         loop = self.loop
         if loop is None or loop.is_closed():
@@ -464,6 +497,12 @@ class FanoutHub:
                 connection.outbox.push(envelope["frame"])
             return
         room_id = envelope["room"]
+        seq = envelope.get("seq")
+        if seq is not None:
+            self._remember(room_id, seq, envelope["frame"])
+        evict = envelope.get("evict_seq")
+        if evict is not None:
+            self.recent.get(room_id, {}).pop(evict, None)
         kick = envelope.get("kick_user")
         if kick is not None:
             for connection in list(self.by_room.get(room_id, ())):

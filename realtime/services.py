@@ -266,7 +266,7 @@ def message_send(
             client_id=client_id,
         )
         frame = message_frame(message, room_slug=target.slug, username=user.username)
-        envelope: dict[str, Any] = {"room": target.pk, "frame": dumps(frame)}
+        envelope: dict[str, Any] = {"room": target.pk, "frame": dumps(frame), "seq": message.seq}
         members = _direct_members(target)
         if members:
             envelope["users"] = members
@@ -291,7 +291,11 @@ def message_moderate_delete(*, message_id: int) -> None:
             "id": message.pk,
             "seq": message.seq,
         }
-        envelope: dict[str, Any] = {"room": message.room_id, "frame": dumps(frame)}
+        envelope: dict[str, Any] = {
+            "room": message.room_id,
+            "frame": dumps(frame),
+            "evict_seq": message.seq,
+        }
         members = _direct_members(message.room)
         if members:
             envelope["users"] = members
