@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 from asgiref.sync import sync_to_async
-from channels.consumer import AsyncConsumer
+from channels.consumer import AsyncConsumer, get_handler_name
 from channels.exceptions import StopConsumer
 from django.db import close_old_connections
 
@@ -51,6 +51,15 @@ class AgentConsumer(AsyncConsumer):
     """One agent TCP connection (one session row)."""
 
     state: ServerState
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels' dispatch runs close_old_connections through a thread hop before every
+        # message; here that would be one hop per ping. This consumer's ORM work runs in
+        # executor threads that close their own connections (server.ServerState.run_sync).
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     # Transport events -----------------------------------------------------------------------
 
