@@ -37,6 +37,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 # Share links are signed here and checked by the server: one key for both.
 BENCH_SECRET_KEY = "bench-docbot-secret-key-not-for-production-0123456789"
 os.environ.setdefault("DJANGO_SECRET_KEY", BENCH_SECRET_KEY)
+os.environ.setdefault(
+    "MEDIA_ROOT", str(Path(__file__).resolve().parent.parent / "var" / "bench-docbot-media")
+)
 
 USERS = int(os.environ.get("BENCH_DOCBOT_USERS", "1000"))
 CONCURRENCY = int(os.environ.get("BENCH_DOCBOT_CONCURRENCY", "16"))
@@ -47,7 +50,8 @@ DOCS_PER_USER = 10
 FIRST_TG_ID = 50_000_000
 SECRET = "bench-webhook-secret"
 ROOT = Path(__file__).resolve().parent.parent
-MEDIA = ROOT / "var" / "bench-docbot-media"
+MEDIA = Path(os.environ["MEDIA_ROOT"])
+WORKER_CONCURRENCY = int(os.environ.get("BENCH_DOCBOT_WORKER_CONCURRENCY", "4"))
 
 
 # --- the baseline: a bare ASGI app with the same secret check and one reply ----------------
@@ -146,8 +150,10 @@ def seed(fake: Any) -> tuple[dict[int, tuple[int, int]], str]:
     return plan, services.service_token_issue()
 
 
-def server_env(fake: Any, token: str) -> dict[str, str]:
+def server_env(fake: Any, token: str, port: int) -> dict[str, str]:
     return {
+        "DOCBOT_BACKEND_URL": f"http://127.0.0.1:{port}",
+        "DOCBOT_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
         "TELEGRAM_BOT_TOKEN": fake.token,
         "TELEGRAM_API_BASE_URL": fake.base_url,
         "TELEGRAM_FILE_BASE_URL": fake.base_file_url,
@@ -236,10 +242,14 @@ async def browse_load(
         await asyncio.sleep(0.5)
         elapsed = time.monotonic() - started
 
+    from docbot.bot import texts
+
     replies: dict[int, list[float]] = {}
+    wrong = 0
     for call in fake.sent():
         if call.method in {"sendMessage", "editMessageText", "sendDocument"} and call.chat_id:
             replies.setdefault(call.chat_id, []).append(call.at)
+            wrong += call.text in {texts.FAILED, texts.STALE_BUTTON, texts.SLOW_DOWN}
     latencies, lost = [], 0
     for user_id, starts in sent_at.items():
         answered = replies.get(user_id, [])
@@ -254,6 +264,7 @@ async def browse_load(
         "p99_ms": percentile(latencies, 99),
         "lost": lost,
         "errors": errors,
+        "wrong_replies": wrong,
     }
 
 
@@ -406,14 +417,14 @@ def main() -> None:
     try:
         print(f"seeding {USERS} users x {DOCS_PER_USER} documents ...", flush=True)
         plan, token = seed(fake)
-        env = server_env(fake, token)
+        port = free_port()
+        env = server_env(fake, token, port)
         update_base = int(time.time()) * 100_000
 
         bare_port = free_port()
         with process(uvicorn_args("bench.docbot:bare_app", bare_port), env=env):
             wait_for_port(bare_port)
             bare = asyncio.run(browse_load(fake, bare_port, plan, update_base))
-        port = free_port()
         with process(uvicorn_args("config.asgi:application", port), env=env) as server:
             wait_for_port(port)
             flow = asyncio.run(browse_load(fake, port, plan, update_base + 10_000))

@@ -24,7 +24,7 @@ logger = structlog.get_logger(__name__)
 
 _lock = threading.Lock()
 _issued_token: str | None = None
-_webhook_apps: dict[asyncio.AbstractEventLoop, DocbotApplication] = {}
+_webhook_apps: dict[asyncio.AbstractEventLoop, asyncio.Task[DocbotApplication]] = {}
 _off_said = False
 
 
@@ -68,27 +68,35 @@ def reset_for_tests() -> None:
     _webhook_apps.clear()
 
 
-async def webhook_application() -> DocbotApplication:
-    """The Application serving webhook updates on the running event loop (one per loop)."""
-    loop = asyncio.get_running_loop()
-    application = _webhook_apps.get(loop)
-    if application is None:
-        token = await sync_to_async(_service_token_off_request, thread_sensitive=False)()
-        application = _webhook_apps.get(loop)
-        if application is None:
-            application = build_application(
-                settings_from_django(service_token=token, mode="webhook")
-            )
-            _webhook_apps[loop] = application
-            await application.initialize()
+async def _webhook_application_create() -> DocbotApplication:
+    token = await sync_to_async(_service_token_off_request, thread_sensitive=False)()
+    application = build_application(settings_from_django(service_token=token, mode="webhook"))
+    await application.initialize()
     return application
+
+
+async def webhook_application() -> DocbotApplication:
+    """The Application serving webhook updates on the running event loop (one per loop).
+
+    Concurrent first requests all await the same creation task, so none sees an Application
+    that is not initialized yet."""
+    loop = asyncio.get_running_loop()
+    creation = _webhook_apps.get(loop)
+    if creation is None:
+        creation = loop.create_task(_webhook_application_create())
+        _webhook_apps[loop] = creation
+    try:
+        return await asyncio.shield(creation)
+    except Exception:
+        _webhook_apps.pop(loop, None)
+        raise
 
 
 async def webhook_applications_close() -> None:
     loop = asyncio.get_running_loop()
-    application = _webhook_apps.pop(loop, None)
-    if application is not None:
-        await application_close(application)
+    creation = _webhook_apps.pop(loop, None)
+    if creation is not None:
+        await application_close(await creation)
 
 
 async def run_embedded(stop: asyncio.Event) -> None:

@@ -118,3 +118,18 @@ def test_webhook_without_a_token_answers_not_found(http: httpx.Client, settings:
     settings.TELEGRAM_BOT_TOKEN = ""
     response = http.post("/docbot/webhook", json={"update_id": 1})
     assert response.status_code == 404
+
+
+def test_concurrent_first_deliveries_all_wait_for_one_initialized_bot(
+    webhook_registered: BotEnv,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake = webhook_registered.fake
+    updates = [fake.text_update(700 + i, "/help") for i in range(8)]
+    since = fake.mark()
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda u: fake.deliver(u).status_code, updates))
+    assert statuses == [200] * 8
+    assert len([c for c in fake.sent("sendMessage") if c.text == texts.HELP]) == 8
+    assert [c.method for c in fake.calls[since:]].count("getMe") == 1
