@@ -59,16 +59,24 @@ def movement_queue(name: str | None = None) -> Queue:
 
 
 def envelopes_publish(
-    bodies: Iterable[bytes], *, url: str | None = None, queue_name: str | None = None
+    bodies: Iterable[bytes],
+    *,
+    url: str | None = None,
+    queue_name: str | None = None,
+    rate: float = 0.0,
 ) -> int:
-    """Publish raw bodies as persistent messages; returns how many were sent."""
+    """Publish raw bodies as persistent messages, at most `rate` per second when given;
+    returns how many were sent."""
     queue = movement_queue(queue_name)
     sent = 0
+    began = time.perf_counter()
     with connection_open(url) as conn:
         channel = conn.channel()
         queue(channel).declare()
         producer = conn.Producer(channel, exchange=queue.exchange, routing_key=queue.routing_key)
         for body in bodies:
+            if rate > 0 and (delay := began + sent / rate - time.perf_counter()) > 0:
+                time.sleep(delay)
             producer.publish(
                 body,
                 content_type="application/json",

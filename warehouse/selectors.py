@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from warehouse.models import ConsumerHeartbeat, DeadLetter, LedgerEntry, Stock
 
-_MISSING = "missing"
+CACHE_MISSING = "missing"
 
 
 def stock_cache_key(warehouse_id: str, product_id: str) -> str:
@@ -39,10 +39,10 @@ def stock_get(*, warehouse_id: uuid.UUID, product_id: uuid.UUID) -> dict[str, An
     key = stock_cache_key(str(warehouse_id), str(product_id))
     cached = cache.get(key)
     if cached is not None:
-        return None if cached == _MISSING else dict(cached)
+        return None if cached == CACHE_MISSING else dict(cached)
     stock = Stock.objects.filter(warehouse_id=warehouse_id, product_id=product_id).first()
     view = stock_view(stock) if stock is not None else None
-    cache.set(key, view if view is not None else _MISSING, settings.WAREHOUSE_CACHE_SECONDS)
+    cache.set(key, view if view is not None else CACHE_MISSING, settings.WAREHOUSE_CACHE_SECONDS)
     return view
 
 
@@ -102,9 +102,9 @@ def movement_get(*, movement_id: uuid.UUID) -> dict[str, Any] | None:
     key = movement_cache_key(str(movement_id))
     cached = cache.get(key)
     if cached is not None:
-        return None if cached == _MISSING else dict(cached)
+        return None if cached == CACHE_MISSING else dict(cached)
     view = movement_view(list(LedgerEntry.objects.filter(movement_id=movement_id)))
-    cache.set(key, view if view is not None else _MISSING, settings.WAREHOUSE_CACHE_SECONDS)
+    cache.set(key, view if view is not None else CACHE_MISSING, settings.WAREHOUSE_CACHE_SECONDS)
     return view
 
 

@@ -321,6 +321,7 @@ def _ingest(bodies: Sequence[Body], *, record_dead_letters: bool = True) -> Batc
             "balance": balance,
             "quantity": max(balance, 0),
             "short": balance < 0,
+            "updated_at": now.isoformat(),
         }
         for warehouse_id, product_id, balance in balances
     ]
@@ -336,14 +337,29 @@ def _ingest(bodies: Sequence[Body], *, record_dead_letters: bool = True) -> Batc
 def _after_commit(
     result: BatchResult, movement_ids: set[uuid.UUID], sent_times: list[datetime]
 ) -> None:
-    keys = [stock_cache_key(c["warehouse_id"], c["product_id"]) for c in result.stock_changes]
-    keys += [movement_cache_key(str(movement_id)) for movement_id in movement_ids]
-    if keys:
+    # Stock entries are replaced by the committed values (write-through: the next read is a hit),
+    # movement views are dropped (recomputed from the ledger on the next read). With several
+    # consumers on one queue, two batches' writes could land out of order; entries then heal
+    # after WAREHOUSE_CACHE_SECONDS, so run one consumer per queue.
+    stock_views = {
+        stock_cache_key(c["warehouse_id"], c["product_id"]): {
+            key: c[key]
+            for key in ("warehouse_id", "product_id", "quantity", "balance", "short", "updated_at")
+        }
+        for c in result.stock_changes
+    }
+    movement_keys = [movement_cache_key(str(movement_id)) for movement_id in movement_ids]
+    try:
+        if stock_views:
+            cache.set_many(stock_views, settings.WAREHOUSE_CACHE_SECONDS)
+        if movement_keys:
+            cache.delete_many(movement_keys)
+    except Exception:
+        logger.exception("warehouse_cache_refresh_failed", keys=len(stock_views))
         try:
-            cache.delete_many(keys)
+            cache.delete_many(list(stock_views))
         except Exception:
-            # Entries expire after WAREHOUSE_CACHE_SECONDS; readers must not see an error.
-            logger.exception("warehouse_cache_invalidation_failed", keys=len(keys))
+            logger.exception("warehouse_cache_invalidation_failed")
     tally = Tally(result.outcomes)
     for outcome, count in tally.items():
         if outcome in ("stored", "duplicate"):

@@ -33,6 +33,8 @@ class Simulation:
     duplicate_rate: float = 0.0
     shuffle: bool = False
     poison_rate: float = 0.0
+    movement_seed: int | None = None
+    """Seeds movements apart from the ids: same warehouses and products, fresh movements."""
     rng: random.Random = field(init=False)
     warehouse_ids: list[uuid.UUID] = field(init=False)
     product_ids: list[uuid.UUID] = field(init=False)
@@ -41,6 +43,8 @@ class Simulation:
         self.rng = random.Random(self.seed)
         self.warehouse_ids = [self._uuid() for _ in range(self.warehouses)]
         self.product_ids = [self._uuid() for _ in range(self.products)]
+        if self.movement_seed is not None:
+            self.rng = random.Random(f"{self.seed}:{self.movement_seed}")
 
     def _uuid(self) -> uuid.UUID:
         return uuid.UUID(int=self.rng.getrandbits(128), version=4)

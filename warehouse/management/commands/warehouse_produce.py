@@ -22,6 +22,13 @@ class Command(BaseCommand):
         parser.add_argument("--shuffle", action="store_true")
         parser.add_argument("--url", default=None, help="broker URL (WAREHOUSE_BROKER_URL)")
         parser.add_argument("--queue", default=None)
+        parser.add_argument(
+            "--rate", type=float, default=0.0, help="messages per second (0: as fast as possible)"
+        )
+        parser.add_argument(
+            "--movement-seed", type=int, default=None, help="fresh movements, same ids"
+        )
+        parser.add_argument("--skip-initial", action="store_true", help="no initial-stock phase")
 
     def handle(self, *args: Any, **options: Any) -> None:
         simulation = Simulation(
@@ -33,7 +40,11 @@ class Command(BaseCommand):
             duplicate_rate=options["duplicate_rate"],
             poison_rate=options["poison_rate"],
             shuffle=options["shuffle"],
+            movement_seed=options["movement_seed"],
         )
-        bodies = simulation.initial_bodies() + simulation.movement_bodies()
-        sent = envelopes_publish(bodies, url=options["url"], queue_name=options["queue"])
+        initial = [] if options["skip_initial"] else simulation.initial_bodies()
+        bodies = initial + simulation.movement_bodies()
+        sent = envelopes_publish(
+            bodies, url=options["url"], queue_name=options["queue"], rate=options["rate"]
+        )
         self.stdout.write(f"published {sent} messages to {options['url'] or broker_url()}")
