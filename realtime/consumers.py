@@ -161,6 +161,8 @@ class HubConsumer(AsyncWebsocketConsumer):
     # --- receiving: the one place ApplicationError becomes an error frame -----------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if not self.attached:
+            return  # refused (4401) or dropped: frames still in flight are ignored
         ref: Any = None
         try:
             frame = self._decode(text_data, bytes_data)
