@@ -382,3 +382,24 @@ async def test_a_new_authorized_connection_replaces_the_old_one_and_the_vm_stays
     assert (await listed())["authorized"] == {vm.pk}
     assert (await new.request({"type": "ping"}))["type"] == "pong"
     await new.close()
+
+
+async def test_pings_are_answered_while_the_shared_sync_thread_is_blocked(
+    vmserver: VmServer,
+) -> None:
+    """The heartbeat path makes no thread hop: with the process-wide thread-sensitive
+    executor (where sync_to_async and Channels' DB cleanup run) busy for 3 s, pings still
+    get their pongs within 2 s."""
+    import time
+
+    vm, token = await sync_to_async(vm_with_token)("hb")
+    wire = await authorized_wire(vmserver.port, vm.pk, token)
+    blocker = asyncio.ensure_future(sync_to_async(time.sleep)(3))
+    await asyncio.sleep(0.1)
+    try:
+        for _ in range(3):
+            assert (await wire.request({"type": "ping"}, wait=2))["type"] == "pong"
+        assert not blocker.done()
+    finally:
+        await blocker
+        await wire.close()
