@@ -191,21 +191,38 @@ class ChangeFeed:
     async def _poll(self) -> bool:
         """Apply new changes; True when a full page came back (more may follow)."""
         changes = await _db(selectors.event_changes_after)(sequence=self.sequence, limit=FEED_PAGE)
-        for change in changes:
-            message = change_to_pb(change)
-            self.events[change.event_id] = message.event
+        self._apply([change_to_pb(change) for change in changes])
+        return len(changes) == FEED_PAGE
+
+    def apply_own(self, event: Event, kind: str) -> None:
+        """A write made through this server: when it is the very next sequence, apply it at
+        once instead of waiting for a poll (sequences are gapless, so order stays exact)."""
+        if self.loaded.is_set() and event.sequence == self.sequence + 1:
+            self._apply(
+                [
+                    pb.EventChange(
+                        sequence=event.sequence,
+                        kind=KIND_TO_PB[EventChange.Kind(kind)],
+                        event=event_to_pb(event),
+                    )
+                ]
+            )
+
+    def _apply(self, messages: list[pb.EventChange]) -> None:
+        fresh = [message for message in messages if message.sequence > self.sequence]
+        for message in fresh:
+            self.events[message.event.id] = message.event
             self._window.append(message)
-            self._window_sequences.append(change.sequence)
-            self.sequence = change.sequence
+            self._window_sequences.append(message.sequence)
+            self.sequence = message.sequence
         if len(self._window) > 2 * FEED_WINDOW:
             drop = len(self._window) - FEED_WINDOW
             self._window_floor = self._window_sequences[drop - 1]
             del self._window[:drop]
             del self._window_sequences[:drop]
-        if changes:
+        if fresh:
             tick, self._tick = self._tick, asyncio.Event()
             tick.set()
-        return len(changes) == FEED_PAGE
 
     def wake(self) -> None:
         self._wake.set()
@@ -285,7 +302,8 @@ class LineProviderServicer(pb_grpc.LineProviderServicer):
             context.invocation_metadata()
         )
 
-    async def _written(self, event: Event) -> pb.Event:
+    async def _written(self, event: Event, kind: str) -> pb.Event:
+        self.feed.apply_own(event, kind)
         await self.feed.catch_up(event.sequence)
         return event_to_pb(event)
 
@@ -302,7 +320,7 @@ class LineProviderServicer(pb_grpc.LineProviderServicer):
                 actor_id=actor_id,
                 via="grpc",
             )
-            return await self._written(event)
+            return await self._written(event, EventChange.Kind.CREATED)
 
         return await self._call(context, "CreateEvent", work())
 
@@ -354,7 +372,7 @@ class LineProviderServicer(pb_grpc.LineProviderServicer):
                 actor_id=actor_id,
                 via="grpc",
             )
-            return await self._written(event)
+            return await self._written(event, EventChange.Kind.ODDS)
 
         return await self._call(context, "UpdateOdds", work())
 
@@ -369,7 +387,7 @@ class LineProviderServicer(pb_grpc.LineProviderServicer):
             event = await _db(services.event_finish)(
                 event_id=request.id, outcome=outcome, actor_id=actor_id, via="grpc"
             )
-            return await self._written(event)
+            return await self._written(event, EventChange.Kind.FINISHED)
 
         return await self._call(context, "FinishEvent", work())
 
@@ -381,7 +399,7 @@ class LineProviderServicer(pb_grpc.LineProviderServicer):
             event = await _db(services.event_cancel)(
                 event_id=request.id, actor_id=actor_id, via="grpc"
             )
-            return await self._written(event)
+            return await self._written(event, EventChange.Kind.CANCELLED)
 
         return await self._call(context, "CancelEvent", work())
 
