@@ -222,23 +222,24 @@ class Agent:
         self.authorized.set()
 
     async def _serve(self, reader: asyncio.StreamReader, stop: asyncio.Event) -> None:
-        pinger = asyncio.create_task(self._heartbeat())
-        stopper = asyncio.create_task(stop.wait())
+        """Read frames and ping until the connection fails or `stop` is set (three long-lived
+        tasks per agent, nothing created per frame: a fleet process stays cheap)."""
+        tasks = [
+            asyncio.create_task(self._read_loop(reader)),
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(stop.wait()),
+        ]
         try:
-            while True:
-                reading = asyncio.create_task(self._read(reader))
-                done, _ = await asyncio.wait(
-                    [reading, pinger, stopper], return_when=asyncio.FIRST_COMPLETED
-                )
-                if reading not in done:
-                    reading.cancel()
-                    if pinger in done:
-                        pinger.result()
-                    return
-                await self._on_frame(reader, reading.result())
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
         finally:
-            pinger.cancel()
-            stopper.cancel()
+            for task in tasks:
+                task.cancel()
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            await self._on_frame(reader, await self._read(reader))
 
     async def _heartbeat(self) -> None:
         # A random phase spreads a fleet's pings evenly over the interval.
