@@ -21,6 +21,7 @@ import hmac
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -159,6 +160,9 @@ def server_env(fake: Any, token: str, port: int) -> dict[str, str]:
         "TELEGRAM_FILE_BASE_URL": fake.base_file_url,
         "TELEGRAM_WEBHOOK_SECRET": SECRET,
         "DOCBOT_MODE": "webhook",
+        # Under ASGI every request runs in a fresh thread: without the pool each one would
+        # open its own PostgreSQL connection.
+        "DATABASE_POOL": os.environ.get("DATABASE_POOL", "true"),
         "DOCBOT_SERVICE_TOKEN": token,
         # The fake Bot API is not Telegram: the limiter stays in the path, above the load.
         "DOCBOT_RATE_LIMIT_PER_SECOND": "5000",
@@ -453,25 +457,29 @@ def main() -> None:
                 f"{flow['lost']} lost, {flow['errors']} errors",
             )
 
+            node = f"docbot-bench-{os.getpid()}@{socket.gethostname()}"
+            celery = str(ROOT / ".venv" / "bin" / "celery")
             worker_args = [
-                str(ROOT / ".venv" / "bin" / "celery"),
+                celery,
                 "-A",
                 "config",
                 "worker",
                 "-Q",
                 "quintet.default",
                 "--concurrency",
-                "2",
+                str(WORKER_CONCURRENCY),
                 "--loglevel",
                 "WARNING",
-                "--purge",
                 "-n",
-                f"docbot-bench-{os.getpid()}@%h",
+                node,
                 "--without-gossip",
                 "--without-mingle",
             ]
             with process(worker_args, env=env):
-                time.sleep(4)
+                ping = [celery, "-A", "config", "inspect", "ping", "-d", node, "-t", "2"]
+                for _ in range(20):  # timed only once the worker answers
+                    if subprocess.run(ping, cwd=ROOT, capture_output=True).returncode == 0:
+                        break
                 uploads = asyncio.run(upload_load(fake, port, token))
             baseline_rate = upload_baseline(fake)
             report.compare(
