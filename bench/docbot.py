@@ -510,6 +510,7 @@ def main() -> None:
                 "uploads": UPLOADS,
                 "big_mib": BIG_MIB,
                 "web_workers": WEB_WORKERS,
+                "worker_concurrency": WORKER_CONCURRENCY,
             },
         )
     finally:
