@@ -30,7 +30,7 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+ASGIApp = Callable[..., Awaitable[None]]
 
 _UUID = r"[0-9a-fA-F-]{32,36}"
 STOCK_PATH = re.compile(rf"^/api/warehouses/({_UUID})/products/({_UUID})$")

@@ -39,7 +39,9 @@ def _transport_options(url: str) -> dict[str, Any]:
         return {}
     folder = Path(settings.WAREHOUSE_QUEUE_DIR)
     (folder / "processed").mkdir(parents=True, exist_ok=True)
+    (folder / "control").mkdir(parents=True, exist_ok=True)
     return {
+        "control_folder": str(folder / "control"),
         "data_folder_in": str(folder),
         "data_folder_out": str(folder),
         "processed_folder": str(folder / "processed"),
