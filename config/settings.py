@@ -257,6 +257,10 @@ WS_ALLOWED_ORIGINS = env.list("WS_ALLOWED_ORIGINS", default=[])
 REALTIME_TICKET_TTL_SECONDS = env.int("REALTIME_TICKET_TTL_SECONDS", default=30)
 REALTIME_MAX_FRAME_BYTES = env.int("REALTIME_MAX_FRAME_BYTES", default=16 * 1024)
 REALTIME_MAX_TOPICS_PER_CONNECTION = env.int("REALTIME_MAX_TOPICS_PER_CONNECTION", default=100)
+CELERY_BEAT_SCHEDULE["realtime-tickets-purge"] = {
+    "task": "realtime.tickets_purge",
+    "schedule": 600.0,
+}
 # Realtime messenger.
 REALTIME_DEFAULT_ROOM = env.str("REALTIME_DEFAULT_ROOM", default="general")
 REALTIME_AUTOJOIN_DEFAULT_ROOM = env.bool("REALTIME_AUTOJOIN_DEFAULT_ROOM", default=True)
@@ -330,9 +334,6 @@ DOCBOT_SHARE_LINK_TTL_SECONDS = env.int("DOCBOT_SHARE_LINK_TTL_SECONDS", default
 DOCBOT_MAX_FILE_BYTES = env.int("DOCBOT_MAX_FILE_BYTES", default=20 * 1024 * 1024)
 DOCBOT_STATE_TTL_SECONDS = env.int("DOCBOT_STATE_TTL_SECONDS", default=7 * 24 * 3600)
 DOCBOT_RATE_LIMIT_PER_SECOND = env.float("DOCBOT_RATE_LIMIT_PER_SECOND", default=30.0)
-# The bot sends `tg-<update_id>` as X-Request-ID; django-structlog must keep the id that
-# common.middleware.CorrelationIdMiddleware settled (and pass it into Celery tasks).
-DJANGO_STRUCTLOG_TRUST_UPSTREAM_REQUEST_ID = True
 
 # --- betting ---
 BETTING_MIN_STAKE = env.str("BETTING_MIN_STAKE", default="1.00")
@@ -357,6 +358,9 @@ LOG_ERRORS_QUEUE = env.str("LOG_ERRORS_QUEUE", default="ops.errors")
 if LOG_ERRORS_TO_QUEUE and not CELERY_BROKER_URL:
     raise ImproperlyConfigured("LOG_ERRORS_TO_QUEUE needs CELERY_BROKER_URL (RabbitMQ)")
 DJANGO_STRUCTLOG_CELERY_ENABLED = True
+# Keep the id common.middleware.CorrelationIdMiddleware settled (a caller's X-Request-ID, e.g.
+# the bot's `tg-<update_id>`) and carry it into Celery tasks.
+DJANGO_STRUCTLOG_TRUST_UPSTREAM_REQUEST_ID = True
 DJANGO_STRUCTLOG_IP_LOGGING_ENABLED = False
 PROMETHEUS_EXPORT_MIGRATIONS = False
 

@@ -220,3 +220,24 @@ async def test_ticket_endpoint_requires_authentication(asgi_server: LiveServer) 
     async with httpx.AsyncClient(base_url=asgi_server.http_url) as client:
         response = await client.post("/api/realtime/ticket")
     assert response.status_code == 401
+
+
+@pytest.mark.django_db
+def test_expired_tickets_are_purged_by_the_periodic_task() -> None:
+    from datetime import timedelta
+
+    from django.conf import settings
+    from django.utils import timezone
+
+    from realtime.models import ConnectionTicket
+    from realtime.tasks import tickets_purge
+
+    user = UserFactory.create()
+    services.ticket_issue(user=user)
+    services.ticket_issue(user=user)
+    ConnectionTicket.objects.filter(pk=ConnectionTicket.objects.first().pk).update(  # type: ignore[union-attr]
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    assert tickets_purge.apply().get() == 1
+    assert ConnectionTicket.objects.count() == 1
+    assert "realtime-tickets-purge" in settings.CELERY_BEAT_SCHEDULE
