@@ -92,7 +92,10 @@ TEMPLATES = [
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
 DATABASE_IS_POSTGRES = DATABASES["default"]["ENGINE"].endswith("postgresql")
 if DATABASE_IS_POSTGRES:
-    if env.bool("DATABASE_POOL", default=False):
+    # Under ASGI every request runs its sync code in a fresh thread, so per-thread persistent
+    # connections are reconnected per request; a pool is what keeps connections open (measured:
+    # a trivial authenticated view went from 149 to 271 req/s on two workers).
+    if env.bool("DATABASE_POOL", default=True):
         DATABASES["default"]["CONN_MAX_AGE"] = 0
         DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
             "min_size": env.int("DATABASE_POOL_MIN", default=2),

@@ -27,5 +27,7 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
-# Live-server threads must not keep connections open, or the test database cannot be dropped.
+# Live-server threads must not keep connections open, or the test database cannot be dropped;
+# a pool would keep them open, so tests use plain per-thread connections.
 DATABASES["default"]["CONN_MAX_AGE"] = 0
+DATABASES["default"].get("OPTIONS", {}).pop("pool", None)
