@@ -42,6 +42,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench.harness import (
     Report,
+    celery_worker_args,
     free_port,
     percentile,
     process,
@@ -339,22 +340,7 @@ def main() -> None:
     ]
     line_provider = [sys.executable, "manage.py", "run_line_provider", "--port", str(grpc_port)]
     bare = [sys.executable, "bench/betting.py", "--bare-grpc", str(bare_port)]
-    worker = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "config",
-        "worker",
-        "--pool",
-        "solo",
-        "-Q",
-        settings.CELERY_TASK_DEFAULT_QUEUE,
-        "--loglevel",
-        "WARNING",
-        "--without-gossip",
-        "--without-mingle",
-    ]
+    worker = celery_worker_args()
     grpc_env = {**quiet, "DJANGO_DEBUG": "false", "DJANGO_SECRET_KEY": web_env["DJANGO_SECRET_KEY"]}
     with (
         process(web, env=web_env),

@@ -411,7 +411,7 @@ def main() -> None:
     import django
 
     django.setup()
-    from bench.harness import Report, free_port, process, wait_for_port
+    from bench.harness import Report, celery_worker_args, free_port, process, wait_for_port
     from tests.docbot.fake_telegram import FakeTelegram
 
     shutil.rmtree(MEDIA, ignore_errors=True)
@@ -459,22 +459,7 @@ def main() -> None:
 
             node = f"docbot-bench-{os.getpid()}@{socket.gethostname()}"
             celery = str(ROOT / ".venv" / "bin" / "celery")
-            worker_args = [
-                celery,
-                "-A",
-                "config",
-                "worker",
-                "-Q",
-                "quintet.default",
-                "--concurrency",
-                str(WORKER_CONCURRENCY),
-                "--loglevel",
-                "WARNING",
-                "-n",
-                node,
-                "--without-gossip",
-                "--without-mingle",
-            ]
+            worker_args = celery_worker_args(concurrency=WORKER_CONCURRENCY, extra=("-n", node))
             with process(worker_args, env=env):
                 ping = [celery, "-A", "config", "inspect", "ping", "-d", node, "-t", "2"]
                 for _ in range(20):  # timed only once the worker answers

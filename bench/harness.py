@@ -234,3 +234,27 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def celery_worker_args(
+    *, loglevel: str = "WARNING", concurrency: int | None = None, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """`celery worker` on the default queue, quiet towards other workers: solo pool unless a
+    concurrency is given, no gossip or mingle (tests and benchmarks start and kill it at will)."""
+    pool = ["--concurrency", str(concurrency)] if concurrency else ["--pool", "solo"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "config",
+        "worker",
+        "-Q",
+        "quintet.default",
+        *pool,
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+        *extra,
+    ]

@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ import psycopg
 import pytest
 from django.conf import settings
 
+from bench.harness import celery_worker_args
 from betting.models import Bet, BetStatus
 from betting.tasks import reconcile_settlements
 from config.celery import app as celery_app
@@ -41,23 +41,7 @@ def start_worker() -> subprocess.Popen[bytes]:
         "DATABASE_URL": conninfo().replace("postgresql://", "postgres://"),
     }
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "config",
-            "worker",
-            "--pool",
-            "solo",
-            "-Q",
-            settings.CELERY_TASK_DEFAULT_QUEUE,
-            "--loglevel",
-            "WARNING",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ],
+        celery_worker_args(extra=("--without-heartbeat",)),
         cwd=ROOT,
         env=env,
     )

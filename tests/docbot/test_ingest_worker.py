@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.conf import settings as django_settings
 from django.db import connection
 
+from bench.harness import celery_worker_args
 from docbot import services
 from docbot.bot import texts
 from docbot.models import Document
@@ -41,24 +41,10 @@ class Worker:
         self.log_path = log_path
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
-            [
-                str(ROOT / ".venv" / "bin" / "celery"),
-                "-A",
-                "config",
-                "worker",
-                "-Q",
-                django_settings.CELERY_TASK_DEFAULT_QUEUE,
-                "--pool",
-                "solo",
-                "--loglevel",
-                "INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "--purge",
-                "-n",
-                f"docbot-test-{os.getpid()}@%h",
-            ],
+            celery_worker_args(
+                loglevel="INFO",
+                extra=("--without-heartbeat", "--purge", "-n", f"docbot-test-{os.getpid()}@%h"),
+            ),
             cwd=ROOT,
             env={
                 **os.environ,
