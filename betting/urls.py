@@ -9,5 +9,5 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("events/<str:event_id>/cancel", api.EventCancelApi.as_view(), name="betting-event-cancel"),
     path("bet", api.BetPlaceApi.as_view(), name="betting-bet-place"),
     path("bets", api.BetCollectionApi.as_view(), name="betting-bets"),
-    path("bets/<int:bet_id>", api.BetDetailApi.as_view(), name="betting-bet-detail"),
+    path("bets/<id:bet_id>", api.BetDetailApi.as_view(), name="betting-bet-detail"),
 ]

@@ -4,11 +4,11 @@ from docbot import api
 
 urlpatterns: list[URLPattern | URLResolver] = [
     path("types/", api.TypeListCreateApi.as_view(), name="docbot-types"),
-    path("types/<int:type_id>", api.TypeDetailApi.as_view(), name="docbot-type"),
+    path("types/<id:type_id>", api.TypeDetailApi.as_view(), name="docbot-type"),
     path("documents/", api.DocumentListCreateApi.as_view(), name="docbot-documents"),
-    path("documents/<int:document_id>", api.DocumentDetailApi.as_view(), name="docbot-document"),
+    path("documents/<id:document_id>", api.DocumentDetailApi.as_view(), name="docbot-document"),
     path(
-        "documents/<int:document_id>/share",
+        "documents/<id:document_id>/share",
         api.DocumentShareApi.as_view(),
         name="docbot-document-share",
     ),

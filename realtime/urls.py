@@ -8,7 +8,7 @@ urlpatterns = [
     path("rooms/<slug:slug>", api.RoomDetailApi.as_view(), name="realtime-room"),
     path("rooms/<slug:slug>/members", api.MembershipAddApi.as_view(), name="realtime-members"),
     path(
-        "rooms/<slug:slug>/members/<int:user_id>",
+        "rooms/<slug:slug>/members/<id:user_id>",
         api.MembershipRemoveApi.as_view(),
         name="realtime-member",
     ),

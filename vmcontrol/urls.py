@@ -4,18 +4,18 @@ from vmcontrol import api
 
 urlpatterns: list[URLPattern | URLResolver] = [
     path("vms", api.VmListApi.as_view(), name="vmcontrol-vms"),
-    path("vms/<int:vm_id>", api.VmDetailApi.as_view(), name="vmcontrol-vm"),
-    path("vms/<int:vm_id>/logout", api.VmLogoutApi.as_view(), name="vmcontrol-vm-logout"),
+    path("vms/<id:vm_id>", api.VmDetailApi.as_view(), name="vmcontrol-vm"),
+    path("vms/<id:vm_id>/logout", api.VmLogoutApi.as_view(), name="vmcontrol-vm-logout"),
     path(
-        "vms/<int:vm_id>/rotate-token",
+        "vms/<id:vm_id>/rotate-token",
         api.VmTokenRotateApi.as_view(),
         name="vmcontrol-vm-rotate-token",
     ),
     path(
-        "vms/<int:vm_id>/revoke-token",
+        "vms/<id:vm_id>/revoke-token",
         api.VmTokenRevokeApi.as_view(),
         name="vmcontrol-vm-revoke-token",
     ),
-    path("vms/<int:vm_id>/commands", api.VmCommandListApi.as_view(), name="vmcontrol-commands"),
+    path("vms/<id:vm_id>/commands", api.VmCommandListApi.as_view(), name="vmcontrol-commands"),
     path("disks", api.DiskListApi.as_view(), name="vmcontrol-disks"),
 ]

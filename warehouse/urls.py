@@ -22,7 +22,7 @@ urlpatterns: list[URLPattern | URLResolver] = [
     ),
     path("dead-letters", api.DeadLetterListApi.as_view(), name="warehouse-dead-letters"),
     path(
-        "dead-letters/<int:dead_letter_id>/replay",
+        "dead-letters/<id:dead_letter_id>/replay",
         api.DeadLetterReplayApi.as_view(),
         name="warehouse-dead-letter-replay",
     ),
