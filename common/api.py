@@ -16,7 +16,7 @@ from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from common import exceptions as app_errors
-from common import services
+from common import fields, services
 
 HTTP_STATUS_BY_ERROR: dict[type[app_errors.ApplicationError], int] = {
     app_errors.ValidationFailed: status.HTTP_400_BAD_REQUEST,
@@ -95,8 +95,8 @@ class AuthTokenCreateApi(APIView):
     throttle_scope = "login"
 
     class InputSerializer(serializers.Serializer):
-        username = serializers.CharField(max_length=150)
-        password = serializers.CharField(max_length=128, trim_whitespace=False)
+        username = fields.TextField(max_length=150)
+        password = fields.TextField(max_length=128, trim_whitespace=False)
 
     @extend_schema(request=InputSerializer, responses={200: _TokenOutputSerializer}, auth=[])
     def post(self, request: Request) -> Response:
@@ -125,7 +125,7 @@ class AuthRegisterApi(APIView):
 
     class InputSerializer(serializers.Serializer):
         username = serializers.RegexField(r"^[\w.@+-]+\Z", max_length=150)
-        password = serializers.CharField(max_length=128, trim_whitespace=False)
+        password = fields.TextField(max_length=128, trim_whitespace=False)
         email = serializers.EmailField(required=False, allow_blank=True)
 
     class OutputSerializer(serializers.Serializer):

@@ -33,3 +33,57 @@ def test_import_contracts_hold() -> None:
         [lint_imports, "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _api_views() -> list[type]:
+    from django.urls import URLPattern, URLResolver, get_resolver
+
+    views: list[type] = []
+    pending: list[object] = list(get_resolver().url_patterns)
+    while pending:
+        entry = pending.pop()
+        if isinstance(entry, URLResolver):
+            pending.extend(entry.url_patterns)
+        elif isinstance(entry, URLPattern):
+            view_class = getattr(entry.callback, "cls", None) or getattr(
+                entry.callback, "view_class", None
+            )
+            if view_class is not None:
+                views.append(view_class)
+    return views
+
+
+def _lenient_fields(serializer: object, path: str) -> list[str]:
+    from rest_framework import serializers
+
+    from common.fields import LENIENT_DRF_FIELDS
+
+    found = []
+    for name, field in serializer.fields.items():  # type: ignore[attr-defined]
+        if field.read_only:
+            continue
+        child = getattr(field, "child", None)
+        if isinstance(field, serializers.BaseSerializer):
+            found += _lenient_fields(child if child is not None else field, f"{path}.{name}")
+        elif type(field) in LENIENT_DRF_FIELDS or type(child) in LENIENT_DRF_FIELDS:
+            found.append(f"{path}.{name}: {type(field).__name__}")
+    return found
+
+
+def test_rest_input_serializers_use_the_shared_parsers() -> None:
+    """input-policy.md: a value from outside is parsed once, by the shared parsers. DRF's own
+    Char/Integer/Decimal/DateTime fields accept what the policy refuses (Arabic-Indic digits,
+    `1_0`, naive datetimes, controls), so no input serializer may use them directly."""
+    from rest_framework import serializers
+
+    lenient: list[str] = []
+    for view in _api_views():
+        for attribute in dir(view):
+            candidate = getattr(view, attribute, None)
+            if (
+                isinstance(candidate, type)
+                and issubclass(candidate, serializers.BaseSerializer)
+                and "Output" not in attribute
+            ):
+                lenient += _lenient_fields(candidate(), f"{view.__qualname__}.{attribute}")
+    assert sorted(set(lenient)) == []
