@@ -5,7 +5,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from realtime import fanout, selectors, services
+from common.fields import IdentifierField, IntegerField, TextField
+from realtime import fanout, protocol, selectors, services
 
 
 class TicketCreateApi(APIView):
@@ -48,8 +49,8 @@ class RoomListApi(APIView):
     """Rooms visible to the caller (public, and private/direct ones they belong to); create."""
 
     class InputSerializer(serializers.Serializer):
-        slug = serializers.SlugField(max_length=80)
-        title = serializers.CharField(max_length=120, required=False, default="")
+        slug = IdentifierField(max_length=protocol.MAX_SLUG_LENGTH, pattern=protocol.SLUG_PATTERN)
+        title = TextField(max_length=120, required=False, allow_blank=True, default="")
         kind = serializers.ChoiceField(choices=["public", "private"], default="public")
 
     @extend_schema(responses={200: RoomOutputSerializer(many=True)})
@@ -84,7 +85,7 @@ class MembershipAddApi(APIView):
     """Add a member to a private or public room (room owner or staff)."""
 
     class InputSerializer(serializers.Serializer):
-        user_id = serializers.IntegerField()
+        user_id = IntegerField(min_value=1)
 
     @extend_schema(request=InputSerializer, responses={201: None})
     def post(self, request: Request, slug: str) -> Response:
@@ -113,7 +114,7 @@ class DirectRoomGetOrCreateApi(APIView):
     """The 1:1 conversation with another user (created on first call)."""
 
     class InputSerializer(serializers.Serializer):
-        user_id = serializers.IntegerField()
+        user_id = IntegerField(min_value=1)
 
     @extend_schema(request=InputSerializer, responses={200: RoomOutputSerializer})
     def post(self, request: Request) -> Response:
@@ -131,13 +132,15 @@ class MessageListApi(APIView):
     through the same service as the socket (`client_id` makes retries idempotent)."""
 
     class FilterSerializer(serializers.Serializer):
-        after_seq = serializers.IntegerField(min_value=0, required=False)
-        before_seq = serializers.IntegerField(min_value=0, required=False)
-        limit = serializers.IntegerField(min_value=1, required=False)
+        after_seq = IntegerField(required=False)
+        before_seq = IntegerField(required=False)
+        limit = IntegerField(min_value=1, required=False)
 
     class InputSerializer(serializers.Serializer):
-        text = serializers.CharField(trim_whitespace=False)
-        client_id = serializers.CharField(max_length=64, required=False)
+        # Tab and newlines allowed, kept as sent; the configured length cap is the service's
+        # (`text_too_long`), 10,000 code points is this door's absolute bound.
+        text = TextField(multiline=True, trim_whitespace=False)
+        client_id = IdentifierField(max_length=protocol.MAX_CLIENT_ID_LENGTH, required=False)
 
     @extend_schema(
         parameters=[FilterSerializer], responses={200: MessageOutputSerializer(many=True)}

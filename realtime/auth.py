@@ -10,6 +10,7 @@ from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.utils.http import url_has_allowed_host_and_scheme
 
+from common import parsers
 from realtime import services
 
 
@@ -20,9 +21,16 @@ class TicketAuthMiddleware(BaseMiddleware):
         query = parse_qs(scope.get("query_string", b"").decode("latin1"))
         tickets = query.get("ticket")
         if tickets:
-            # Off the single thread-sensitive thread: a reconnect storm claims tickets in parallel.
-            consume = database_sync_to_async(services.ticket_consume, thread_sensitive=False)
-            user = await consume(raw=tickets[0])
+            user = None
+            try:
+                raw = parsers.identifier(tickets[0], field="ticket", max_length=200)
+            except parsers.InvalidValue:
+                raw = None  # a malformed ticket is simply not a ticket: closed with 4401
+            if raw is not None:
+                # Off the single thread-sensitive thread: a reconnect storm claims tickets in
+                # parallel.
+                consume = database_sync_to_async(services.ticket_consume, thread_sensitive=False)
+                user = await consume(raw=raw)
             scope = {**scope, "user": user or AnonymousUser()}
         return await super().__call__(scope, receive, send)
 

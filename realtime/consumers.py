@@ -5,16 +5,25 @@ Frames in: messenger `sendMessage {text, room?, client_id?}`, `join {room}`, `le
 `read {room, seq}`; hub `subscribe {topic}`, `unsubscribe {topic}`; `ping`. Frames out:
 `message`, `ack {ref, id, seq}`, `joined`, `left`, `presence {room, joined, left}`, `history`,
 `sync`, `typing`, `read`, `sync_required`, `event {topic, payload}`, `subscribed`,
-`unsubscribed`, `pong`, `error {code, detail, ref}`. A bad frame gets an error frame and the
-connection stays open; sustained rate-limit abuse closes it (4429).
+`unsubscribed`, `pong`, `error {code, detail, ref}`.
+
+Bad input (`input-policy.md`): every frame is decoded by `common.parsers.json_document` and every
+field by the shared parsers (`realtime.protocol`); a refusal is answered with
+`error {code, detail, ref, field, reason}` and the connection stays open; sustained rate-limit
+abuse closes it (4429). Any other exception while handling a frame is answered with
+`error {code: "internal", request_id}` and logged once with that correlation id; the socket
+stays usable. Whatever ends a connection (client close or drop, a crash in connect, receive or
+disconnect, a failed write, overflow) releases the gauge, the hub's indexes and presence once.
 
 Every frame to the client goes through the connection's bounded outbox (realtime.fanout), the
-same path room broadcasts take, so a client that stops reading is dropped alone.
+same path room broadcasts take, so a client that stops reading is dropped alone; a write the
+transport refuses closes the socket with 1011 so the client reconnects and syncs.
 """
 
 import asyncio
 import functools
-import json
+import uuid
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -25,8 +34,9 @@ from django.conf import settings
 from prometheus_client import Gauge
 
 from common.exceptions import ApplicationError, RateLimited, ValidationFailed
+from common.parsers import InvalidValue
 from realtime import protocol, selectors, services
-from realtime.fanout import SLOW_CLIENTS, Outbox, dumps, hub, member_parse
+from realtime.fanout import SLOW_CLIENTS, FanoutHub, Outbox, dumps, hub, member_parse
 from realtime.models import Room
 from realtime.services import hub_loop_remember
 from realtime.topics import topic_authorize
@@ -35,9 +45,20 @@ logger = structlog.get_logger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_RATE_LIMITED = 4429
+CLOSE_INTERNAL_ERROR = 1011
 CONNECTIONS = Gauge("realtime_ws_connections", "Open WebSocket connections on this process")
 
 Frame = dict[str, Any]
+Ref = str | int | None
+
+# Fire-and-forget cleanup tasks are kept referenced until done (the loop holds only weak refs).
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coroutine: Coroutine[Any, Any, Any]) -> None:
+    task = asyncio.get_running_loop().create_task(coroutine)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
 
 
 def _transport_of(send: Any) -> Any:
@@ -104,6 +125,39 @@ class HubConsumer(AsyncWebsocketConsumer):
     # tie every socket's life to Redis (channels_redis raises out of the consumer when it goes).
     channel_layer_alias = "realtime-no-per-socket-channel"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connection_id = uuid.uuid4().hex[:16]
+        self.frames_received = 0
+        self.user: Any = None
+        self.user_id = 0  # no user has id 0: the hub's per-user index ignores it
+        self.username = ""
+        self.hub: FanoutHub = hub()
+        self.topics: set[str] = set()
+        self.rooms: dict[str, int] = {}
+        self.attached = False
+        self.counted = False
+        self.released = False
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """The connection's catch-all: an exception that escapes connect, a frame's own
+        catch-all or disconnect is logged once (with the connection's correlation id), the
+        socket is closed with 1011, and `_release` runs on every exit path."""
+        self.outbox = Outbox(
+            send, settings.REALTIME_SEND_BUFFER_FRAMES, self._overflow, self._outbox_failed
+        )
+        with structlog.contextvars.bound_contextvars(ws_connection=self.connection_id):
+            try:
+                await super().__call__(scope, receive, send)
+            except Exception as error:
+                if isinstance(error, OSError):  # the client went away (ClientDisconnected)
+                    logger.info("realtime_ws_client_gone", error=str(error))
+                else:
+                    logger.exception("realtime_ws_consumer_failed")
+                await self._close_transport(CLOSE_INTERNAL_ERROR)
+            finally:
+                await self._release()
+
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale DB connections before every frame with a thread hop; the
         # handlers reach the database only through database_sync_to_async, which does it there.
@@ -115,22 +169,18 @@ class HubConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         hub_loop_remember(asyncio.get_running_loop())
         self.user = self.scope.get("user")
-        self.topics: set[str] = set()
-        self.rooms: dict[str, int] = {}
-        self.attached = False
         await self.accept()
         if self.user is None or not self.user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
-        CONNECTIONS.inc()
-        self.user_id: int = self.user.pk
-        self.username: str = self.user.username
-        self.hub = hub()
-        self.outbox = Outbox(self.base_send, settings.REALTIME_SEND_BUFFER_FRAMES, self._overflow)
+        self.user_id = self.user.pk
+        self.username = self.user.username
         self.bucket = protocol.TokenBucket(
             settings.REALTIME_RATE_PER_SECOND, settings.REALTIME_RATE_BURST
         )
         self.strikes = 0
+        CONNECTIONS.inc()
+        self.counted = True
         await self.hub.start()
         self.hub.attach(self)
         self.attached = True
@@ -141,43 +191,130 @@ class HubConsumer(AsyncWebsocketConsumer):
                 logger.exception("realtime_default_room_join_failed")
 
     async def disconnect(self, code: int) -> None:
-        if self.user is None or not self.user.is_authenticated:
-            return
-        CONNECTIONS.dec()
+        await self._release()
+
+    # --- cleanup: the same on every exit path -------------------------------------------------
+
+    def _release_local(self) -> list[int]:
+        """Drop the connection from this process's state once: the gauge, the outbox, the hub's
+        user, topic and room indexes. Returns the rooms whose presence is still to be left."""
+        if self.released:
+            return []
+        self.released = True
+        self.attached = False
+        if self.counted:
+            self.counted = False
+            CONNECTIONS.dec()
         self.outbox.close()
-        if self.attached:
-            self.attached = False
-            self.hub.detach(self)
-            for room_id in list(self.rooms.values()):
-                await self.hub.room_remove(room_id, self)
-            self.rooms.clear()
-            for topic in self.topics:
-                self.hub.topic_remove(topic, self)
+        room_ids = list(self.rooms.values())
+        topics = list(self.topics)
+        self.rooms.clear()
         self.topics.clear()
+        self.hub.detach(self)
+        for topic in topics:
+            self.hub.topic_remove(topic, self)
+        for room_id in room_ids:
+            self.hub.room_stop_delivery(room_id, self)
+        return room_ids
+
+    async def _presence_release(self, room_ids: list[int]) -> None:
+        for room_id in room_ids:
+            try:
+                await self.hub.room_remove(room_id, self)
+            except Exception:
+                logger.exception("realtime_ws_presence_release_failed", room_id=room_id)
+
+    async def _release(self) -> None:
+        """Everything `_release_local` does, then leave presence; idempotent. Shielded, so a
+        cancelled consumer still leaves presence (the user must not stay online forever)."""
+        room_ids = self._release_local()
+        if room_ids:
+            await asyncio.shield(self._presence_release(room_ids))
+
+    async def _close_transport(self, code: int) -> None:
+        """Send a close frame with `code`; abort the transport when even that fails."""
+        self.outbox.close()
+        send = getattr(self, "base_send", None)  # unset if Channels failed before dispatching
+        if send is None:
+            return
+        try:
+            await send({"type": "websocket.close", "code": code})
+        except Exception:
+            transport = _transport_of(send)
+            if transport is not None:
+                transport.abort()
+
+    async def _outbox_failed(self, error: Exception) -> None:
+        """A frame could not be written: close with 1011 so the client reconnects and syncs."""
+        # The writer task inherited the context of whoever queued first (a frame, the hub).
+        structlog.contextvars.unbind_contextvars("request_id")
+        structlog.contextvars.bind_contextvars(ws_connection=self.connection_id)
+        try:
+            if isinstance(error, OSError):  # the client is gone (uvicorn's ClientDisconnected)
+                logger.info("realtime_ws_send_failed_disconnected", error=str(error))
+            else:
+                logger.error("realtime_ws_send_failed", exc_info=error)
+            room_ids = self._release_local()
+            await self._close_transport(CLOSE_INTERNAL_ERROR)
+            if room_ids:
+                await asyncio.shield(self._presence_release(room_ids))
+        except Exception:
+            logger.exception("realtime_ws_send_failure_cleanup_failed")
 
     def __hash__(self) -> int:
         return id(self)
 
-    # --- receiving: the one place ApplicationError becomes an error frame -----------------
+    # --- receiving: the one place a frame's failures become an error frame -------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Parse, rate-check and handle one frame. A refusal (`ApplicationError`) is answered
+        with `error {code, detail, ref}` (plus `field` and `reason` for a refused value); any
+        other exception with `error {code: "internal"}` and the frame's `request_id`, logged
+        once. Either way the socket stays open."""
         if not self.attached:
-            return  # refused (4401) or dropped: frames still in flight are ignored
-        ref: Any = None
-        try:
-            frame = self._decode(text_data, bytes_data)
-            ref = frame.get("ref")
-            self._rate_check()
-            name = HANDLERS.get(frame["type"])
-            if name is None:
-                raise ValidationFailed(f"unknown type {frame.get('type')!r}", code="unknown_type")
-            await getattr(self, name)(frame)
-        except ApplicationError as error:
-            await self.send_frame(
-                {"type": "error", "code": error.code, "detail": error.message, "ref": ref}
-            )
-            if isinstance(error, RateLimited) and self.strikes >= settings.REALTIME_RATE_STRIKES:
-                self.outbox.push_close(CLOSE_RATE_LIMITED)
+            return  # refused (4401), dropped or released: frames still in flight are ignored
+        self.frames_received += 1
+        request_id = f"ws-{self.connection_id}-{self.frames_received}"
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            ref: str | int | None = None
+            try:
+                refused: ApplicationError | None = None
+                try:
+                    raw = text_data if text_data is not None else (bytes_data or b"")
+                    frame = protocol.frame_decode(raw, max_bytes=settings.REALTIME_MAX_FRAME_BYTES)
+                    ref = protocol.ref_field(frame)
+                except ApplicationError as error:
+                    refused = error
+                    if isinstance(error, InvalidValue) and error.reason in ("encoding", "control"):
+                        ref = protocol.ref_salvage(raw)
+                # Every frame costs a token, a refused one too, so bad frames are rate-limited.
+                self._rate_check()
+                if refused is not None:
+                    raise refused
+                handler = protocol.frame_type(frame, choices=HANDLERS)
+                await getattr(self, handler)(frame, ref)
+            except ApplicationError as error:
+                self._refuse(error, ref)
+            except Exception:
+                logger.exception("realtime_ws_frame_failed")
+                await self.send_frame(
+                    {
+                        "type": "error",
+                        "code": "internal",
+                        "detail": "internal error",
+                        "request_id": request_id,
+                        "ref": ref,
+                    }
+                )
+
+    def _refuse(self, error: ApplicationError, ref: str | int | None) -> None:
+        frame: Frame = {"type": "error", "code": error.code, "detail": error.message, "ref": ref}
+        if isinstance(error, InvalidValue):
+            frame["field"] = error.field
+            frame["reason"] = error.reason
+        self.outbox.push(dumps(frame))
+        if isinstance(error, RateLimited) and self.strikes >= settings.REALTIME_RATE_STRIKES:
+            self.outbox.push_close(CLOSE_RATE_LIMITED)
 
     def _rate_check(self) -> None:
         # Both buckets are charged so that opening more tabs does not multiply a user's rate.
@@ -189,18 +326,6 @@ class HubConsumer(AsyncWebsocketConsumer):
         self.strikes += 1
         raise RateLimited("slow down", code="rate_limited")
 
-    def _decode(self, text_data: str | None, bytes_data: bytes | None) -> Frame:
-        raw = text_data if text_data is not None else (bytes_data or b"").decode("utf-8", "replace")
-        if len(raw.encode()) > settings.REALTIME_MAX_FRAME_BYTES:
-            raise ValidationFailed("frame too large", code="frame_too_large")
-        try:
-            frame = json.loads(raw)
-        except ValueError as exc:
-            raise ValidationFailed("frame is not valid JSON", code="bad_json") from exc
-        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
-            raise ValidationFailed("frame must be an object with a string type", code="bad_frame")
-        return frame
-
     # --- sending ----------------------------------------------------------------------------
 
     async def send_frame(self, frame: Frame) -> None:
@@ -209,50 +334,44 @@ class HubConsumer(AsyncWebsocketConsumer):
     def _overflow(self) -> None:
         """The client stopped reading and its outbox is full: drop it, and it alone."""
         SLOW_CLIENTS.inc()
-        logger.warning("realtime_slow_client_dropped", user_id=self.user_id)
-        if self.attached:
-            self.attached = False
-            self.hub.detach(self)
-            for topic in self.topics:
-                self.hub.topic_remove(topic, self)
-            self.topics.clear()
-            rooms, self.rooms = self.rooms, {}
-            asyncio.get_running_loop().create_task(self._rooms_release(list(rooms.values())))
+        logger.warning(
+            "realtime_slow_client_dropped", user_id=self.user_id, ws_connection=self.connection_id
+        )
+        room_ids = self._release_local()
+        if room_ids:
+            _spawn(self._presence_release(room_ids))
+        # A close frame would wait behind the full buffer forever: abort.
         transport = _transport_of(self.base_send)
         if transport is not None:
             transport.abort()
         else:
-            asyncio.get_running_loop().create_task(self.close(code=1013))
-
-    async def _rooms_release(self, room_ids: list[int]) -> None:
-        for room_id in room_ids:
-            await self.hub.room_remove(room_id, self)
+            _spawn(self.close(code=1013))
 
     def hub_kicked(self, room_id: int) -> None:
         for slug, joined_id in list(self.rooms.items()):
             if joined_id == room_id:
                 del self.rooms[slug]
                 self.outbox.push(dumps({"type": "left", "room": slug, "reason": "removed"}))
-                asyncio.get_running_loop().create_task(self.hub.room_remove(room_id, self))
+                _spawn(self._presence_release([room_id]))
 
-    # --- messenger ----------------------------------------------------------------------------
+    # --- messenger: handlers get a parsed-on-demand frame and its already validated ref --------
 
-    async def on_send_message(self, frame: Frame) -> None:
+    async def on_send_message(self, frame: Frame, ref: Ref) -> None:
         slug = protocol.room_field(frame, required=False)
         text = protocol.text_field(frame, max_chars=settings.REALTIME_MAX_MESSAGE_CHARS)
         client_id = protocol.client_id_field(frame)
         room_slug, message_id, seq, created = await database_sync_to_async(_room_and_send)(
             self.user, slug, text, client_id
         )
-        ack = {"type": "ack", "ref": frame.get("ref"), "room": room_slug, "id": message_id}
+        ack = {"type": "ack", "ref": ref, "room": room_slug, "id": message_id}
         await self.send_frame({**ack, "seq": seq, "duplicate": not created})
 
-    async def on_join(self, frame: Frame) -> None:
+    async def on_join(self, frame: Frame, ref: Ref) -> None:
         slug = protocol.room_field(frame)
         assert slug is not None
-        await self._join(slug, ref=frame.get("ref"))
+        await self._join(slug, ref=ref)
 
-    async def _join(self, slug: str, *, ref: Any, announce: bool = True) -> None:
+    async def _join(self, slug: str, *, ref: Ref, announce: bool = True) -> None:
         """Start delivering the room. The automatic join of Sparq's default room on connect is
         silent (`announce=False`): no frames and no presence until the client joins it."""
         room: Room = await read_db(selectors.room_get_visible)(user=self.user, slug=slug)
@@ -285,20 +404,20 @@ class HubConsumer(AsyncWebsocketConsumer):
             raise ValidationFailed("join the room first", code="not_joined")
         return slug, room_id
 
-    async def on_leave(self, frame: Frame) -> None:
+    async def on_leave(self, frame: Frame, ref: Ref) -> None:
         slug, room_id = self._joined_room(frame)
         del self.rooms[slug]
         await self.hub.room_remove(room_id, self)
-        await self.send_frame({"type": "left", "room": slug, "ref": frame.get("ref")})
+        await self.send_frame({"type": "left", "room": slug, "ref": ref})
 
-    async def on_history(self, frame: Frame) -> None:
+    async def on_history(self, frame: Frame, ref: Ref) -> None:
         slug = protocol.room_field(frame)
         before_seq = protocol.seq_field(frame, "before_seq", required=False)
         limit = protocol.limit_field(frame, maximum=settings.REALTIME_HISTORY_LIMIT)
         batch = await read_db(_room_and_history)(self.user, slug, before_seq, limit)
-        await self.send_frame({"type": "history", **batch, "ref": frame.get("ref")})
+        await self.send_frame({"type": "history", **batch, "ref": ref})
 
-    async def on_sync(self, frame: Frame) -> None:
+    async def on_sync(self, frame: Frame, ref: Ref) -> None:
         slug = protocol.room_field(frame)
         after_seq = protocol.seq_field(frame, "after_seq", required=True)
         assert slug is not None and after_seq is not None
@@ -308,51 +427,48 @@ class HubConsumer(AsyncWebsocketConsumer):
             cached = self.hub.recent_range(room.pk, after_seq + 1, room.last_seq)
             if cached is not None:
                 head = {"type": "sync", "room": room.slug, "last_seq": room.last_seq}
-                head |= {"reset_required": False, "ref": frame.get("ref")}
+                head |= {"reset_required": False, "ref": ref}
                 # The frames are already encoded: splice them in rather than re-encode.
                 self.outbox.push(f'{dumps(head)[:-1]},"messages":[{",".join(cached)}]}}')
                 return
         batch = await read_db(selectors.messages_sync)(
             room=room, after_seq=after_seq, bound=settings.REALTIME_SYNC_LIMIT
         )
-        await self.send_frame({"type": "sync", **batch, "ref": frame.get("ref")})
+        await self.send_frame({"type": "sync", **batch, "ref": ref})
 
-    async def on_typing(self, frame: Frame) -> None:
+    async def on_typing(self, frame: Frame, ref: Ref) -> None:
         slug, room_id = self._joined_room(frame)
         typing = {"type": "typing", "room": slug, "user": self.username, "user_id": self.user_id}
         await self.hub.apublish(
             {"room": room_id, "frame": dumps(typing), "skip_user": self.user_id}
         )
 
-    async def on_read(self, frame: Frame) -> None:
+    async def on_read(self, frame: Frame, ref: Ref) -> None:
         slug = protocol.room_field(frame)
         seq = protocol.seq_field(frame, "seq", required=True)
         assert slug is not None and seq is not None
         marker = await database_sync_to_async(_room_and_read)(self.user, slug, seq)
-        await self.send_frame(
-            {"type": "read", "room": slug, "seq": marker, "ref": frame.get("ref")}
-        )
+        await self.send_frame({"type": "read", "room": slug, "seq": marker, "ref": ref})
 
     # --- live-event hub -----------------------------------------------------------------------
 
-    async def on_ping(self, frame: Frame) -> None:
-        await self.send_frame({"type": "pong", "ref": frame.get("ref")})
+    async def on_ping(self, frame: Frame, ref: Ref) -> None:
+        await self.send_frame({"type": "pong", "ref": ref})
 
-    async def on_subscribe(self, frame: Frame) -> None:
-        topic = frame.get("topic")
-        topic_authorize(user=self.user, topic=topic)  # type: ignore[arg-type]
-        assert isinstance(topic, str)
+    async def on_subscribe(self, frame: Frame, ref: Ref) -> None:
+        topic = protocol.topic_field(frame)
+        topic_authorize(user=self.user, topic=topic)
         if topic not in self.topics:
             if len(self.topics) >= settings.REALTIME_MAX_TOPICS_PER_CONNECTION:
                 raise ValidationFailed("too many subscriptions", code="too_many_topics")
             self.hub.topic_add(topic, self)
             self.topics.add(topic)
-        await self.send_frame({"type": "subscribed", "topic": topic, "ref": frame.get("ref")})
+        await self.send_frame({"type": "subscribed", "topic": topic, "ref": ref})
 
-    async def on_unsubscribe(self, frame: Frame) -> None:
-        topic = frame.get("topic")
-        if not isinstance(topic, str) or topic not in self.topics:
+    async def on_unsubscribe(self, frame: Frame, ref: Ref) -> None:
+        topic = protocol.topic_field(frame)
+        if topic not in self.topics:
             raise ValidationFailed("not subscribed to that topic", code="not_subscribed")
         self.hub.topic_remove(topic, self)
         self.topics.discard(topic)
-        await self.send_frame({"type": "unsubscribed", "topic": topic, "ref": frame.get("ref")})
+        await self.send_frame({"type": "unsubscribed", "topic": topic, "ref": ref})

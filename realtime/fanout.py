@@ -43,15 +43,25 @@ def dumps(frame: dict[str, Any]) -> str:
 
 class Outbox:
     """A connection's bounded outgoing buffer, drained by a writer task that exists only while
-    frames are pending. Overflow calls `on_overflow` once and drops everything after."""
+    frames are pending. Overflow calls `on_overflow` once and drops everything after. A write
+    that raises (the transport refused the frame) closes the outbox and awaits `on_failure`
+    with the exception, which must close the transport so the client reconnects and recovers
+    (`input-policy.md`); it must not raise."""
 
-    __slots__ = ("_on_overflow", "_queue", "_send", "_writer", "closed", "limit")
+    __slots__ = ("_on_failure", "_on_overflow", "_queue", "_send", "_writer", "closed", "limit")
 
-    def __init__(self, send: Send, limit: int, on_overflow: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        send: Send,
+        limit: int,
+        on_overflow: Callable[[], None],
+        on_failure: Callable[[Exception], Awaitable[None]] | None = None,
+    ) -> None:
         self._send = send
         self._queue: deque[str | int] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._on_overflow = on_overflow
+        self._on_failure = on_failure
         self.limit = limit
         self.closed = False
 
@@ -88,8 +98,10 @@ class Outbox:
                     self._queue.clear()
                 else:
                     await self._send({"type": "websocket.send", "text": item})
-        except Exception:
+        except Exception as error:
             self.close()
+            if self._on_failure is not None:
+                await self._on_failure(error)
         finally:
             self._writer = None
 
@@ -376,10 +388,10 @@ class FanoutHub:
         arrived, departed = (
             (pending_joined, pending_left) if joined else (pending_left, pending_joined)
         )
-        if member in departed:
-            departed.discard(member)
-        else:
-            arrived.add(member)
+        # The last change wins; a join and a leave must not cancel out, because a snapshot
+        # taken in between (another user's join) already showed the member online (or not).
+        departed.discard(member)
+        arrived.add(member)
         if self._presence_flush is None:
             assert self.loop is not None
             self._presence_flush = self.loop.call_later(

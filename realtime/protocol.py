@@ -1,57 +1,202 @@
-"""Messenger wire format: field validation of client frames and the rate limiter. Pure code."""
+"""Messenger wire format: client frames decoded and every field parsed by the shared parsers
+(`common.parsers`, `input-policy.md`), and the rate limiter. Pure code, no Django.
 
+A refusal is an `InvalidValue` naming the field (`field`) and why (`reason`); its `code` is the
+field's stable error code of the `/ws/` protocol (`bad_room`, `bad_seq`, ...), which the consumer
+puts in the `error` frame next to `field` and `reason`.
+"""
+
+import json
+import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
-from common.exceptions import ValidationFailed
+from common import parsers
+from common.parsers import InvalidValue
 
 Frame = dict[str, Any]
 
 MAX_SLUG_LENGTH = 80
 MAX_CLIENT_ID_LENGTH = 64
+MAX_REF_LENGTH = 64
+MAX_TOPIC_LENGTH = 90
+#: Frames are flat objects; anything nested deeper than this is refused before it is decoded.
+MAX_FRAME_DEPTH = 8
+#: Room slugs: Django's slug charset (what `Room.slug` and the REST `<slug:>` path accept).
+SLUG_PATTERN = re.compile(r"[-A-Za-z0-9_]+")
+#: Hub topics: a lowercase app name and up to five dotted parts (`betting.bets.42`).
+TOPIC_PATTERN = re.compile(r"[a-z][a-z0-9_]*(\.[A-Za-z0-9_-]+){0,5}")
+
+#: The error code of each frame field; a value refused anywhere in a frame (also by the document
+#: scan, e.g. a lone surrogate in `text`) is reported with its field's code.
+FIELD_CODES = {
+    "type": "unknown_type",
+    "ref": "bad_ref",
+    "room": "bad_room",
+    "text": "bad_text",
+    "client_id": "bad_client_id",
+    "seq": "bad_seq",
+    "after_seq": "bad_seq",
+    "before_seq": "bad_seq",
+    "limit": "bad_limit",
+    "topic": "bad_topic",
+}
+# Sparq-compatible codes for the common mistakes with `text`.
+_TEXT_CODES = {
+    "required": "text_required",
+    "type": "text_required",
+    "blank": "text_required",
+    "too_long": "text_too_long",
+}
+_DOCUMENT_CODES = {"too_large": "frame_too_large", "format": "bad_json", "too_deep": "bad_json"}
+
+
+def _coded(error: InvalidValue, code: str) -> InvalidValue:
+    error.code = code
+    return error
+
+
+def _top_field(path: str) -> str:
+    return path.split(".", 1)[0].split("[", 1)[0]
+
+
+def frame_decode(raw: str | bytes, *, max_bytes: int) -> Frame:
+    """One client frame: a JSON object of at most `max_bytes` UTF-8 bytes.
+
+    Refuses oversized frames (`frame_too_large`), syntax errors and deep nesting (`bad_json`),
+    invalid UTF-8 (`bad_frame`), lone surrogates or NUL in any string (the code of the field
+    holding it, `bad_frame` for unknown keys) and anything but an object (`bad_frame`)."""
+    # Surrogates cannot arrive in a WebSocket text frame, which the server decodes as UTF-8;
+    # `surrogatepass` keeps this total, and the document parser refuses the bytes it produces.
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    try:
+        document = parsers.json_document(
+            data, field="frame", max_bytes=max_bytes, max_depth=MAX_FRAME_DEPTH
+        )
+    except InvalidValue as error:
+        code = _DOCUMENT_CODES.get(error.reason)
+        if code is None:
+            code = FIELD_CODES.get(_top_field(error.field), "bad_frame")
+        raise _coded(error, code) from None
+    if not isinstance(document, dict):
+        raise _coded(InvalidValue("frame", "type", "must be a JSON object"), "bad_frame")
+    return document
+
+
+def ref_salvage(raw: str | bytes) -> str | int | None:
+    """The valid `ref` of a frame that `frame_decode` refused for a bad string in another
+    field (reason `encoding` or `control`: the document itself is well-formed and shallow), so
+    the error can still be correlated; None when there is none or it cannot be read."""
+    try:
+        document = json.loads(raw)
+        return ref_field(document) if isinstance(document, dict) else None
+    except (InvalidValue, ValueError, RecursionError):
+        return None
+
+
+def frame_type(frame: Frame, *, choices: Mapping[str, str]) -> str:
+    """What `choices` maps the frame's `type` to; `bad_frame` when it is missing or not a
+    string, `unknown_type` when it is not listed."""
+    kind = frame.get("type")
+    if not isinstance(kind, str):
+        reason, message = ("required", "is required") if kind is None else ("type", "is not text")
+        raise _coded(InvalidValue("type", reason, message), "bad_frame")
+    try:
+        return parsers.choice(kind, field="type", choices=choices)
+    except InvalidValue as error:
+        raise _coded(error, "unknown_type") from None
+
+
+def ref_field(frame: Frame) -> str | int | None:
+    """The client's `ref`, echoed in replies: absent/null, clean text of at most 64 characters,
+    or an integer within int64 (`bad_ref` otherwise; the refusal itself echoes no ref)."""
+    ref = frame.get("ref")
+    try:
+        if ref is None:
+            return None
+        if isinstance(ref, int) and not isinstance(ref, bool):
+            return parsers.integer(
+                ref, field="ref", min_value=parsers.INT64_MIN, max_value=parsers.INT64_MAX
+            )
+        if isinstance(ref, str):
+            return parsers.text(ref, field="ref", max_length=MAX_REF_LENGTH)
+        raise InvalidValue("ref", "type", "must be a string or an integer")
+    except InvalidValue as error:
+        raise _coded(error, "bad_ref") from None
 
 
 def room_field(frame: Frame, *, required: bool = True) -> str | None:
+    """A room slug (`[-A-Za-z0-9_]`, at most 80); None when absent and not `required`."""
     room = frame.get("room")
     if room is None and not required:
         return None
-    if not isinstance(room, str) or not room or len(room) > MAX_SLUG_LENGTH:
-        raise ValidationFailed("room must be a room slug", code="bad_room")
-    return room
+    try:
+        return parsers.identifier(
+            room, field="room", max_length=MAX_SLUG_LENGTH, pattern=SLUG_PATTERN
+        )
+    except InvalidValue as error:
+        raise _coded(error, "bad_room") from None
 
 
 def text_field(frame: Frame, *, max_chars: int) -> str:
-    text = frame.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise ValidationFailed("text is required", code="text_required")
-    if len(text) > max_chars:
-        raise ValidationFailed(f"text is longer than {max_chars} characters", code="text_too_long")
+    """Message text: clean multi-line Unicode (tab and newlines allowed, no other controls, no
+    lone surrogates), not only whitespace, at most `max_chars` code points; kept as sent."""
+    try:
+        text = parsers.text(frame.get("text"), field="text", max_length=max_chars, multiline=True)
+    except InvalidValue as error:
+        raise _coded(error, _TEXT_CODES.get(error.reason, "bad_text")) from None
+    if not text.strip():
+        raise _coded(InvalidValue("text", "blank", "must not be blank"), "text_required")
     return text
 
 
 def client_id_field(frame: Frame) -> str | None:
+    """The sender's idempotency key: an identifier (`[A-Za-z0-9._:-]`, at most 64) or None."""
     client_id = frame.get("client_id")
     if client_id is None:
         return None
-    if not isinstance(client_id, str) or not client_id or len(client_id) > MAX_CLIENT_ID_LENGTH:
-        raise ValidationFailed("client_id must be a short string", code="bad_client_id")
-    return client_id
+    try:
+        return parsers.identifier(client_id, field="client_id", max_length=MAX_CLIENT_ID_LENGTH)
+    except InvalidValue as error:
+        raise _coded(error, "bad_client_id") from None
 
 
 def seq_field(frame: Frame, name: str, *, required: bool) -> int | None:
+    """A message sequence number: a non-negative integer within int64 (a JSON integer or ASCII
+    digits); None when absent and not `required`."""
     value = frame.get(name)
     if value is None and not required:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationFailed(f"{name} must be a non-negative integer", code="bad_seq")
-    return value
+    try:
+        return parsers.integer(value, field=name)
+    except InvalidValue as error:
+        raise _coded(error, "bad_seq") from None
 
 
 def limit_field(frame: Frame, *, maximum: int) -> int:
-    value = frame.get("limit", maximum)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationFailed("limit must be a positive integer", code="bad_limit")
-    return min(value, maximum)
+    """A page size: a positive integer within int64, capped at `maximum` (the default)."""
+    value = frame.get("limit")
+    if value is None:
+        return maximum
+    try:
+        return min(parsers.integer(value, field="limit", min_value=1), maximum)
+    except InvalidValue as error:
+        raise _coded(error, "bad_limit") from None
+
+
+def topic_parse(value: object, *, field: str = "topic") -> str:
+    """A hub topic name (`TOPIC_PATTERN`, at most 90 characters); `bad_topic` otherwise."""
+    try:
+        return parsers.identifier(
+            value, field=field, max_length=MAX_TOPIC_LENGTH, pattern=TOPIC_PATTERN
+        )
+    except InvalidValue as error:
+        raise _coded(error, "bad_topic") from None
+
+
+def topic_field(frame: Frame) -> str:
+    return topic_parse(frame.get("topic"))
 
 
 class TokenBucket:

@@ -68,8 +68,11 @@ def _plain(payload: Any) -> Any:
 
 
 def _event_envelope(topic: str, payload: Any) -> dict[str, Any]:
-    frame = {"type": "event", "topic": topic, "payload": _plain(payload)}
-    return {"topic": topic, "frame": dumps(frame)}
+    frame = dumps({"type": "event", "topic": topic, "payload": _plain(payload)})
+    # A lone surrogate in a payload would make every subscriber's socket refuse the frame;
+    # refuse it here, once, so a poison event costs only itself.
+    frame.encode("utf-8")
+    return {"topic": topic, "frame": frame}
 
 
 async def apublish(topic: str, payload: Any) -> None:

@@ -1,15 +1,12 @@
 """Topic names and who may subscribe to them; other apps register their topics at startup."""
 
 import enum
-import re
 from dataclasses import dataclass
 
 from django.contrib.auth.models import AbstractUser, AnonymousUser
 
-from common.exceptions import NotFound, PermissionDenied, ValidationFailed
-
-TOPIC_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[A-Za-z0-9_-]+){0,5}$")
-MAX_TOPIC_LENGTH = 90
+from common.exceptions import NotFound, PermissionDenied
+from realtime.protocol import topic_parse
 
 
 class TopicAccess(enum.Enum):
@@ -34,13 +31,8 @@ def topic_rule_register(prefix: str, access: TopicAccess) -> None:
 
 
 def topic_validate(topic: object) -> str:
-    if (
-        not isinstance(topic, str)
-        or len(topic) > MAX_TOPIC_LENGTH
-        or not TOPIC_PATTERN.match(topic)
-    ):
-        raise ValidationFailed("topic must be a dotted lowercase name", code="bad_topic")
-    return topic
+    """The topic name if well-formed (`protocol.topic_parse`); `bad_topic` otherwise."""
+    return topic_parse(topic)
 
 
 def topic_group(topic: str) -> str:

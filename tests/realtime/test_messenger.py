@@ -325,6 +325,22 @@ async def _presence_where(client: Client, user_id: int, key: str) -> None:
     raise AssertionError(f"no presence {key} for {user_id}: {client.of('presence')}")
 
 
+async def test_a_user_who_leaves_within_one_presence_window_is_reported_left(
+    asgi_server: LiveServer, settings: SettingsWrapper
+) -> None:
+    settings.REALTIME_PRESENCE_FLUSH_MS = 300
+    alice, bob = await user("alice"), await user("bob")
+    await sync_to_async(room_create)(slug="lobby")
+    a = await joined(asgi_server, alice, "lobby")
+    b = await joined(asgi_server, bob, "lobby")
+    snapshot = await b.expect("presence")
+    assert sorted(u["username"] for u in snapshot["online"]) == ["alice", "bob"]
+    # Alice's join is not flushed yet; her leave must not cancel it out for bob, who saw her.
+    await a.close()
+    await _presence_where(b, alice.pk, "left")
+    await b.close()
+
+
 async def test_typing_reaches_the_others_in_the_room(asgi_server: LiveServer) -> None:
     alice, bob = await user("alice"), await user("bob")
     await sync_to_async(room_create)(slug="lobby")
