@@ -291,7 +291,7 @@ class Agent:
                 "error": {"code": "unknown_command", "message": str(frame.get("name"))},
             }
         try:
-            inventory = inventory_parse(frame.get("args"))
+            inventory = inventory_parse(frame.get("args"), field="args")
         except ProtocolError as error:
             return {
                 "type": "result",

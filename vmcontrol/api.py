@@ -9,6 +9,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from common import fields
 from common.pagination import LimitOffsetPagination
 from vmcontrol import selectors, services
 from vmcontrol.models import VirtualMachine
@@ -39,8 +40,8 @@ class VmOutputSerializer(serializers.Serializer):
 
 
 class DiskInputSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=MAX_NAME_LENGTH)
-    size_gb = serializers.IntegerField(min_value=0, max_value=MAX_DISK_GB)
+    name = fields.TextField(max_length=MAX_NAME_LENGTH)
+    size_gb = fields.IntegerField(min_value=0, max_value=MAX_DISK_GB)
 
 
 def _page_of(item: type[serializers.Serializer], name: str) -> Any:
@@ -74,9 +75,9 @@ class VmListApi(APIView):
         filter = serializers.ChoiceField(choices=selectors.VM_FILTERS, required=False)
 
     class InputSerializer(serializers.Serializer):
-        name = serializers.CharField(max_length=MAX_NAME_LENGTH)
-        cpu_cores = serializers.IntegerField(min_value=1, max_value=MAX_CPU_CORES, default=1)
-        ram_mb = serializers.IntegerField(min_value=1, max_value=MAX_RAM_MB, default=512)
+        name = fields.TextField(max_length=MAX_NAME_LENGTH)
+        cpu_cores = fields.IntegerField(min_value=1, max_value=MAX_CPU_CORES, default=1)
+        ram_mb = fields.IntegerField(min_value=1, max_value=MAX_RAM_MB, default=512)
         disks = DiskInputSerializer(many=True, required=False, max_length=MAX_DISKS)  # type: ignore[call-arg]
 
     class OutputSerializer(VmOutputSerializer):
@@ -131,8 +132,8 @@ class VmDetailApi(APIView):
     permission_classes = [IsAdminUser]
 
     class InputSerializer(serializers.Serializer):
-        cpu_cores = serializers.IntegerField(min_value=1, max_value=MAX_CPU_CORES, required=False)
-        ram_mb = serializers.IntegerField(min_value=1, max_value=MAX_RAM_MB, required=False)
+        cpu_cores = fields.IntegerField(min_value=1, max_value=MAX_CPU_CORES, required=False)
+        ram_mb = fields.IntegerField(min_value=1, max_value=MAX_RAM_MB, required=False)
         disks = DiskInputSerializer(many=True, required=False, max_length=MAX_DISKS)  # type: ignore[call-arg]
 
     class OutputSerializer(VmOutputSerializer):

@@ -3,12 +3,19 @@
 It frames the byte stream into lines, validates each frame (vmcontrol.protocol), calls one
 service per frame and answers. It joins the group `vmcontrol.vm.<id>` once authorized, so any
 process reaches the agent through the channel layer (`vm.command`, `vm.logout`,
-`vm.replaced`). ApplicationError and ProtocolError become `error` frames here and only here.
-Pings touch only memory: no ORM, no thread hop.
+`vm.replaced`). Pings touch only memory: no ORM, no thread hop.
+
+This is the TCP door's one place of error mapping (`input-policy.md`): ProtocolError and
+ApplicationError become `error` frames with their code; any other exception while handling a
+frame becomes `error {code: internal}` with a generic message, logged once with the session id
+bound in structlog's contextvars, and the connection stays open. A failed write closes the
+transport (the agent reconnects and recovers). Whatever way the consumer ends, `_end` runs:
+the session row is closed, the VM's status released, the gauges restored.
 """
 
 import time
 import uuid
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -16,12 +23,16 @@ from asgiref.sync import sync_to_async
 from channels.consumer import AsyncConsumer, get_handler_name
 from channels.exceptions import StopConsumer
 from django.db import close_old_connections
+from django.utils import timezone
 
 from common.exceptions import ApplicationError
 from vmcontrol import services
 from vmcontrol.protocol import (
+    ALREADY_AUTHORIZED,
     AUTH_FAILED,
+    INTERNAL,
     PROTOCOL_VERSION,
+    UNKNOWN_COMMAND,
     UNSUPPORTED_VERSION,
     Frame,
     Inventory,
@@ -30,6 +41,7 @@ from vmcontrol.protocol import (
     decode_frame,
     encode_frame,
     error_frame,
+    protocol_error_frame,
 )
 from vmcontrol.server import AUTHORIZED, FRAMES, ServerState
 from vmcontrol.services import AgentEvent
@@ -37,6 +49,7 @@ from vmcontrol.services import AgentEvent
 logger = structlog.get_logger(__name__)
 
 PRE_AUTH_TYPES = frozenset({"hello", "enroll", "auth", "bye"})
+INTERNAL_MESSAGE = "the server could not handle the frame; quote the session id when reporting it"
 
 
 def _command_complete(**kwargs: Any) -> str:
@@ -52,30 +65,57 @@ class AgentConsumer(AsyncConsumer):
 
     state: ServerState
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Everything `_end` reads exists before the first message, so cleanup works whatever
+        # point a failure interrupted.
+        self.session_id = uuid.uuid4()
+        self.opened = False
+        self.ended = False
+        self.authorized = False
+        self.vm_id: int | None = None
+        self.group: str | None = None
+        self.inventory: Inventory | None = None
+        self.end_reason = ""
+        self.last_frame_at = time.monotonic()
+        self.pending: dict[str | int, tuple[str, str, dict[str, Any], datetime]] = {}
+        """command id → (reply channel of the process waiting for it, name, args, sent at)"""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # The connection's task owns this context: every log line of the session carries its id.
+        structlog.contextvars.bind_contextvars(
+            request_id=str(self.session_id), session_id=str(self.session_id)
+        )
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._end(self.end_reason or "closed")
+
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels' dispatch runs close_old_connections through a thread hop before every
         # message; here that would be one hop per ping. This consumer's ORM work runs in
         # executor threads that close their own connections (server.ServerState.run_sync).
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
-            raise ValueError(f"No handler for message type {message['type']}")
-        await handler(message)
+            logger.warning("vmcontrol_message_unknown", message_type=message.get("type"))
+            return
+        try:
+            await handler(message)
+        except StopConsumer:
+            raise
+        except Exception:
+            # Frames have their own catch-all (`_handle_line`); this one is for everything else
+            # (a channel-layer event, the connect step). The session goes on when it can.
+            logger.exception("vmcontrol_message_failed", message_type=message.get("type"))
+            if not self.opened:
+                await self._close("server_error")
 
     # Transport events -----------------------------------------------------------------------
 
     async def tcp_connect(self, message: dict[str, Any]) -> None:
         self.state = self.scope["vmcontrol.state"]
-        self.session_id = uuid.uuid4()
         self.splitter = LineSplitter()
-        self.last_frame_at = time.monotonic()
-        self.authorized = False
-        self.said_hello = False
-        self.vm_id: int | None = None
-        self.group: str | None = None
-        self.inventory: Inventory | None = None
-        self.end_reason = ""
-        self.pending: dict[str, tuple[str, str, dict[str, Any]]] = {}
-        """command id → (reply channel of the process waiting for it, name, args)"""
+        self.opened = True
         client = self.scope.get("client") or ["", 0]
         self.state.connections[self.session_id] = self
         self.state.submit(
@@ -94,18 +134,7 @@ class AgentConsumer(AsyncConsumer):
             await self._handle_line(line)
 
     async def tcp_disconnect(self, message: dict[str, Any]) -> None:
-        reason = self.end_reason or message.get("reason") or "closed"
-        self.state.connections.pop(self.session_id, None)
-        if self.authorized:
-            AUTHORIZED.dec()
-        self.authorized = False
-        if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-        for command_id, (reply_to, _, _) in self.pending.items():
-            await self._command_finish(command_id, reply_to, ok=False, error={"code": "closed"})
-        self.state.submit(
-            AgentEvent(kind="end", session_id=self.session_id, vm_id=self.vm_id, reason=reason)
-        )
+        await self._end(self.end_reason or message.get("reason") or "closed")
         raise StopConsumer()
 
     async def expire(self, reason: str) -> None:
@@ -113,16 +142,43 @@ class AgentConsumer(AsyncConsumer):
         if not self.end_reason:
             self.end_reason = reason
             await self._write(error_frame("timeout", reason.replace("_", " ")))
-            await self.send({"type": "tcp.close"})
+            await self._close(reason)
+
+    async def _end(self, reason: str) -> None:
+        """Release everything the session holds, once: the server's registry, the authorized
+        gauge and group, pending commands (failed as `closed`), and the session row (`end`
+        event, which also takes the VM offline). Each step is guarded so one failing step
+        (a channel layer that is down) cannot skip the others; the `end` event always goes."""
+        if self.ended or not self.opened:
+            return
+        self.ended = True
+        try:
+            self.state.connections.pop(self.session_id, None)
+            try:
+                await self._deauthorize()
+            except Exception:
+                logger.exception("vmcontrol_cleanup_failed", step="group_discard")
+            for command_id, (reply_to, _, _, sent_at) in list(self.pending.items()):
+                try:
+                    await self._command_finish(
+                        command_id, reply_to, ok=False, error={"code": "closed"}, sent_at=sent_at
+                    )
+                except Exception:
+                    logger.exception("vmcontrol_cleanup_failed", step="pending_command")
+            self.pending.clear()
+        finally:
+            self.state.submit(
+                AgentEvent(kind="end", session_id=self.session_id, vm_id=self.vm_id, reason=reason)
+            )
 
     # Frames ---------------------------------------------------------------------------------
 
     async def _handle_line(self, line: bytes) -> None:
         frame_id: Any = None
+        kind = ""
         try:
             frame = decode_frame(line, allowed=None if self.authorized else PRE_AUTH_TYPES)
-            frame_id = frame.get("id")
-            kind = frame["type"]
+            frame_id, kind = frame["id"], frame["type"]
             FRAMES.labels(kind).inc()
             self.last_frame_at = time.monotonic()
             await getattr(self, f"on_{kind}")(frame)
@@ -133,21 +189,35 @@ class AgentConsumer(AsyncConsumer):
         except ApplicationError as error:
             await self._write(error_frame(error.code, error.message, frame_id))
         except Exception:
-            logger.exception("vmcontrol_frame_failed", session=str(self.session_id))
-            await self._write(error_frame("internal", "the server could not handle the frame"))
+            logger.exception("vmcontrol_frame_failed", frame_type=kind, vm_id=self.vm_id)
+            await self._write(error_frame(INTERNAL, INTERNAL_MESSAGE, frame_id))
 
     async def _refuse(self, error: ProtocolError) -> None:
-        await self._write(error_frame(error.code, error.message, error.frame_id))
+        await self._write(protocol_error_frame(error))
         if error.close:
-            self.end_reason = "protocol_error"
-            await self.send({"type": "tcp.close"})
+            await self._close("protocol_error")
+
+    async def _close(self, reason: str) -> None:
+        if not self.end_reason:
+            self.end_reason = reason
+        await self.send({"type": "tcp.close"})
 
     async def _write(self, frame: Frame) -> None:
-        await self.send({"type": "tcp.send", "bytes": encode_frame(frame)})
+        """Send one frame; if it cannot be encoded or written, close the transport: a session
+        that lost a frame is out of step, and a reconnect puts it back in step."""
+        try:
+            data = encode_frame(frame)
+            await self.send({"type": "tcp.send", "bytes": data})
+        except Exception:
+            logger.exception("vmcontrol_write_failed", frame_type=frame.get("type"))
+            try:
+                await self._close("server_error")
+            except Exception:
+                logger.exception("vmcontrol_close_failed")
 
     def _reply(self, kind: str, request: Frame, **fields: Any) -> Frame:
         frame: Frame = {"type": kind, **fields}
-        if request.get("id") is not None:
+        if request["id"] is not None:
             frame["id"] = request["id"]
         return frame
 
@@ -156,12 +226,12 @@ class AgentConsumer(AsyncConsumer):
             raise ProtocolError(
                 UNSUPPORTED_VERSION,
                 f"server speaks protocol {PROTOCOL_VERSION}",
-                frame_id=frame.get("id"),
+                frame_id=frame["id"],
                 close=True,
             )
-        self.said_hello = True
-        self.inventory = frame.get("inventory")
-        if frame.get("vm_id") is not None and not self.authorized:
+        if frame["inventory"] is not None:
+            self.inventory = frame["inventory"]
+        if frame["vm_id"] is not None and not self.authorized:
             result = await self.state.apply(
                 AgentEvent(kind="bind", session_id=self.session_id, vm_id=frame["vm_id"])
             )
@@ -178,12 +248,14 @@ class AgentConsumer(AsyncConsumer):
         )
 
     async def on_enroll(self, frame: Frame) -> None:
+        if self.authorized:
+            raise ProtocolError(ALREADY_AUTHORIZED, "already authorized", frame_id=frame["id"])
         result = await self.state.apply(
             AgentEvent(
                 kind="enroll",
                 session_id=self.session_id,
                 secret=frame["secret"],
-                name=frame.get("name") or f"vm-{self.session_id.hex[:8]}",
+                name=frame["name"] or f"vm-{self.session_id.hex[:8]}",
                 inventory=frame["inventory"],
             )
         )
@@ -194,21 +266,20 @@ class AgentConsumer(AsyncConsumer):
 
     async def on_auth(self, frame: Frame) -> None:
         if self.authorized:
-            raise ProtocolError("already_authorized", "already authorized", frame_id=frame["id"])
-        inventory = frame.get("inventory") or self.inventory
+            raise ProtocolError(ALREADY_AUTHORIZED, "already authorized", frame_id=frame["id"])
         result = await self.state.apply(
             AgentEvent(
                 kind="auth",
                 session_id=self.session_id,
                 vm_id=frame["vm_id"],
                 token=frame["token"],
-                inventory=inventory,
+                inventory=frame["inventory"] or self.inventory,
             )
         )
-        if not result.ok:
+        if not result.ok or result.vm_id is None:
             raise services.AuthFailed()
-        assert result.vm_id is not None
         self.vm_id = result.vm_id
+        structlog.contextvars.bind_contextvars(vm_id=result.vm_id)
         self.authorized = True
         AUTHORIZED.inc()
         self.group = services.vm_group(result.vm_id)
@@ -239,16 +310,17 @@ class AgentConsumer(AsyncConsumer):
     async def on_result(self, frame: Frame) -> None:
         pending = self.pending.pop(frame["id"], None)
         if pending is None:
-            raise ProtocolError("unknown_command", "no such pending command", frame_id=frame["id"])
-        reply_to, name, args = pending
+            raise ProtocolError(UNKNOWN_COMMAND, "no such pending command", frame_id=frame["id"])
+        reply_to, name, args, sent_at = pending
         await self._command_finish(
             frame["id"],
             reply_to,
             ok=frame["ok"],
-            data=frame.get("data"),
-            error=frame.get("error"),
+            data=frame["data"],
+            error=frame["error"],
             name=name,
             args=args,
+            sent_at=sent_at,
         )
         await self._write(self._reply("ack", frame))
 
@@ -260,8 +332,7 @@ class AgentConsumer(AsyncConsumer):
         await self._write(self._reply("logged_out", frame))
 
     async def on_bye(self, frame: Frame) -> None:
-        self.end_reason = "bye"
-        await self.send({"type": "tcp.close"})
+        await self._close("bye")
 
     async def _deauthorize(self) -> None:
         if self.authorized:
@@ -269,8 +340,8 @@ class AgentConsumer(AsyncConsumer):
         self.authorized = False
         self.last_frame_at = time.monotonic()
         if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-            self.group = None
+            group, self.group = self.group, None
+            await self.channel_layer.group_discard(group, self.channel_name)
 
     # Channel-layer events -------------------------------------------------------------------
 
@@ -281,7 +352,7 @@ class AgentConsumer(AsyncConsumer):
                 command_id, reply_to, ok=False, error={"code": "not_authorized"}
             )
             return
-        self.pending[command_id] = (reply_to, message["name"], message["args"])
+        self.pending[command_id] = (reply_to, message["name"], message["args"], timezone.now())
         await self._write(
             {"type": "command", "id": command_id, "name": message["name"], "args": message["args"]}
         )
@@ -294,12 +365,11 @@ class AgentConsumer(AsyncConsumer):
     async def vm_replaced(self, message: dict[str, Any]) -> None:
         if message["session_id"] != str(self.session_id) and not self.end_reason:
             await self._deauthorize()
-            self.end_reason = "replaced"
-            await self.send({"type": "tcp.close"})
+            await self._close("replaced")
 
     async def _command_finish(
         self,
-        command_id: str,
+        command_id: str | int,
         reply_to: str,
         *,
         ok: bool,
@@ -307,15 +377,17 @@ class AgentConsumer(AsyncConsumer):
         error: dict[str, Any] | None = None,
         name: str = "",
         args: dict[str, Any] | None = None,
+        sent_at: datetime | None = None,
     ) -> None:
         status = await sync_to_async(_command_complete, thread_sensitive=False)(
-            command_id=command_id,
+            command_id=str(command_id),
             vm_id=self.vm_id,
             ok=ok,
             data=data,
             error=error,
             name=name,
             args=args,
+            sent_at=sent_at,
         )
         await self.channel_layer.send(
             reply_to,

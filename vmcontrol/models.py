@@ -69,6 +69,7 @@ class SessionEndReason(models.TextChoices):
     SERVER_SHUTDOWN = "server_shutdown", "server stopped"
     SERVER_CRASHED = "server_crashed", "closed at the next server start"
     REPLACED = "replaced", "the VM connected again"
+    SERVER_ERROR = "server_error", "the server could not write to the connection"
 
 
 class AgentSession(models.Model):

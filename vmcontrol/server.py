@@ -27,6 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from realtime.services import apublish
 from vmcontrol import services
+from vmcontrol.protocol import INTERNAL, encode_frame, error_frame
 from vmcontrol.services import VMS_TOPIC, AgentEvent, AgentEventResult
 
 logger = structlog.get_logger(__name__)
@@ -38,6 +39,7 @@ BATCH_SIZE = Histogram(
     "vmcontrol_event_batch_size", "Agent events per database batch", buckets=(1, 5, 20, 100, 500)
 )
 MAX_QUEUED_MESSAGES = 64
+CRASHED_FRAME = encode_frame(error_frame(INTERNAL, "the server could not serve this connection"))
 
 
 class Expirable(Protocol):
@@ -74,6 +76,11 @@ class ServerState:
 
     # Event writer ---------------------------------------------------------------------------
 
+    @property
+    def queued_events(self) -> int:
+        """Events waiting for the next batch (not counting the batch being committed)."""
+        return len(self._queue)
+
     def submit(self, event: AgentEvent) -> None:
         """Queue an event whose outcome nobody waits for (open, end)."""
         self._queue.append((event, None))
@@ -97,25 +104,39 @@ class ServerState:
         return await sync_to_async(call, thread_sensitive=False, executor=self._executor)()
 
     async def _flush_events(self) -> None:
+        """Apply the queued events as one batch; a poison event fails alone (its waiter gets
+        its exception, a fire-and-forget one is logged) and the rest are applied and answered
+        (`services.agent_events_apply_isolated`)."""
         batch, self._queue = self._queue, []
         if not batch:
             return
         BATCH_SIZE.observe(len(batch))
         try:
-            results, changes = await self.run_sync(
-                services.agent_events_apply,
+            outcomes, changes = await self.run_sync(
+                services.agent_events_apply_isolated,
                 server_name=self.config.server_name,
                 events=[event for event, _ in batch],
             )
         except Exception as error:
+            # Not a database answer (those are per event): the worker thread itself failed.
             logger.exception("vmcontrol_event_batch_failed", size=len(batch))
-            for _, future in batch:
-                if future is not None and not future.done():
-                    future.set_exception(error)
-            return
-        for (_, future), result in zip(batch, results, strict=True):
-            if future is not None and not future.done():
-                future.set_result(result)
+            outcomes, changes = [error] * len(batch), []
+        for (event, future), outcome in zip(batch, outcomes, strict=True):
+            if future is not None:
+                if future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+            elif isinstance(outcome, Exception):
+                logger.error(
+                    "vmcontrol_event_failed",
+                    kind=event.kind,
+                    session_id=str(event.session_id),
+                    vm_id=event.vm_id,
+                    exc_info=outcome,
+                )
         if changes:
             # Notifications must not hold up the next batch (a storm makes thousands); each
             # batch's publisher waits for the previous one so a VM's changes stay in order.
@@ -170,10 +191,14 @@ class ServerState:
             now = time.monotonic()
             for connection in list(self.connections.values()):
                 silent = now - connection.last_frame_at
-                if connection.authorized and silent > heartbeat_window:
-                    await connection.expire("heartbeat_timeout")
-                elif not connection.authorized and silent > self.config.auth_timeout:
-                    await connection.expire("idle_unauthenticated")
+                try:
+                    if connection.authorized and silent > heartbeat_window:
+                        await connection.expire("heartbeat_timeout")
+                    elif not connection.authorized and silent > self.config.auth_timeout:
+                        await connection.expire("idle_unauthenticated")
+                except Exception:
+                    # One connection failing to expire must not stop liveness for the rest.
+                    logger.exception("vmcontrol_expire_failed")
 
     def mark_seen(self, vm_id: int) -> None:
         self.last_seen[vm_id] = timezone.now()
@@ -220,7 +245,11 @@ class _TcpConnection(asyncio.Protocol):
         try:
             await self.app(scope, self._receive, self._send)
         except Exception:
+            # The consumer answers and logs what happens inside a frame; this is the application
+            # itself failing (no channel layer at connect): tell the agent, then close.
             logger.exception("vmcontrol_consumer_crashed", client=scope["client"])
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(CRASHED_FRAME)
         finally:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()

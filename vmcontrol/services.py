@@ -18,7 +18,7 @@ from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import InMemoryChannelLayer, channel_layers, get_channel_layer
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db import connection, transaction
+from django.db import DatabaseError, close_old_connections, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -41,6 +41,9 @@ logger = structlog.get_logger(__name__)
 
 VMS_TOPIC = "vmcontrol.vms"
 TOKEN_BYTES = 32
+TOKEN_PREFIX = "vmc_"  # noqa: S105 - a public marker, not a secret
+"""Marks a vmcontrol token (secret scanners can recognise it) and keeps it from starting with
+`-`, which command lines would read as an option."""
 
 Actor = AbstractBaseUser | AnonymousUser | None
 
@@ -82,8 +85,9 @@ def token_hash(raw: str) -> str:
 
 
 def token_generate() -> tuple[str, str]:
-    """A new raw token (shown once) and the hash that is stored."""
-    raw = secrets.token_urlsafe(TOKEN_BYTES)
+    """A new raw token (shown once): `vmc_` and 32 random bytes in URL-safe base64, and the
+    hash that is stored."""
+    raw = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
     return raw, token_hash(raw)
 
 
@@ -417,23 +421,35 @@ def command_complete(
     error: dict[str, Any] | None,
     name: str = "",
     args: dict[str, Any] | None = None,
+    sent_at: datetime | None = None,
 ) -> str:
     """Record an agent's answer once: a conditional update from an open status, so a late
-    answer after a timeout (or a duplicate) changes nothing. An acknowledged `update_specs`
-    writes the specs it carried (`args`, as sent). Returns the command's final status."""
+    answer after a timeout (or a duplicate) changes nothing. `sent_at` is when the connection
+    wrote the command to the agent (None if it never did); it is stored with the answer, since
+    a fast agent can answer before the operator's side has marked the command `sent`. An
+    acknowledged `update_specs` writes the specs it carried (`args`, as sent). Returns the
+    command's final status."""
     commands = Command.objects.filter(pk=command_id)
     if vm_id is not None:
         commands = commands.filter(vm_id=vm_id)
     final = CommandStatus.SUCCEEDED if ok else CommandStatus.FAILED
+    answer: dict[str, Any] = {
+        "status": final,
+        "result": data,
+        "error": error,
+        "finished_at": timezone.now(),
+    }
+    if sent_at is not None:
+        answer["sent_at"] = sent_at
     claimed = commands.filter(status__in=[CommandStatus.QUEUED, CommandStatus.SENT]).update(
-        status=final, result=data, error=error, finished_at=timezone.now()
+        **answer
     )
     if not claimed:
         status = commands.values_list("status", flat=True).first()
         return str(status or "unknown")
     if ok and name == "update_specs" and vm_id is not None:
         try:
-            inventory = inventory_parse(args)
+            inventory = inventory_parse(args, field="args")
         except ProtocolError:  # pragma: no cover - args were built from a valid Inventory
             return str(final)
         VirtualMachine.objects.filter(pk=vm_id).update(
@@ -538,6 +554,44 @@ def agent_events_apply(
         if by_kind["end"]:
             _apply_ends(events, by_kind["end"], changes)
     return results, list(changes.values())
+
+
+AgentEventOutcome = AgentEventResult | Exception
+
+
+def agent_events_apply_isolated(
+    *, server_name: str, events: Sequence[AgentEvent]
+) -> tuple[list[AgentEventOutcome], list[dict[str, Any]]]:
+    """Apply a batch like `agent_events_apply`, so that a poison event hurts only itself.
+
+    The batch is tried in one transaction; if that fails, every event is applied again alone,
+    in queue order (which keeps each session's order), each in its own transaction. Returns one
+    outcome per event (its result, or the exception that event raised alone) and the status
+    changes of everything that was applied, so every open, end and auth of a failed batch is
+    still applied and answered."""
+    try:
+        results, changes = agent_events_apply(server_name=server_name, events=events)
+    except Exception as error:
+        if len(events) == 1:
+            return [error], []
+        logger.warning("vmcontrol_event_batch_split", size=len(events), error=type(error).__name__)
+    else:
+        return list(results), changes
+    outcomes: list[AgentEventOutcome] = []
+    merged: dict[int, dict[str, Any]] = {}
+    for event in events:
+        try:
+            (result,), event_changes = agent_events_apply(server_name=server_name, events=[event])
+        except Exception as error:
+            outcomes.append(error)
+            # A connection broken by the failure is replaced rather than failing the rest.
+            close_old_connections()
+            continue
+        outcomes.append(result)
+        for change in event_changes:
+            merged.pop(change["vm_id"], None)
+            merged[change["vm_id"]] = change
+    return outcomes, list(merged.values())
 
 
 def _apply_binds(
@@ -683,13 +737,32 @@ def _apply_ends(
 
 
 def last_seen_flush(*, seen: dict[int, datetime]) -> int:
-    """Write heartbeats collected in memory: one UPDATE per distinct second, not per ping."""
+    """Write heartbeats collected in memory: one UPDATE per distinct second, not per ping.
+
+    A statement that fails is retried VM by VM, so one VM's row the database refuses does not
+    cost the others their last-seen time; the VMs that still fail are logged and skipped."""
     by_time: dict[datetime, list[int]] = {}
     for vm_id, at in seen.items():
         by_time.setdefault(at.replace(microsecond=0), []).append(vm_id)
     updated = 0
+    failed: list[int] = []
     for at, vm_ids in by_time.items():
-        updated += VirtualMachine.objects.filter(pk__in=vm_ids).update(last_seen_at=at)
+        try:
+            with transaction.atomic():
+                updated += VirtualMachine.objects.filter(pk__in=vm_ids).update(last_seen_at=at)
+            continue
+        except DatabaseError:
+            if len(vm_ids) == 1:
+                failed.extend(vm_ids)
+                continue
+        for vm_id in vm_ids:
+            try:
+                with transaction.atomic():
+                    updated += VirtualMachine.objects.filter(pk=vm_id).update(last_seen_at=at)
+            except DatabaseError:
+                failed.append(vm_id)
+    if failed:
+        logger.error("vmcontrol_last_seen_failed", vm_ids=failed[:100], count=len(failed))
     return updated
 
 

@@ -291,3 +291,80 @@ async def test_disk_ids_survive_a_patch_that_keeps_the_disk(
         assert response.json()["disks"] == [{"id": root.pk, "name": "root", "size_gb": 99}]
     finally:
         await finish()
+
+
+def _named(details: Any, field: str) -> bool:
+    """Whether a DRF error `details` mapping names `field` (dotted, `disks[0].name`)."""
+    node = details
+    for part in field.replace("]", "").replace("[", ".").split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "vm\x1b[2J"}, "name"),
+        ({"name": "tab\there"}, "name"),
+        ({"name": "n" * 65}, "name"),
+        ({"name": "ok", "cpu_cores": "\u0663"}, "cpu_cores"),  # Arabic-Indic three
+        ({"name": "ok", "cpu_cores": "1_0"}, "cpu_cores"),
+        ({"name": "ok", "cpu_cores": "+2"}, "cpu_cores"),
+        ({"name": "ok", "cpu_cores": 2.5}, "cpu_cores"),
+        ({"name": "ok", "cpu_cores": True}, "cpu_cores"),
+        ({"name": "ok", "cpu_cores": 0}, "cpu_cores"),
+        ({"name": "ok", "ram_mb": "\uff11\uff10\uff12\uff14"}, "ram_mb"),  # fullwidth 1024
+        ({"name": "ok", "ram_mb": 2**63}, "ram_mb"),
+        ({"name": "ok", "disks": [{"name": "bell\x07", "size_gb": 1}]}, "disks[0].name"),
+        ({"name": "ok", "disks": [{"name": "d", "size_gb": "\u0661\u0660"}]}, "disks[0].size_gb"),
+        ({"name": "ok", "disks": [{"name": "d", "size_gb": -1}]}, "disks[0].size_gb"),
+        ({"name": "ok", "disks": [{"name": "d", "size_gb": 2**64}]}, "disks[0].size_gb"),
+    ],
+)
+async def test_registration_refuses_what_the_shared_parsers_refuse_naming_the_field(
+    api: httpx.AsyncClient, body: dict[str, Any], field: str
+) -> None:
+    response = await api.post("/vms", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid" and _named(error["details"], field), error
+    assert await sync_to_async(VirtualMachine.objects.count)() == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"cpu_cores": "\u0663"}, "cpu_cores"),
+        ({"ram_mb": "2_048"}, "ram_mb"),
+        ({"ram_mb": 2**26 + 1}, "ram_mb"),
+        ({"disks": [{"name": "unit\x1fsep", "size_gb": 1}]}, "disks[0].name"),
+        ({"disks": [{"name": "d", "size_gb": "1e3"}]}, "disks[0].size_gb"),
+    ],
+)
+async def test_patch_refuses_what_the_shared_parsers_refuse_before_reaching_the_agent(
+    api: httpx.AsyncClient, body: dict[str, Any], field: str
+) -> None:
+    vm, _ = await sync_to_async(vm_with_token)("strict")
+    response = await api.patch(f"/vms/{vm.pk}", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid" and _named(error["details"], field), error
+    assert await sync_to_async(Command.objects.count)() == 0
+
+
+async def test_issued_tokens_never_start_with_a_dash(api: httpx.AsyncClient) -> None:
+    from vmcontrol import services
+
+    created = await api.post("/vms", json={"name": "dash"})
+    tokens = [created.json()["token"]]
+    for _ in range(20):
+        rotated = await api.post(f"/vms/{created.json()['id']}/rotate-token")
+        tokens.append(rotated.json()["token"])
+    tokens += [services.token_generate()[0] for _ in range(500)]
+    assert all(token.startswith("vmc_") for token in tokens)
+    assert len(set(tokens)) == len(tokens)

@@ -167,3 +167,39 @@ def test_fuzz_splitter_never_loses_a_complete_line(chunks: list[bytes]) -> None:
     whole = b"".join(chunks)
     expected = [line for line in whole.split(b"\n")[:-1] if line.strip()]
     assert lines == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b'{"type": "auth", "vm_id": 3, "token": "t"}', {"id": None, "inventory": None}),
+        (b'{"type": "hello", "protocol": 1}', {"id": None, "vm_id": None, "inventory": None}),
+        (
+            b'{"type": "enroll", "secret": "s", "inventory": {"cpu_cores": 1, "ram_mb": 1}}',
+            {"name": None},
+        ),
+        (b'{"type": "result", "id": "c", "ok": true}', {"data": None, "error": None}),
+        (b'{"type": "ping", "extra": [1]}', {"id": None}),
+    ],
+)
+def test_decoded_frames_hold_every_field_of_their_type_and_nothing_else(
+    raw: bytes, expected: dict[str, Any]
+) -> None:
+    """Handlers index frames directly; an absent optional field is there as None (issue 10
+    item 3: a second `auth` without `id` crashed on `frame["id"]`)."""
+    decoded = decode_frame(raw)
+    assert expected.items() <= decoded.items()
+    assert "extra" not in decoded
+
+
+def test_a_refused_string_value_keeps_the_frames_valid_id_for_the_error() -> None:
+    with pytest.raises(ProtocolError) as refused:
+        decode_frame(b'{"type": "enroll", "id": "e1", "secret": "\\udc00"}')
+    assert (refused.value.field, refused.value.reason, refused.value.frame_id) == (
+        "secret",
+        "encoding",
+        "e1",
+    )
+    with pytest.raises(ProtocolError) as refused:
+        decode_frame(b'{"type": "enroll", "id": "e\\u0000", "secret": "s"}')
+    assert (refused.value.field, refused.value.frame_id) == ("id", None)

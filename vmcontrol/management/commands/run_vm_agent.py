@@ -10,43 +10,80 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandParser
 
+from common.parsers import INT64_MAX
 from vmcontrol.agent import AgentFleet, AgentIdentity, FleetStats
+from vmcontrol.management.options import (
+    OptionValuesCommand,
+    disk_option,
+    identifier_option,
+    integer_option,
+    seconds_option,
+    text_option,
+)
+from vmcontrol.protocol import (
+    MAX_CPU_CORES,
+    MAX_NAME_LENGTH,
+    MAX_RAM_MB,
+    MAX_SECRET_LENGTH,
+    MAX_TOKEN_LENGTH,
+)
 
 
-def _disk(value: str) -> dict[str, Any]:
-    name, _, size = value.partition(":")
-    if not name or not size.isdigit():
-        raise CommandError(f"--disk wants NAME:SIZE_GB, got {value!r}")
-    return {"name": name, "size_gb": int(size)}
-
-
-class Command(BaseCommand):
+class Command(OptionValuesCommand):
     help = "Run a VM agent (or --count simulated agents) that dials the vmcontrol server."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--host", default="127.0.0.1")
-        parser.add_argument("--port", type=int, default=settings.VMCONTROL_PORT)
-        parser.add_argument("--vm-id", type=int, help="registered VM id (with --token)")
-        parser.add_argument("--token", help="the token shown once at registration")
-        parser.add_argument("--name", default="agent-1")
-        parser.add_argument("--cpu", type=int, default=2)
-        parser.add_argument("--ram", type=int, default=2048, help="MB")
-        parser.add_argument("--disk", action="append", type=_disk, help="NAME:SIZE_GB")
+        parser.add_argument("--host", type=identifier_option(max_length=253), default="127.0.0.1")
+        parser.add_argument(
+            "--port",
+            type=integer_option(min_value=1, max_value=65535),
+            default=settings.VMCONTROL_PORT,
+        )
+        parser.add_argument(
+            "--vm-id",
+            type=integer_option(min_value=1, max_value=INT64_MAX),
+            help="registered VM id (with --token)",
+        )
+        parser.add_argument(
+            "--token",
+            type=identifier_option(max_length=MAX_TOKEN_LENGTH),
+            help="the token shown once at registration (may start with '-')",
+        )
+        parser.add_argument(
+            "--name", type=text_option(max_length=MAX_NAME_LENGTH), default="agent-1"
+        )
+        parser.add_argument(
+            "--cpu", type=integer_option(min_value=1, max_value=MAX_CPU_CORES), default=2
+        )
+        parser.add_argument(
+            "--ram", type=integer_option(min_value=1, max_value=MAX_RAM_MB), default=2048, help="MB"
+        )
+        parser.add_argument("--disk", action="append", type=disk_option, help="NAME:SIZE_GB")
         parser.add_argument(
             "--enroll-secret",
+            type=text_option(max_length=MAX_SECRET_LENGTH, allow_empty=True),
             default=settings.VMCONTROL_ENROLL_SECRET,
             help="self-enroll agents that have no token yet",
         )
-        parser.add_argument("--count", type=int, default=1, help="simulate this many agents")
+        parser.add_argument(
+            "--count",
+            type=integer_option(min_value=1, max_value=1_000_000),
+            default=1,
+            help="simulate this many agents",
+        )
         parser.add_argument("--state-file", type=Path, help="JSON file keeping enrolled tokens")
         parser.add_argument("--stats-file", type=Path, help="write fleet counters every second")
-        parser.add_argument("--ramp", type=float, default=0.0, help="seconds to spread connects")
+        parser.add_argument(
+            "--ramp", type=seconds_option(), default=0.0, help="seconds to spread connects"
+        )
         parser.add_argument("--ignore-commands", action="store_true")
-        parser.add_argument("--backoff-base", type=float, default=0.5)
-        parser.add_argument("--backoff-cap", type=float, default=10.0)
-        parser.add_argument("--duration", type=float, default=0.0, help="stop after N seconds")
+        parser.add_argument("--backoff-base", type=seconds_option(), default=0.5)
+        parser.add_argument("--backoff-cap", type=seconds_option(), default=10.0)
+        parser.add_argument(
+            "--duration", type=seconds_option(), default=0.0, help="stop after N seconds"
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -62,7 +99,11 @@ class Command(BaseCommand):
                     inventory={
                         "cpu_cores": options["cpu"],
                         "ram_mb": options["ram"],
-                        "disks": options["disk"] or [{"name": "root", "size_gb": 20}],
+                        "disks": [
+                            {"name": disk.name, "size_gb": disk.size_gb}
+                            for disk in options["disk"] or []
+                        ]
+                        or [{"name": "root", "size_gb": 20}],
                     },
                 )
             ]

@@ -3,27 +3,32 @@
 from typing import IO, Any, cast
 
 from channels.layers import InMemoryChannelLayer, get_channel_layer
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from rich.console import Console
 from rich.table import Table
 
 from common.exceptions import ApplicationError
+from common.parsers import INT64_MAX
 from vmcontrol import selectors, services
-from vmcontrol.protocol import Disk as WireDisk
+from vmcontrol.management.options import (
+    OptionValuesCommand,
+    disk_option,
+    integer_option,
+    seconds_option,
+    text_option,
+)
+from vmcontrol.protocol import MAX_CPU_CORES, MAX_NAME_LENGTH, MAX_RAM_MB
 
-
-def _disk(value: str) -> WireDisk:
-    name, _, size = value.partition(":")
-    if not name or not size.isdigit():
-        raise CommandError(f"--disk wants NAME:SIZE_GB, got {value!r}")
-    return WireDisk(name=name, size_gb=int(size))
+VM_ID = integer_option(min_value=1, max_value=INT64_MAX)
+CPU = integer_option(min_value=1, max_value=MAX_CPU_CORES)
+RAM = integer_option(min_value=1, max_value=MAX_RAM_MB)
 
 
 def _when(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "—"
 
 
-class Command(BaseCommand):
+class Command(OptionValuesCommand):
     help = "VM control console: list, disks, register, update, logout, rotate-token, revoke."
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -35,18 +40,18 @@ class Command(BaseCommand):
         which.add_argument("--ever-connected", action="store_true")
         sub.add_parser("disks", help="every disk with its VM")
         register = sub.add_parser("register", help="add a VM and print its token once")
-        register.add_argument("--name", required=True)
-        register.add_argument("--cpu", type=int, default=1)
-        register.add_argument("--ram", type=int, default=512, help="MB")
-        register.add_argument("--disk", action="append", type=_disk, help="NAME:SIZE_GB")
+        register.add_argument("--name", required=True, type=text_option(max_length=MAX_NAME_LENGTH))
+        register.add_argument("--cpu", type=CPU, default=1)
+        register.add_argument("--ram", type=RAM, default=512, help="MB")
+        register.add_argument("--disk", action="append", type=disk_option, help="NAME:SIZE_GB")
         update = sub.add_parser("update", help="push new specs to an authorized VM")
-        update.add_argument("vm_id", type=int)
-        update.add_argument("--cpu", type=int)
-        update.add_argument("--ram", type=int, help="MB")
-        update.add_argument("--disk", action="append", type=_disk, help="NAME:SIZE_GB (all)")
-        update.add_argument("--timeout", type=float)
+        update.add_argument("vm_id", type=VM_ID)
+        update.add_argument("--cpu", type=CPU)
+        update.add_argument("--ram", type=RAM, help="MB")
+        update.add_argument("--disk", action="append", type=disk_option, help="NAME:SIZE_GB (all)")
+        update.add_argument("--timeout", type=seconds_option())
         for name in ("logout", "rotate-token", "revoke-token"):
-            sub.add_parser(name).add_argument("vm_id", type=int)
+            sub.add_parser(name).add_argument("vm_id", type=VM_ID)
 
     def handle(self, *args: Any, action: str, **options: Any) -> None:
         self.console = Console(file=cast(IO[str], self.stdout), width=140)
