@@ -1,5 +1,11 @@
-"""REST interface of betting: thin views that validate, call one service/selector, serialize."""
+"""REST interface of betting: thin views that validate, call one service/selector, serialize.
 
+Every value from the client goes through the shared parsers (`common.fields` in the input
+serializers, `<ident:>`/`<id:>` in the paths, `betting.schemas` for headers), with the same
+limits the gRPC door uses (`services.STAKE`, `services.COEFFICIENT`).
+"""
+
+import hashlib
 from typing import Any
 
 from django.conf import settings
@@ -13,25 +19,12 @@ from rest_framework.views import APIView
 
 from betting import schemas, selectors, services
 from betting.models import Bet, BetStatus, Event
+from common.fields import IdentifierField, MoneyField, TextField, TimestampField
 from common.pagination import CursorPagination, LimitOffsetPagination
 
 
-class DecimalStringField(serializers.CharField):
-    """A decimal carried as a string; parsed by betting.schemas (strict: ≤ 2 places, > 0)."""
-
-    def to_internal_value(self, data: Any) -> Any:
-        if isinstance(data, bool | float):
-            raise serializers.ValidationError("must be a decimal string")
-        return schemas.money_parse(
-            super().to_internal_value(str(data)), field=self.field_name or "value"
-        )
-
-    def to_representation(self, value: Any) -> str:
-        return schemas.money_format(value)
-
-
 class EventOutputSerializer(serializers.ModelSerializer):
-    coefficient = DecimalStringField()
+    coefficient = MoneyField(read_only=True)
 
     class Meta:
         model = Event
@@ -39,10 +32,10 @@ class EventOutputSerializer(serializers.ModelSerializer):
 
 
 class BetOutputSerializer(serializers.ModelSerializer):
-    amount = DecimalStringField()
-    coefficient = DecimalStringField()
-    potential_payout = DecimalStringField()
-    payout = DecimalStringField(allow_null=True)
+    amount = MoneyField(read_only=True)
+    coefficient = MoneyField(read_only=True)
+    potential_payout = MoneyField(read_only=True)
+    payout = MoneyField(read_only=True, allow_null=True)
 
     class Meta:
         model = Bet
@@ -70,7 +63,11 @@ def _user_id(request: Request) -> int:
 
 
 class EventListApi(APIView):
-    """Events open for betting, briefly cached; any event change invalidates the cache."""
+    """Events open for betting, briefly cached; any event change invalidates the cache.
+
+    `limit`/`offset` are parsed before the cache is consulted, so a bad one is a 400 and never a
+    cache entry; the key is a digest of the host and query (the page links echo both), so its
+    length does not grow with what a client sends."""
 
     class Pagination(LimitOffsetPagination):
         default_limit = 50
@@ -84,12 +81,15 @@ class EventListApi(APIView):
         ],
     )
     def get(self, request: Request) -> Response:
+        paginator = self.Pagination()
+        limit, offset = paginator.get_limit(request), paginator.get_offset(request)
         generation = cache.get(services.EVENTS_CACHE_GENERATION_KEY, 0)
-        key = f"betting:events:{generation}:{request.query_params.urlencode()}"
+        query = f"{request.get_host()}?{request.META.get('QUERY_STRING', '')}"
+        digest = hashlib.sha256(query.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        key = f"betting:events:{generation}:{limit}:{offset}:{digest}"
         cached = cache.get(key)
         if cached is not None:
             return Response(cached)
-        paginator = self.Pagination()
         page = paginator.paginate_queryset(selectors.events_open(), request, view=self)
         response = paginator.get_paginated_response(EventOutputSerializer(page, many=True).data)
         cache.set(key, response.data, settings.BETTING_EVENTS_CACHE_SECONDS)
@@ -98,9 +98,13 @@ class EventListApi(APIView):
 
 class BetPlaceApi(APIView):
     class InputSerializer(serializers.Serializer):
-        event_id = serializers.CharField(max_length=64)
-        amount = DecimalStringField()
-        expected_coefficient = DecimalStringField(required=False)
+        event_id = IdentifierField(max_length=schemas.EVENT_ID_MAX_LENGTH)
+        amount = MoneyField(min_value=services.STAKE.minimum, max_value=services.STAKE.maximum)
+        expected_coefficient = MoneyField(
+            min_value=services.COEFFICIENT.minimum,
+            max_value=services.COEFFICIENT.maximum,
+            required=False,
+        )
         odds_change = serializers.ChoiceField(choices=services.ODDS_CHANGE_POLICIES, default="none")
 
     @extend_schema(
@@ -120,9 +124,10 @@ class BetPlaceApi(APIView):
     def post(self, request: Request) -> Response:
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
+        key = request.headers.get("Idempotency-Key")
         placement = services.bet_place(
             user_id=_user_id(request),
-            idempotency_key=request.headers.get("Idempotency-Key"),
+            idempotency_key=None if key is None else schemas.idempotency_key(key),
             **serializer.validated_data,
         )
         headers = {"Idempotent-Replayed": "true"} if placement.replayed else {}
@@ -138,7 +143,7 @@ class BetListApi(APIView):
 
     class FilterSerializer(serializers.Serializer):
         status = serializers.ChoiceField(choices=BetStatus.choices, required=False)
-        event_id = serializers.CharField(max_length=64, required=False)
+        event_id = IdentifierField(max_length=schemas.EVENT_ID_MAX_LENGTH, required=False)
 
     @extend_schema(
         operation_id="betting_bets_list",
@@ -183,10 +188,12 @@ class EventCreateApi(APIView):
     permission_classes = [IsAdminUser]
 
     class InputSerializer(serializers.Serializer):
-        id = serializers.CharField(max_length=64)
-        name = serializers.CharField(max_length=200)
-        coefficient = DecimalStringField()
-        deadline = serializers.DateTimeField()
+        id = IdentifierField(max_length=schemas.EVENT_ID_MAX_LENGTH)
+        name = TextField(max_length=schemas.EVENT_NAME_MAX_LENGTH)
+        coefficient = MoneyField(
+            min_value=services.COEFFICIENT.minimum, max_value=services.COEFFICIENT.maximum
+        )
+        deadline = TimestampField(future=True)
 
     @extend_schema(
         operation_id="betting_event_create",
@@ -212,7 +219,9 @@ class EventOddsUpdateApi(APIView):
     permission_classes = [IsAdminUser]
 
     class InputSerializer(serializers.Serializer):
-        coefficient = DecimalStringField()
+        coefficient = MoneyField(
+            min_value=services.COEFFICIENT.minimum, max_value=services.COEFFICIENT.maximum
+        )
 
     @extend_schema(
         operation_id="betting_event_odds_update",

@@ -1,45 +1,75 @@
-"""Pure wire-format validation shared by REST and gRPC (no Django imports)."""
+"""Betting's values on the wire, judged the same way at REST and gRPC (pure, no Django imports).
 
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+Each function is a thin binding of one shared parser (`common.parsers`) to a betting field's
+limits, so a value gets one judgement whichever door it came through.
+"""
 
-from common.exceptions import ValidationFailed
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+
+from common import parsers
 
 CENT = Decimal("0.01")
-MAX_DIGITS = 12
+#: The largest value of the money and odds columns (`DecimalField(max_digits=12,
+#: decimal_places=2)`).
+MONEY_COLUMN_MAX = Decimal("9999999999.99")
+EVENT_ID_MAX_LENGTH = 64
+EVENT_NAME_MAX_LENGTH = 200
+IDEMPOTENCY_KEY_MAX_LENGTH = 200
 
 
-def money_parse(raw: object, *, field: str) -> Decimal:
-    """A positive finite Decimal with at most two places, from a string (or Decimal/int).
-    Floats are refused: they cannot carry an exact amount."""
-    if isinstance(raw, bool | float):
-        raise ValidationFailed(
-            f"{field} must be a decimal string", code="invalid_decimal", details={"field": field}
-        )
+@dataclass(frozen=True)
+class MoneyRange:
+    """The accepted amounts of one money field (stake, coefficient), both ends included."""
+
+    minimum: Decimal
+    maximum: Decimal
+
+    def parse(self, value: object, *, field: str) -> Decimal:
+        """`parsers.money` within this range: an ASCII decimal string with at most 2 places."""
+        return parsers.money(value, field=field, min_value=self.minimum, max_value=self.maximum)
+
+    def check(self, value: Decimal | str, *, field: str) -> Decimal:
+        """The same judgement for a value already typed by a caller inside the process (a
+        `Decimal` is judged by its fixed-point text, so `Decimal("10.001")` is refused)."""
+        raw = format(value, "f") if isinstance(value, Decimal) else value
+        return self.parse(raw, field=field)
+
+
+def money_range(minimum: str, maximum: str, *, name: str) -> MoneyRange:
+    """A configured range (settings), parsed by the same rules as client input; raises
+    `ValueError` naming `name` unless 0 < minimum <= maximum <= the column's maximum."""
     try:
-        value = Decimal(str(raw).strip()) if not isinstance(raw, Decimal) else raw
-    except (InvalidOperation, ValueError):
-        raise ValidationFailed(
-            f"{field} is not a decimal number", code="invalid_decimal", details={"field": field}
-        ) from None
-    if not value.is_finite():
-        raise ValidationFailed(
-            f"{field} must be finite", code="invalid_decimal", details={"field": field}
-        )
-    exponent = value.as_tuple().exponent
-    assert isinstance(exponent, int)
-    if exponent < -2:
-        raise ValidationFailed(
-            f"{field} has more than 2 decimal places",
-            code="too_many_decimal_places",
-            details={"field": field},
-        )
-    if value <= 0:
-        raise ValidationFailed(
-            f"{field} must be greater than zero", code="not_positive", details={"field": field}
-        )
-    if value.adjusted() >= MAX_DIGITS - 2:
-        raise ValidationFailed(f"{field} is too large", code="too_large", details={"field": field})
-    return value.quantize(CENT)
+        low = parsers.money(minimum, field=f"{name} minimum", min_value=CENT)
+        high = parsers.money(maximum, field=f"{name} maximum", max_value=MONEY_COLUMN_MAX)
+    except parsers.InvalidValue as error:
+        raise ValueError(error.message) from None
+    if low > high:
+        raise ValueError(f"{name}: minimum {low} is above maximum {high}")
+    return MoneyRange(minimum=low, maximum=high)
+
+
+def event_id(value: object, *, field: str = "id") -> str:
+    """An event id: `[A-Za-z0-9._:-]`, 1..64 characters."""
+    return parsers.identifier(value, field=field, max_length=EVENT_ID_MAX_LENGTH)
+
+
+def event_name(value: object, *, field: str = "name") -> str:
+    """An event name: one line of clean text, trimmed, 1..200 characters."""
+    return parsers.text(value, field=field, max_length=EVENT_NAME_MAX_LENGTH, strip=True)
+
+
+def idempotency_key(value: object, *, field: str = "Idempotency-Key") -> str:
+    """An `Idempotency-Key`: one line of clean text, 1..200 characters, taken as sent."""
+    return parsers.text(value, field=field, max_length=IDEMPOTENCY_KEY_MAX_LENGTH)
+
+
+def deadline_ahead(moment: datetime, *, now: datetime, field: str = "deadline") -> datetime:
+    """A new event's deadline must be after `now` (the REST `TimestampField(future=True)` rule)."""
+    if moment <= now:
+        raise parsers.InvalidValue(field, "range", "must be in the future")
+    return moment
 
 
 def payout_of(amount: Decimal, coefficient: Decimal) -> Decimal:

@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from django.conf import settings
 from django.core.cache import cache
+from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Sum
 from django.utils import timezone
@@ -51,6 +52,26 @@ BETS_SETTLED = Counter("betting_bets_settled_total", "Bets settled", ["status"])
 
 OUTCOME_STATES = {"win": EventState.FINISHED_WIN, "lose": EventState.FINISHED_LOSE}
 ODDS_CHANGE_POLICIES = ("none", "higher", "any")
+
+
+def _configured_range(minimum: str, maximum: str, *, name: str) -> schemas.MoneyRange:
+    try:
+        return schemas.money_range(minimum, maximum, name=name)
+    except ValueError as error:
+        raise ImproperlyConfigured(str(error)) from None
+
+
+#: Accepted stakes and coefficients, read once from settings (a malformed value stops the
+#: process at start). The doors parse client values with these ranges; the services re-check
+#: values handed in by other callers with the same parser, so both give one judgement.
+STAKE = _configured_range(
+    settings.BETTING_MIN_STAKE, settings.BETTING_MAX_STAKE, name="BETTING_MIN/MAX_STAKE"
+)
+COEFFICIENT = _configured_range(
+    settings.BETTING_MIN_COEFFICIENT,
+    settings.BETTING_MAX_COEFFICIENT,
+    name="BETTING_MIN/MAX_COEFFICIENT",
+)
 
 
 def event_as_payload(event: Event) -> dict[str, Any]:
@@ -108,7 +129,11 @@ def _event_changed(event: Event, *, kind: str, actor_id: int | None, via: str) -
 
 def _aware(deadline: datetime) -> datetime:
     if timezone.is_naive(deadline):
-        raise ValidationFailed("deadline must carry a timezone", code="naive_datetime")
+        raise ValidationFailed(
+            "deadline must carry a timezone",
+            code="naive_datetime",
+            details={"deadline": ["must carry a UTC offset"]},
+        )
     return deadline
 
 
@@ -122,10 +147,14 @@ def event_create(
     actor_id: int | None,
     via: str,
 ) -> Event:
-    """Create an event in state NEW. An existing id is a Conflict."""
-    if not event_id or len(event_id) > 64 or not name:
-        raise ValidationFailed("id (≤ 64 chars) and name are required", code="invalid_event")
-    coefficient = schemas.money_parse(coefficient, field="coefficient")
+    """Create an event in state NEW. An existing id is a Conflict.
+
+    `event_id`, `name` and `coefficient` are judged by `betting.schemas` (the doors have parsed
+    them already; this guards other callers). The deadline must be aware; the doors also require
+    it to be in the future, the service does not (imports and tests create closed events)."""
+    event_id = schemas.event_id(event_id, field="id")
+    name = schemas.event_name(name, field="name")
+    coefficient = COEFFICIENT.check(coefficient, field="coefficient")
     if Event.objects.filter(pk=event_id).exists():
         raise Conflict(f"event {event_id} already exists", code="event_exists")
     event = Event(
@@ -152,7 +181,7 @@ def event_odds_update(
     *, event_id: str, coefficient: Decimal, actor_id: int | None, via: str
 ) -> Event:
     """Change the coefficient of a NEW event (locks the event row). Same value: no-op."""
-    coefficient = schemas.money_parse(coefficient, field="coefficient")
+    coefficient = COEFFICIENT.check(coefficient, field="coefficient")
     event = _event_locked(event_id)
     if event.state != EventState.NEW:
         raise PreconditionFailed(f"event {event_id} is {event.state}", code="event_closed")
@@ -254,16 +283,6 @@ def _idempotency_claim(*, user_id: int, key: str, request_hash: str) -> Idempote
     return existing
 
 
-def _stake_check(amount: Decimal) -> None:
-    low, high = Decimal(settings.BETTING_MIN_STAKE), Decimal(settings.BETTING_MAX_STAKE)
-    if not low <= amount <= high:
-        raise ValidationFailed(
-            f"amount must be between {low} and {high}",
-            code="stake_out_of_range",
-            details={"min": str(low), "max": str(high)},
-        )
-
-
 def _bet_insert(
     *,
     user_id: int,
@@ -309,21 +328,23 @@ def bet_place(
     """Accept a bet at the current coefficient (frozen on the bet) if the event is NEW and
     `now < deadline`, checked under the event row lock inside the inserting transaction.
 
+    `amount` and `expected_coefficient` are judged by `STAKE`/`COEFFICIENT` and the key by
+    `schemas.idempotency_key` (the same rules the doors applied; this guards other callers).
     With `idempotency_key`: a replay returns the same bet; the same key with a different body is
     Unprocessable; a duplicate still in flight is a Conflict. A failed placement releases the key.
     """
-    amount = schemas.money_parse(amount, field="amount")
-    _stake_check(amount)
+    amount = STAKE.check(amount, field="amount")
     if expected_coefficient is not None:
-        expected_coefficient = schemas.money_parse(
-            expected_coefficient, field="expected_coefficient"
-        )
+        expected_coefficient = COEFFICIENT.check(expected_coefficient, field="expected_coefficient")
     if odds_change not in ODDS_CHANGE_POLICIES:
-        raise ValidationFailed("odds_change must be none, higher or any", code="invalid_policy")
+        raise ValidationFailed(
+            "odds_change must be none, higher or any",
+            code="invalid_policy",
+            details={"odds_change": ["must be one of none, higher, any"]},
+        )
     claim: IdempotencyKey | None = None
     if idempotency_key is not None:
-        if not idempotency_key or len(idempotency_key) > 200:
-            raise ValidationFailed("Idempotency-Key must be 1-200 chars", code="invalid_key")
+        idempotency_key = schemas.idempotency_key(idempotency_key)
         claim = _idempotency_claim(
             user_id=user_id,
             key=idempotency_key,

@@ -1,7 +1,12 @@
 """The gRPC line provider (`betting.v1.LineProvider`) on grpc.aio.
 
 Thin servicer: parse the request, call one service/selector through a worker thread, convert the
-answer. ApplicationError → gRPC status happens in exactly one place (`_status_for`).
+answer. Every field goes through the shared parsers with the limits the REST door uses
+(`betting.schemas`, `services.STAKE`/`COEFFICIENT`): strings by `identifier`/`text`, decimals by
+`money`, enums by `choice` (proto3 enums are open: an unknown number is refused), Timestamps by
+`proto_timestamp`, numbers by `integer`. A refusal is INVALID_ARGUMENT naming the field.
+ApplicationError → gRPC status, the correlation id and the catch-all for anything unexpected
+live in one place, `interceptor.DoorInterceptor`, which every method goes through.
 
 A single `ChangeFeed` per server polls the append-only change log (and is woken at once by writes
 made through this server); it keeps the latest state of every event in memory for `GetEvent` and
@@ -11,8 +16,9 @@ made through this server); it keeps the latest state of every event in memory fo
 import asyncio
 import bisect
 import contextlib
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, ParamSpec, TypeVar
@@ -25,14 +31,15 @@ from django.db import close_old_connections
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from knox.auth import TokenAuthentication
-from prometheus_client import Histogram
 from rest_framework.exceptions import AuthenticationFailed
 
 from betting import schemas, selectors, services
 from betting.grpc.generated import betting_pb2 as pb
 from betting.grpc.generated import betting_pb2_grpc as pb_grpc
+from betting.grpc.interceptor import DoorInterceptor, SequenceAhead
 from betting.models import Event, EventChange, EventState
 from common import exceptions as app_errors
+from common import parsers
 
 logger = structlog.get_logger(__name__)
 
@@ -40,46 +47,30 @@ SERVICE_NAME = "betting.v1.LineProvider"
 FEED_WINDOW = 20_000
 FEED_PAGE = 1000
 
-RPC_SECONDS = Histogram("betting_grpc_seconds", "Line provider RPC latency", ["method"])
-
-GRPC_STATUS_BY_ERROR: dict[type[app_errors.ApplicationError], grpc.StatusCode] = {
-    app_errors.ValidationFailed: grpc.StatusCode.INVALID_ARGUMENT,
-    app_errors.NotAuthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    app_errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    app_errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    app_errors.Conflict: grpc.StatusCode.ALREADY_EXISTS,
-    app_errors.PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
-    app_errors.Unprocessable: grpc.StatusCode.INVALID_ARGUMENT,
-    app_errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    app_errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    app_errors.UpstreamTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
 STATE_TO_PB = {
     EventState.NEW: pb.EVENT_STATE_NEW,
     EventState.FINISHED_WIN: pb.EVENT_STATE_FINISHED_WIN,
     EventState.FINISHED_LOSE: pb.EVENT_STATE_FINISHED_LOSE,
     EventState.CANCELLED: pb.EVENT_STATE_CANCELLED,
 }
-STATE_FROM_PB = {value: key for key, value in STATE_TO_PB.items()}
+#: ListEvents' state filter: UNSPECIFIED means any state; any other number is refused.
+STATE_FILTER_FROM_PB: Mapping[Any, EventState | None] = {
+    pb.EVENT_STATE_UNSPECIFIED: None,
+    **{value: key for key, value in STATE_TO_PB.items()},
+}
 KIND_TO_PB = {
     EventChange.Kind.CREATED: pb.CHANGE_KIND_CREATED,
     EventChange.Kind.ODDS: pb.CHANGE_KIND_ODDS,
     EventChange.Kind.FINISHED: pb.CHANGE_KIND_FINISHED,
     EventChange.Kind.CANCELLED: pb.CHANGE_KIND_CANCELLED,
 }
-OUTCOME_FROM_PB = {pb.OUTCOME_WIN: "win", pb.OUTCOME_LOSE: "lose"}
+OUTCOME_FROM_PB: Mapping[Any, str] = {pb.OUTCOME_WIN: "win", pb.OUTCOME_LOSE: "lose"}
+DEFAULT_PAGE_SIZE = 100
+#: Bearer tokens are knox tokens: printable ASCII without spaces (hex plus any prefix).
+TOKEN_PATTERN = re.compile(r"[!-~]+")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def _status_for(error: app_errors.ApplicationError) -> grpc.StatusCode:
-    """The one mapping of domain errors to gRPC status codes."""
-    for error_class in type(error).__mro__:
-        if error_class in GRPC_STATUS_BY_ERROR:
-            return GRPC_STATUS_BY_ERROR[error_class]
-    return grpc.StatusCode.UNKNOWN
 
 
 def _db(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
@@ -256,16 +247,25 @@ class ChangeFeed:
 
 
 def _staff_user_id(metadata: Any) -> int:
-    """Authenticate `authorization: Bearer <token>` (a knox API token) and require staff."""
+    """Authenticate `authorization: Bearer <token>` (a knox API token) and require staff.
+
+    A missing, malformed or unknown token is UNAUTHENTICATED; the token is checked against its
+    charset before it reaches the database."""
     header = next((value for key, value in metadata or () if key == "authorization"), "")
-    if isinstance(header, bytes):
-        header = header.decode(errors="replace")
+    if not isinstance(header, str):
+        header = ""
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    try:
+        token = parsers.identifier(
+            token.strip(), field="authorization", max_length=256, pattern=TOKEN_PATTERN
+        )
+    except parsers.InvalidValue:
+        token = ""
+    if scheme.lower() != "bearer" or not token:
         raise app_errors.NotAuthenticated("a staff token is required: authorization: Bearer <t>")
     close_old_connections()
     try:
-        user, _ = TokenAuthentication().authenticate_credentials(token.strip().encode())
+        user, _ = TokenAuthentication().authenticate_credentials(token.encode())
     except AuthenticationFailed:
         raise app_errors.NotAuthenticated("invalid or expired token") from None
     finally:
@@ -275,27 +275,25 @@ def _staff_user_id(metadata: Any) -> int:
     return int(user.pk)
 
 
-def _deadline(stamp: Timestamp) -> datetime:
-    if stamp.seconds == 0 and stamp.nanos == 0:
-        raise app_errors.ValidationFailed("deadline is required", code="invalid_deadline")
-    return stamp.ToDatetime(tzinfo=UTC)
+def _outcome(number: int) -> str:
+    outcome: str = parsers.choice(number, field="outcome", choices=OUTCOME_FROM_PB)
+    return outcome
+
+
+def _deadline(request: pb.CreateEventRequest) -> datetime:
+    """A new event's deadline: a valid Timestamp after now (the REST rule)."""
+    if not request.HasField("deadline"):
+        raise parsers.InvalidValue("deadline", "required", "is required")
+    stamp = request.deadline
+    moment = parsers.proto_timestamp(stamp.seconds, stamp.nanos, field="deadline")
+    return schemas.deadline_ahead(moment, now=datetime.now(UTC), field="deadline")
 
 
 class LineProviderServicer(pb_grpc.LineProviderServicer):
+    """`betting.v1.LineProvider`. Writes authenticate first (as REST does), then parse."""
+
     def __init__(self, feed: ChangeFeed) -> None:
         self.feed = feed
-
-    async def _call(
-        self, context: grpc.aio.ServicerContext[Any, Any], method: str, work: Awaitable[R]
-    ) -> R:
-        started = time.perf_counter()
-        try:
-            return await work
-        except app_errors.ApplicationError as error:
-            await context.abort(_status_for(error), error.message)
-            raise  # unreachable: abort raises
-        finally:
-            RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
 
     async def _staff(self, context: grpc.aio.ServicerContext[Any, Any]) -> int:
         return await sync_to_async(_staff_user_id, thread_sensitive=False)(
@@ -310,98 +308,100 @@ class LineProviderServicer(pb_grpc.LineProviderServicer):
     async def CreateEvent(
         self, request: pb.CreateEventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Event:
-        async def work() -> pb.Event:
-            actor_id = await self._staff(context)
-            event = await _db(services.event_create)(
-                event_id=request.id,
-                name=request.name,
-                coefficient=schemas.money_parse(request.coefficient, field="coefficient"),
-                deadline=_deadline(request.deadline),
-                actor_id=actor_id,
-                via="grpc",
-            )
-            return await self._written(event, EventChange.Kind.CREATED)
-
-        return await self._call(context, "CreateEvent", work())
+        actor_id = await self._staff(context)
+        event = await _db(services.event_create)(
+            event_id=schemas.event_id(request.id, field="id"),
+            name=schemas.event_name(request.name, field="name"),
+            coefficient=services.COEFFICIENT.parse(request.coefficient, field="coefficient"),
+            deadline=_deadline(request),
+            actor_id=actor_id,
+            via="grpc",
+        )
+        return await self._written(event, EventChange.Kind.CREATED)
 
     async def GetEvent(
         self, request: pb.GetEventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Event:
-        async def work() -> pb.Event:
-            cached = self.feed.events.get(request.id)
-            if cached is not None:
-                return cached
-            return event_to_pb(await _db(selectors.event_get)(event_id=request.id))
-
-        return await self._call(context, "GetEvent", work())
+        event_id = schemas.event_id(request.id, field="id")
+        cached = self.feed.events.get(event_id)
+        if cached is not None:
+            return cached
+        return event_to_pb(await _db(selectors.event_get)(event_id=event_id))
 
     async def ListEvents(
         self, request: pb.ListEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListEventsResponse:
-        async def work() -> pb.ListEventsResponse:
-            size = request.page_size or 100
-            if not 0 < size <= settings.API_MAX_PAGE_SIZE:
-                raise app_errors.ValidationFailed("page_size must be 1-500", code="page_size")
-            try:
-                offset = int(request.page_token or 0)
-            except ValueError:
-                raise app_errors.ValidationFailed("bad page_token", code="page_token") from None
-            state = STATE_FROM_PB.get(request.state) if request.state else None
+        state: EventState | None = parsers.choice(
+            request.state, field="state", choices=STATE_FILTER_FROM_PB
+        )
+        size = parsers.integer(
+            request.page_size, field="page_size", max_value=settings.API_MAX_PAGE_SIZE
+        )
+        size = size or DEFAULT_PAGE_SIZE
+        offset = (
+            parsers.integer(request.page_token, field="page_token", max_value=parsers.INT32_MAX)
+            if request.page_token
+            else 0
+        )
+        open_only = request.open_only
 
-            def page() -> list[Event]:
-                events = selectors.events_list(state=state, open_only=request.open_only)
-                return list(events[offset : offset + size + 1])
+        def page() -> list[Event]:
+            events = selectors.events_list(state=state, open_only=open_only)
+            return list(events[offset : offset + size + 1])
 
-            events = await _db(page)()
-            more = len(events) > size
-            return pb.ListEventsResponse(
-                events=[event_to_pb(event) for event in events[:size]],
-                next_page_token=str(offset + size) if more else "",
-            )
-
-        return await self._call(context, "ListEvents", work())
+        events = await _db(page)()
+        more = len(events) > size
+        return pb.ListEventsResponse(
+            events=[event_to_pb(event) for event in events[:size]],
+            next_page_token=str(offset + size) if more else "",
+        )
 
     async def UpdateOdds(
         self, request: pb.UpdateOddsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Event:
-        async def work() -> pb.Event:
-            actor_id = await self._staff(context)
-            event = await _db(services.event_odds_update)(
-                event_id=request.id,
-                coefficient=schemas.money_parse(request.coefficient, field="coefficient"),
-                actor_id=actor_id,
-                via="grpc",
-            )
-            return await self._written(event, EventChange.Kind.ODDS)
-
-        return await self._call(context, "UpdateOdds", work())
+        actor_id = await self._staff(context)
+        event = await _db(services.event_odds_update)(
+            event_id=schemas.event_id(request.id, field="id"),
+            coefficient=services.COEFFICIENT.parse(request.coefficient, field="coefficient"),
+            actor_id=actor_id,
+            via="grpc",
+        )
+        return await self._written(event, EventChange.Kind.ODDS)
 
     async def FinishEvent(
         self, request: pb.FinishEventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Event:
-        async def work() -> pb.Event:
-            actor_id = await self._staff(context)
-            outcome = OUTCOME_FROM_PB.get(request.outcome)
-            if outcome is None:
-                raise app_errors.ValidationFailed("outcome must be WIN or LOSE", code="outcome")
-            event = await _db(services.event_finish)(
-                event_id=request.id, outcome=outcome, actor_id=actor_id, via="grpc"
-            )
-            return await self._written(event, EventChange.Kind.FINISHED)
-
-        return await self._call(context, "FinishEvent", work())
+        actor_id = await self._staff(context)
+        event = await _db(services.event_finish)(
+            event_id=schemas.event_id(request.id, field="id"),
+            outcome=_outcome(request.outcome),
+            actor_id=actor_id,
+            via="grpc",
+        )
+        return await self._written(event, EventChange.Kind.FINISHED)
 
     async def CancelEvent(
         self, request: pb.CancelEventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Event:
-        async def work() -> pb.Event:
-            actor_id = await self._staff(context)
-            event = await _db(services.event_cancel)(
-                event_id=request.id, actor_id=actor_id, via="grpc"
-            )
-            return await self._written(event, EventChange.Kind.CANCELLED)
+        actor_id = await self._staff(context)
+        event = await _db(services.event_cancel)(
+            event_id=schemas.event_id(request.id, field="id"), actor_id=actor_id, via="grpc"
+        )
+        return await self._written(event, EventChange.Kind.CANCELLED)
 
-        return await self._call(context, "CancelEvent", work())
+    async def _resume_point(self, request: pb.WatchEventsRequest) -> int:
+        """`from_sequence`: 0..the latest sequence committed (a point beyond it is OUT_OF_RANGE,
+        never a silent wait that would skip the changes numbered up to it)."""
+        sequence = parsers.integer(request.from_sequence, field="from_sequence")
+        if sequence > self.feed.sequence:
+            latest = await _db(selectors.change_sequence_current)()
+            if sequence > latest:
+                raise SequenceAhead(
+                    f"from_sequence: {sequence} is after the latest sequence {latest}",
+                    details={"from_sequence": [f"is after the latest sequence {latest}"]},
+                )
+            await self.feed.catch_up(sequence)
+        return sequence
 
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -409,7 +409,7 @@ class LineProviderServicer(pb_grpc.LineProviderServicer):
         await self.feed.loaded.wait()
         heartbeat = settings.BETTING_WATCH_HEARTBEAT_SECONDS
         if request.HasField("from_sequence"):
-            cursor = request.from_sequence
+            cursor = await self._resume_point(request)
         else:
             cursor, events = self.feed.snapshot()
             for event in events:
@@ -439,7 +439,7 @@ async def serve(
     on_bound: Callable[[int], None] | None = None,
 ) -> None:
     """Serve the line provider (plus grpc.health.v1 and, by setting, reflection) until `stop`."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[DoorInterceptor()])
     feed = ChangeFeed(poll_seconds=settings.BETTING_WATCH_POLL_SECONDS)
     pb_grpc.add_LineProviderServicer_to_server(LineProviderServicer(feed), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]

@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
 
 from betting.grpc.generated import betting_pb2_grpc as pb_grpc
 from betting.grpc.server import serve
@@ -46,6 +48,9 @@ async def line_provider(transactional_db: None, fast_watch: None) -> AsyncIterat
     finally:
         stop.set()
         await asyncio.wait_for(server, 20)
+        # The test's own sync_to_async calls ran on one shared thread; its connection would
+        # keep the test database busy at teardown.
+        await sync_to_async(connections.close_all)()
 
 
 @pytest.fixture

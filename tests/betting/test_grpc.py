@@ -55,7 +55,8 @@ async def test_health_service_answers_serving(line_provider: str) -> None:
 
 
 async def test_writes_without_a_token_are_unauthenticated(stub: pb_grpc.LineProviderStub) -> None:
-    for metadata in [(), (("authorization", "Bearer not-a-token"),), (("authorization", "x"),)]:
+    malformed = ["Bearer not-a-token", "x", "Bearer ", "Bearer a b", "Bearer " + "a" * 4000]
+    for metadata in [(), *[(("authorization", header),) for header in malformed]]:
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stub.CreateEvent(
                 pb.CreateEventRequest(id="e", name="n", coefficient="1.50", deadline=in_an_hour()),
