@@ -1,8 +1,9 @@
+import json
 import uuid
 from typing import Any
 
 from django.conf import settings
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.permissions import AllowAny, BasePermission, IsAdminUser, IsAuthenticated
 from rest_framework.request import Request
@@ -10,10 +11,15 @@ from rest_framework.response import Response
 from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
+from common import parsers
 from common.exceptions import NotFound, ValidationFailed
+from common.fields import TimestampField
 from common.pagination import LimitOffsetPagination
 from warehouse import selectors, services
 from warehouse.models import DeadLetter
+from warehouse.schemas import uuid_value
+
+MAX_INGEST_ITEMS = 5000
 
 
 class PublicReadPermission(BasePermission):
@@ -37,10 +43,22 @@ class PublicReadThrottle(AnonRateThrottle):
 
 
 def _uuid(value: str, name: str) -> uuid.UUID:
+    """A path segment as a UUID (canonical ASCII form); 400 `bad_uuid` naming it otherwise."""
     try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise ValidationFailed(f"{name} is not a UUID", code="bad_uuid") from None
+        return uuid_value(value, field=name)
+    except parsers.InvalidValue as exc:
+        raise ValidationFailed(exc.message, code="bad_uuid", details=exc.details) from None
+
+
+class UuidField(serializers.UUIDField):
+    """A UUID in its canonical ASCII form (`schemas.uuid_value`); DRF's own field parses with
+    `uuid.UUID`, which also takes Arabic-Indic digits, braces and surrounding spaces."""
+
+    def to_internal_value(self, data: Any) -> uuid.UUID:
+        try:
+            return uuid_value(data, field=self.field_name or "value")
+        except parsers.InvalidValue as exc:
+            raise serializers.ValidationError(exc.details[exc.field][0], code=exc.reason) from None
 
 
 class PartySerializer(serializers.Serializer):
@@ -118,10 +136,10 @@ class StockListApi(APIView):
 
 class MovementHistoryApi(APIView):
     class FilterSerializer(serializers.Serializer):
-        warehouse_id = serializers.UUIDField(required=False)
-        product_id = serializers.UUIDField(required=False)
-        since = serializers.DateTimeField(required=False)
-        until = serializers.DateTimeField(required=False)
+        warehouse_id = UuidField(required=False)
+        product_id = UuidField(required=False)
+        since = TimestampField(required=False)
+        until = TimestampField(required=False)
 
     class OutputSerializer(serializers.Serializer):
         movement_id = serializers.UUIDField()
@@ -149,6 +167,13 @@ class MovementHistoryApi(APIView):
         return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
 
 
+class IngestProblemSerializer(serializers.Serializer):
+    index = serializers.IntegerField(help_text="Position of the item in the request array")
+    reason = serializers.CharField(help_text="Dead-letter reason: malformed, conflict...")
+    field = serializers.CharField(allow_null=True, help_text="Dotted field at fault, if one is")
+    detail = serializers.CharField()
+
+
 class MovementIngestApi(APIView):
     permission_classes = [IsAdminUser]
 
@@ -157,6 +182,7 @@ class MovementIngestApi(APIView):
         duplicates = serializers.IntegerField()
         dead_letters = serializers.IntegerField()
         outcomes = serializers.ListField(child=serializers.CharField())
+        problems = IngestProblemSerializer(many=True)
 
     @extend_schema(
         request={"application/json": {"type": "array", "items": {"type": "object"}}},
@@ -164,10 +190,16 @@ class MovementIngestApi(APIView):
         summary="Ingest a JSON array of envelopes through the consumer's pipeline (staff)",
     )
     def post(self, request: Request) -> Response:
-        if not isinstance(request.data, list) or not 0 < len(request.data) <= 5000:
-            raise ValidationFailed("expected a JSON array of 1..5000 envelopes", code="bad_body")
-        bodies = [item if isinstance(item, dict) else str(item) for item in request.data]
-        result = services.movements_ingest(bodies=bodies)
+        items = request.data
+        if not isinstance(items, list) or not 0 < len(items) <= MAX_INGEST_ITEMS:
+            raise ValidationFailed(
+                f"expected a JSON array of 1..{MAX_INGEST_ITEMS} envelopes", code="bad_body"
+            )
+        # Each item goes through the pipeline as its own JSON text, so it is judged exactly as
+        # a queue message (size, depth, shape; anything but an object is `malformed`) and its
+        # dead letter keeps what was sent.
+        bodies = [json.dumps(item) for item in items]
+        result = services.movements_ingest_isolated(bodies=bodies)
         return Response(
             self.OutputSerializer(
                 {
@@ -175,6 +207,7 @@ class MovementIngestApi(APIView):
                     "duplicates": result.duplicates,
                     "dead_letters": result.dead_letters,
                     "outcomes": result.outcomes,
+                    "problems": result.problems,
                 }
             ).data
         )
@@ -199,13 +232,18 @@ class DeadLetterOutputSerializer(serializers.ModelSerializer):
 class DeadLetterListApi(APIView):
     permission_classes = [IsAdminUser]
 
+    class FilterSerializer(serializers.Serializer):
+        reason = serializers.ChoiceField(DeadLetter.Reason.choices, required=False)
+
     @extend_schema(
-        parameters=[OpenApiParameter("reason", str, enum=DeadLetter.Reason.values)],
+        parameters=[FilterSerializer],
         responses={200: DeadLetterOutputSerializer(many=True)},
         summary="Dead letters, newest first (staff)",
     )
     def get(self, request: Request) -> Response:
-        rows = selectors.dead_letter_list(reason=request.query_params.get("reason"))
+        filters = self.FilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        rows = selectors.dead_letter_list(reason=filters.validated_data.get("reason"))
         paginator = LimitOffsetPagination()
         page = paginator.paginate_queryset(rows, request, view=self) or []
         return paginator.get_paginated_response(DeadLetterOutputSerializer(page, many=True).data)

@@ -7,10 +7,13 @@ while the consumer ingests on the same two cores. Anonymous GETs of
 here from the same selectors (cache, then database) in one worker-thread hop. Everything else
 (tokens, sessions, other paths, malformed ids, WAREHOUSE_PUBLIC_READS=false,
 WAREHOUSE_READ_FASTPATH=false) falls through to Django unchanged, which produces the error
-bodies. Not counted by django-prometheus request metrics and not throttled per client.
+bodies. An unexpected failure of a read answered here gets its own catch-all (the JSON 500
+envelope, logged once). Not counted by django-prometheus request metrics and not throttled per
+client.
 """
 
 import asyncio
+import contextlib
 import json
 import pickle
 import re
@@ -19,12 +22,15 @@ import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
 from django.db import close_old_connections
 
 from warehouse import selectors
+
+logger = structlog.get_logger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -109,33 +115,85 @@ def _match(scope: Scope) -> tuple[str, tuple[uuid.UUID, ...]] | None:
         return None
 
 
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)
+_SERVER_ERROR = (
+    b'{"error":{"code":"server_error","message":"Internal server error. Quote the X-Request-ID '
+    b'when reporting it.","details":{}}}'
+)
+
+
+def _headers(payload: bytes, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"cache-control", b"no-cache"),
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-served-by", b"warehouse-fastpath"),
+        *extra,
+    ]
+
+
+async def _answer(kind: str, ids: tuple[uuid.UUID, ...], send: Send) -> None:
+    view = await _cached(kind, ids) if _redis_cache() else _MISS
+    if view is _MISS:
+        view = await _read_async(kind, ids)
+    status = 200 if view is not None else 404
+    payload = json.dumps(view).encode() if view is not None else _NOT_FOUND[kind]
+    await send({"type": "http.response.start", "status": status, "headers": _headers(payload)})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _SAFE_REQUEST_ID.fullmatch(candidate):
+                return candidate
+    return uuid.uuid4().hex
+
+
+async def _server_error(scope: Scope, send: Send, *, started: bool) -> None:
+    """The fast path's catch-all: log once with the correlation id, answer the JSON 500
+    envelope (unless a response had already started, which the client then sees cut short)."""
+    request_id = _request_id(scope)
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        logger.exception("unhandled_exception", path=scope.get("path"), door="warehouse-fastpath")
+    if started:
+        return
+    headers = _headers(_SERVER_ERROR, (b"x-request-id", request_id.encode()))
+    # The client may be gone already; that failure was the one logged above.
+    with contextlib.suppress(Exception):
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        await send({"type": "http.response.body", "body": _SERVER_ERROR})
+
+
 def read_fastpath(app: ASGIApp) -> ASGIApp:
-    """Wrap the Django HTTP application (see config/asgi.py)."""
+    """Wrap the Django HTTP application (see config/asgi.py).
+
+    Any exception while answering a matched read (cache, database, serialisation) is this
+    door's to handle: logged once with the correlation id (X-Request-ID when safe, else a new
+    one, echoed) and answered with the JSON 500 envelope, as Django's JsonErrorMiddleware does
+    for the rest of `/api/`. Requests it does not match go to Django untouched."""
 
     async def application(scope: Scope, receive: Receive, send: Send) -> None:
-        matched = _match(scope)
+        try:
+            matched = _match(scope)
+        except Exception:
+            await _server_error(scope, send, started=False)
+            return
         if matched is None:
             await app(scope, receive, send)
             return
-        kind, ids = matched
-        view = await _cached(kind, ids) if _redis_cache() else _MISS
-        if view is _MISS:
-            view = await _read_async(kind, ids)
-        status = 200 if view is not None else 404
-        payload = json.dumps(view).encode() if view is not None else _NOT_FOUND[kind]
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                    (b"cache-control", b"no-cache"),
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"x-served-by", b"warehouse-fastpath"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await _answer(*matched, tracked)
+        except Exception:
+            await _server_error(scope, send, started=started)
 
     return application

@@ -22,9 +22,15 @@ class LedgerEntry(models.Model):
     sent_at = models.DateTimeField(help_text="Envelope time (producer clock).")
     fingerprint = models.CharField(max_length=64)
     duplicates = models.PositiveIntegerField(
-        default=0, help_text="Redelivered copies acknowledged without effect."
+        default=0, help_text="Duplicate messages acknowledged without effect."
     )
     recorded_at = models.DateTimeField()
+    message_key = models.CharField(
+        max_length=64,
+        blank=True,
+        default="",
+        help_text="Identity of the queue message that stored the event (empty from REST).",
+    )
 
     class Meta:
         verbose_name = "movement event"
@@ -83,12 +89,38 @@ class DeadLetter(models.Model):
     event = models.CharField(max_length=10, blank=True)
     replayed_at = models.DateTimeField(null=True, blank=True)
     replay_outcome = models.CharField(max_length=20, blank=True)
+    message_key = models.CharField(
+        max_length=64,
+        blank=True,
+        default="",
+        help_text="Identity of the queue message; a redelivery finds it and adds nothing.",
+    )
 
     class Meta:
         indexes = [models.Index(fields=["reason", "received_at"])]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["message_key"],
+                condition=~Q(message_key=""),
+                name="wh_deadletter_message",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.reason} #{self.pk}"
+
+
+class DuplicateMessage(models.Model):
+    """A queue message that repeated a stored event (same key and payload), recorded by its
+    message identity so that a redelivery of the same message is not counted again."""
+
+    message_key = models.CharField(max_length=64, unique=True)
+    movement_id = models.UUIDField()
+    event = models.CharField(max_length=10)
+    received_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.movement_id} {self.event} ({self.message_key[:12]})"
 
 
 class ConsumerHeartbeat(models.Model):

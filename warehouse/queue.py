@@ -3,16 +3,20 @@ transport under var/ in embedded mode (so a producer in another terminal reaches
 without any service, through the same code path).
 
 The consumer takes up to `batch_size` messages (waiting at most `linger` for a batch to fill),
-runs them through `movements_ingest` in one transaction and acks them only after the commit.
-A crash between commit and ack redelivers the batch, which the ledger's idempotency key turns
-into duplicates with no effect.
+runs them through `movements_ingest_isolated` in one transaction (message by message if the
+batch fails) and acks them only after the commit. A crash between commit and ack redelivers the
+batch; each message's key (`schemas.message_key`: its `message_id` and body) finds the ledger
+row, duplicate record or dead letter it already produced, so the redelivery changes nothing.
 """
 
 import asyncio
+import contextlib
 import os
 import socket
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -24,14 +28,85 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 from kombu import Connection, Consumer, Exchange, Message, Queue
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
 
 from warehouse import services
+from warehouse.schemas import message_key
 
 logger = structlog.get_logger(__name__)
 
 
 def broker_url() -> str:
     return str(settings.WAREHOUSE_BROKER_URL)
+
+
+_BINDING = threading.Lock()
+
+
+class _AtomicFilesystemChannel(filesystem.Channel):
+    """kombu's filesystem channel with files that are never seen half-written and bindings
+    that are on disk before anyone in the process relies on them.
+
+    kombu creates a message file, and a missing exchange table, by opening it (the table with
+    truncation) and only then locking and writing it, while readers take no lock (messages) or
+    lock only after opening (tables). A consumer in another thread or process that gets there
+    in that window reads an empty file: JSONDecodeError, and the message is lost or routed
+    nowhere. Here both are written aside and moved into place in one step.
+
+    kombu also records a binding in process-wide state before writing it to the table; a second
+    thread that finds the record skips its own bind and may publish while the table is not
+    written yet (the message goes nowhere). Bindings are therefore declared one at a time."""
+
+    def queue_bind(self, *args: Any, **kwargs: Any) -> Any:
+        with _BINDING:
+            return super().queue_bind(*args, **kwargs)
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        table = self._exchange_file(exchange)
+        if not table.exists():
+            self.control_folder.mkdir(exist_ok=True)
+            binding = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+            # A table created meanwhile by someone else wins; kombu then adds our binding to it
+            # under its lock.
+            with contextlib.suppress(FileExistsError):
+                _write_atomically(table, dumps([binding]).encode(), replace=False)
+        super()._queue_bind(exchange, routing_key, pattern, queue)
+
+    # kombu's two base classes disagree on this signature; this is the filesystem channel's.
+    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        # kombu's file name (FIFO by the millisecond stamp); the aside name does not end in
+        # `.<queue>.msg`, so no reader picks it up before it is complete.
+        name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        try:
+            _write_atomically(
+                Path(self.data_folder_out) / name, dumps(payload).encode(), replace=True
+            )
+        except OSError as exc:
+            raise ChannelError(f"Cannot add file {name!r} to directory") from exc
+
+
+def _write_atomically(path: Path, content: bytes, *, replace: bool) -> None:
+    """Write `content` to `path` in one step: into a hidden file beside it, then renamed over
+    it (`replace`) or hard-linked to it only if absent (FileExistsError otherwise)."""
+    descriptor, aside = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(content)
+        if replace:
+            os.replace(aside, path)
+        else:
+            os.link(aside, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
+
+
+class AtomicFilesystemTransport(filesystem.Transport):
+    """The `filesystem://` transport of the embedded mode (see `_AtomicFilesystemChannel`)."""
+
+    Channel = _AtomicFilesystemChannel
 
 
 def _transport_options(url: str) -> dict[str, Any]:
@@ -52,7 +127,10 @@ def _transport_options(url: str) -> dict[str, Any]:
 
 def connection_open(url: str | None = None) -> Connection:
     url = url or broker_url()
-    return Connection(url, transport_options=_transport_options(url), connect_timeout=5)
+    transport = AtomicFilesystemTransport if url.startswith("filesystem") else None
+    return Connection(
+        url, transport=transport, transport_options=_transport_options(url), connect_timeout=5
+    )
 
 
 def movement_queue(name: str | None = None) -> Queue:
@@ -68,7 +146,8 @@ def envelopes_publish(
     rate: float = 0.0,
 ) -> int:
     """Publish raw bodies as persistent messages, at most `rate` per second when given;
-    returns how many were sent."""
+    returns how many were sent. Each message gets its own `message_id` (the consumer's
+    redelivery key), so publishing the same body twice makes two messages: a real duplicate."""
     queue = movement_queue(queue_name)
     sent = 0
     began = time.perf_counter()
@@ -84,6 +163,7 @@ def envelopes_publish(
                 content_type="application/json",
                 content_encoding="utf-8",
                 delivery_mode=2,
+                message_id=uuid.uuid4().hex,
                 retry=True,
             )
             sent += 1
@@ -150,24 +230,24 @@ class MovementConsumer:
 
     def _commit(self, batch: list[Message]) -> None:
         bodies = [message.body for message in batch]
+        keys = [
+            message_key(message.body, message.properties.get("message_id")) for message in batch
+        ]
         close_old_connections()
-        try:
-            services.movements_ingest(bodies=bodies)
-        except Exception as exc:
-            if services._database_unavailable(exc):
-                raise
-            logger.exception("warehouse_batch_failed_retrying_singly", size=len(batch))
-            services.movements_ingest_each(bodies=bodies)
+        services.movements_ingest_isolated(bodies=bodies, keys=keys)
         pause_marker = settings.WAREHOUSE_TEST_PAUSE_AFTER_COMMIT
         if pause_marker:
             Path(pause_marker).write_text(str(os.getpid()))
             time.sleep(60)
+        self._ack(batch)
+        self.batches += 1
+
+    def _ack(self, batch: list[Message]) -> None:
         if self._multi_ack:
             batch[-1].ack(multiple=True)
         else:
             for message in batch:
                 message.ack()
-        self.batches += 1
 
     @property
     def _multi_ack(self) -> bool:

@@ -1,15 +1,21 @@
 """The movement envelope (CloudEvents 1.0 structured mode, JSON) and its validation.
 
 Pure: no Django imports, no I/O. `envelope_parse` turns a raw body into an `Envelope` or raises
-`EnvelopeInvalid` with a short reason code and a human detail, which the caller dead-letters.
+`EnvelopeInvalid` (reason `malformed`) naming the field and why, which the caller dead-letters.
+Every value goes through the shared parsers (`common.parsers`, `input-policy.md`), so anything
+that could never be stored (a timestamp that leaves the datetime range in UTC, a quantity beyond
+its column, text with lone surrogates or NUL, a UUID written in non-ASCII digits...) is refused
+here, never later by the database or the fingerprint.
 """
 
 import hashlib
-import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+from common import parsers
 
 SPEC_VERSION = "1.0"
 EVENT_TYPE = "ru.retail.warehouses.movement"
@@ -18,16 +24,38 @@ DESTINATION = "ru.retail.warehouses"
 CONTENT_TYPE = "application/json"
 EVENTS = ("departure", "arrival")
 MAX_BODY_BYTES = 64 * 1024
-MAX_QUANTITY = 2**31 - 1
+MAX_QUANTITY = parsers.INT32_MAX
+MAX_SOURCE_LENGTH = 100
+MAX_SUBJECT_LENGTH = 200
+#: The canonical 8-4-4-4-12 form in ASCII hex (`uuid.UUID` alone also takes Arabic-Indic
+#: digits, braces, a `urn:uuid:` prefix and surrounding whitespace).
+UUID_PATTERN = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII
+)
 
 
 class EnvelopeInvalid(ValueError):
-    """A message that can never be stored; `reason` is the dead-letter reason code."""
+    """A message that can never be stored: `reason` is the dead-letter reason code, `field` the
+    (dotted) field at fault, `code` the parser's reason (`required`, `type`, `range`... see
+    `common.parsers`) and `detail` a human sentence starting with the field."""
 
-    def __init__(self, detail: str, *, reason: str = "malformed") -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        reason: str = "malformed",
+        field: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.field = field
+        self.code = code
+
+    @classmethod
+    def of(cls, error: parsers.InvalidValue) -> "EnvelopeInvalid":
+        return cls(error.message, field=error.field, code=error.reason)
 
 
 @dataclass(frozen=True)
@@ -72,90 +100,110 @@ class Envelope:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _require(mapping: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    if name not in mapping:
-        raise EnvelopeInvalid(f"missing field {name!r}")
-    value = mapping[name]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise EnvelopeInvalid(f"field {name!r} has the wrong type")
-    return value
+def message_key(body: bytes | str, message_id: object = None) -> str:
+    """The identity of one queue message (64 hex characters), stable across redeliveries.
+
+    The broker's `message_id` property (set by `envelopes_publish`; one per publish, so a
+    re-published copy is a new message, a real duplicate) together with the body; without a
+    `message_id`, the body alone, so byte-identical copies are then one message."""
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
+    digest = hashlib.sha256()
+    if message_id is not None and message_id != "":
+        name = str(message_id).encode("utf-8", "surrogatepass")
+        digest.update(b"id:%d:" % len(name) + name)
+    digest.update(b"body:" + raw)
+    return digest.hexdigest()
 
 
-def _uuid(mapping: dict[str, Any], name: str) -> uuid.UUID:
-    raw = _require(mapping, name, str)
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise EnvelopeInvalid(f"field {name!r} is not a UUID") from None
+def uuid_value(value: object, *, field: str) -> uuid.UUID:
+    """A UUID in its canonical ASCII form (`4705204f-498f-4f96-b4ba-df17fb56bf55`, any case);
+    refuses other spellings with `format` and non-strings with `type`."""
+    raw = parsers.text(value, field=field, max_length=36)
+    if not UUID_PATTERN.fullmatch(raw):
+        raise parsers.InvalidValue(field, "format", "must be a UUID such as 4705204f-498f-...")
+    return uuid.UUID(raw)
 
 
-def _aware_datetime(raw: str, name: str) -> datetime:
-    text = raw[:-1] + "+00:00" if raw.endswith(("Z", "z")) else raw
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise EnvelopeInvalid(f"field {name!r} is not an ISO 8601 datetime") from None
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise EnvelopeInvalid(f"field {name!r} has no time zone")
-    return value
-
-
-def _short_text(mapping: dict[str, Any], name: str, limit: int = 200) -> str:
-    value = _require(mapping, name, str)
-    if not value or len(value) > limit:
-        raise EnvelopeInvalid(f"field {name!r} is empty or too long")
-    return str(value)
+def _member(mapping: dict[str, Any], name: str, path: str) -> Any:
+    if name not in mapping or mapping[name] is None:
+        raise parsers.InvalidValue(path, "required", "is required")
+    return mapping[name]
 
 
 def envelope_parse(body: bytes | str) -> Envelope:
-    """Validate one raw message body; raise `EnvelopeInvalid` (reason `malformed`) if it is not
-    a spec-exact movement envelope."""
-    if len(body) > MAX_BODY_BYTES:
-        raise EnvelopeInvalid("body too large")
+    """Validate one raw message body; raise `EnvelopeInvalid` (reason `malformed`, naming the
+    field) unless it is a spec-exact movement envelope.
+
+    The body must be one JSON document of at most `MAX_BODY_BYTES`, valid UTF-8 without lone
+    surrogates or NUL in any string, nested at most 32 deep (`parsers.json_document`)."""
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise EnvelopeInvalid("body is not JSON") from None
+        document = parsers.json_document(body, field="body", max_bytes=MAX_BODY_BYTES)
+    except parsers.InvalidValue as exc:
+        raise EnvelopeInvalid.of(exc) from None
     return envelope_validate(document)
 
 
 def envelope_validate(document: Any) -> Envelope:
-    """Validate an already-decoded envelope (the ingest endpoint receives decoded JSON)."""
-    if not isinstance(document, dict):
-        raise EnvelopeInvalid("envelope is not a JSON object")
-    if _require(document, "specversion", str) != SPEC_VERSION:
-        raise EnvelopeInvalid("unsupported specversion")
-    if _require(document, "type", str) != EVENT_TYPE:
-        raise EnvelopeInvalid("unexpected type")
-    if "datacontenttype" in document and document["datacontenttype"] != CONTENT_TYPE:
-        raise EnvelopeInvalid("unexpected datacontenttype")
-    if "dataschema" in document and document["dataschema"] != DATA_SCHEMA:
-        raise EnvelopeInvalid("unexpected dataschema")
-    envelope_id = _uuid(document, "id")
-    source = _short_text(document, "source", 100)
-    subject = _short_text(document, "subject")
-    millis = _require(document, "time", int)
+    """Validate an already-decoded envelope (the ingest endpoint receives decoded JSON).
+
+    Required: `id`, `source` (text, 1..100), `specversion` "1.0", `type`, `time` (epoch
+    milliseconds, or an RFC 3339 string as CloudEvents allows), `subject` (text, 1..200), and
+    `data` with `movement_id`, `warehouse_id`, `product_id` (UUIDs), `timestamp` (RFC 3339 with
+    an offset), `event` (`departure`/`arrival`) and `quantity` (a JSON integer 1..2^31-1).
+    `datacontenttype` and `dataschema` are checked when present; other attributes are ignored."""
     try:
-        sent = datetime.fromtimestamp(millis / 1000, tz=UTC)
-    except (OverflowError, OSError, ValueError):
-        raise EnvelopeInvalid("field 'time' is out of range") from None
-    data = _require(document, "data", dict)
-    event = _require(data, "event", str)
-    if event not in EVENTS:
-        raise EnvelopeInvalid(f"unknown event {event[:40]!r}")
-    quantity = _require(data, "quantity", int)
-    if not 0 < quantity <= MAX_QUANTITY:
-        raise EnvelopeInvalid("quantity must be a positive integer")
+        return _envelope(document)
+    except parsers.InvalidValue as exc:
+        raise EnvelopeInvalid.of(exc) from None
+
+
+def _envelope(document: Any) -> Envelope:
+    if not isinstance(document, dict):
+        raise parsers.InvalidValue("envelope", "type", "must be a JSON object")
+    parsers.choice(
+        _member(document, "specversion", "specversion"), field="specversion", choices=[SPEC_VERSION]
+    )
+    parsers.choice(_member(document, "type", "type"), field="type", choices=[EVENT_TYPE])
+    for name, expected in (("datacontenttype", CONTENT_TYPE), ("dataschema", DATA_SCHEMA)):
+        if name in document:
+            parsers.choice(document[name], field=name, choices=[expected])
+    envelope_id = uuid_value(_member(document, "id", "id"), field="id")
+    source = parsers.text(
+        _member(document, "source", "source"), field="source", max_length=MAX_SOURCE_LENGTH
+    )
+    subject = parsers.text(
+        _member(document, "subject", "subject"), field="subject", max_length=MAX_SUBJECT_LENGTH
+    )
+    sent = parsers.timestamp(_member(document, "time", "time"), field="time", epoch="ms")
+    data = _member(document, "data", "data")
+    if not isinstance(data, dict):
+        raise parsers.InvalidValue("data", "type", "must be a JSON object")
+    event = parsers.choice(_member(data, "event", "data.event"), field="data.event", choices=EVENTS)
+    quantity = parsers.integer(
+        _member(data, "quantity", "data.quantity"),
+        field="data.quantity",
+        min_value=1,
+        max_value=MAX_QUANTITY,
+        strings=False,
+    )
     return Envelope(
         id=envelope_id,
         source=source,
         time=sent,
         subject=subject,
-        movement_id=_uuid(data, "movement_id"),
-        warehouse_id=_uuid(data, "warehouse_id"),
-        timestamp=_aware_datetime(_require(data, "timestamp", str), "timestamp"),
+        movement_id=uuid_value(
+            _member(data, "movement_id", "data.movement_id"), field="data.movement_id"
+        ),
+        warehouse_id=uuid_value(
+            _member(data, "warehouse_id", "data.warehouse_id"), field="data.warehouse_id"
+        ),
+        timestamp=parsers.timestamp(
+            _member(data, "timestamp", "data.timestamp"), field="data.timestamp"
+        ),
         event=event,
-        product_id=_uuid(data, "product_id"),
+        product_id=uuid_value(
+            _member(data, "product_id", "data.product_id"), field="data.product_id"
+        ),
         quantity=quantity,
     )
 

@@ -1,12 +1,17 @@
 """Warehouse writes: the ingest pipeline (one transaction per batch), dead-letter replay, stock
 rebuild and the consumer heartbeat.
 
-Idempotency key of a message is `(movement_id, event)`, never the envelope `id` (both events of
+Idempotency key of an event is `(movement_id, event)`, never the envelope `id` (both events of
 a movement share it). Every message of a batch ends in exactly one place in the batch's
 transaction: a new ledger row, the `duplicates` counter of the existing row, or a dead letter.
+Queue messages also carry a message key (`schemas.message_key`): the ledger row, the dead letter
+or the `DuplicateMessage` a message produced records it, so a redelivery of a batch that was
+committed but not acked finds its messages already placed and changes nothing (outcome
+`redelivered`: no new dead letter, no duplicate counted again).
 """
 
 import json
+import re
 import uuid
 from collections import Counter as Tally
 from collections import defaultdict
@@ -18,7 +23,7 @@ from typing import Any
 import structlog
 from django.conf import settings
 from django.core.cache import cache
-from django.db import connection, models, transaction
+from django.db import InterfaceError, OperationalError, connection, models, transaction
 from django.db.models import F, Sum
 from django.utils import timezone
 from prometheus_client import Counter, Histogram
@@ -26,7 +31,7 @@ from prometheus_client import Counter, Histogram
 from common.exceptions import NotFound, PreconditionFailed
 from realtime.services import publish
 from warehouse.lock_objects import stock_lock
-from warehouse.models import ConsumerHeartbeat, DeadLetter, LedgerEntry, Stock
+from warehouse.models import ConsumerHeartbeat, DeadLetter, DuplicateMessage, LedgerEntry, Stock
 from warehouse.schemas import Envelope, EnvelopeInvalid, envelope_parse, envelope_validate
 from warehouse.selectors import movement_cache_key, stock_cache_key
 
@@ -53,12 +58,26 @@ INGEST_LAG = Histogram(
 Body = bytes | str | dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Why message `index` of a batch was not stored: the dead-letter `reason`, the `field` at
+    fault (dotted path, when one is) and a `detail` sentence naming it."""
+
+    index: int
+    reason: str
+    detail: str
+    field: str | None = None
+
+
 @dataclass
 class BatchResult:
-    """Per-message outcome in input order: `stored`, `duplicate` or the dead-letter reason."""
+    """Per-message outcome in input order: `stored`, `duplicate`, `redelivered` (a message
+    already placed by an earlier delivery) or the dead-letter reason; `problems` explains each
+    dead-lettered message."""
 
     outcomes: list[str] = field(default_factory=list)
     stock_changes: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
 
     @property
     def stored(self) -> int:
@@ -69,8 +88,21 @@ class BatchResult:
         return self.outcomes.count("duplicate")
 
     @property
+    def redelivered(self) -> int:
+        return self.outcomes.count("redelivered")
+
+    @property
     def dead_letters(self) -> int:
-        return len(self.outcomes) - self.stored - self.duplicates
+        return len(self.outcomes) - self.stored - self.duplicates - self.redelivered
+
+    def extend(self, other: "BatchResult") -> None:
+        offset = len(self.outcomes)
+        self.outcomes += other.outcomes
+        self.stock_changes += other.stock_changes
+        self.problems += [
+            Problem(problem.index + offset, problem.reason, problem.detail, problem.field)
+            for problem in other.problems
+        ]
 
 
 @dataclass
@@ -78,15 +110,19 @@ class _Failure:
     reason: str
     detail: str
     envelope: Envelope | None = None
+    field: str | None = None
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def _raw_text(body: Body) -> str:
-    """The body as storable text: PostgreSQL text cannot hold NUL, and such a body is never
-    valid JSON anyway, so NUL becomes U+FFFD like any undecodable byte."""
+    """The body as storable text: PostgreSQL text cannot hold NUL or lone surrogates, and such a
+    body is never valid anyway, so they become U+FFFD like any undecodable byte."""
     if isinstance(body, dict):
         return json.dumps(body, separators=(",", ":"))
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
-    return text.replace("\x00", "\ufffd")[:65536]
+    return _UNSTORABLE.sub("\ufffd", text[:65536])
 
 
 def _parse(body: Body) -> Envelope:
@@ -144,14 +180,14 @@ def _stock_apply(deltas: dict[tuple[uuid.UUID, uuid.UUID], int], now: datetime) 
 
 def _existing_entries(
     movement_ids: set[uuid.UUID],
-) -> dict[tuple[uuid.UUID, str], tuple[int, str]]:
-    """Stored (pk, fingerprint) by idempotency key for the batch's movements."""
+) -> dict[tuple[uuid.UUID, str], tuple[int, str, str]]:
+    """Stored (pk, fingerprint, message key) by idempotency key for the batch's movements."""
     rows: list[Any]
     if connection.vendor == "postgresql":
         table = connection.ops.quote_name(LedgerEntry._meta.db_table)
         with _pg_cursor() as cursor:
             cursor.execute(
-                f"SELECT id, movement_id, event, fingerprint FROM {table} "  # noqa: S608
+                f"SELECT id, movement_id, event, fingerprint, message_key FROM {table} "  # noqa: S608
                 "WHERE movement_id = ANY(%b::uuid[])",
                 [list(movement_ids)],
             )
@@ -159,10 +195,35 @@ def _existing_entries(
     else:
         rows = list(
             LedgerEntry.objects.filter(movement_id__in=movement_ids).values_list(
-                "pk", "movement_id", "event", "fingerprint"
+                "pk", "movement_id", "event", "fingerprint", "message_key"
             )
         )
-    return {(movement_id, event): (pk, fp) for pk, movement_id, event, fp in rows}
+    return {(movement_id, event): (pk, fp, key) for pk, movement_id, event, fp, key in rows}
+
+
+def _known_keys(model: type[DeadLetter] | type[DuplicateMessage], keys: set[str]) -> set[str]:
+    """The message keys among `keys` that already have a row of `model` (dead letter or
+    duplicate record) from an earlier delivery."""
+    if not keys:
+        return set()
+    if connection.vendor == "postgresql":
+        table = connection.ops.quote_name(model._meta.db_table)
+        with _pg_cursor() as cursor:
+            # `<> ''` lets the planner use the dead letters' partial unique index.
+            cursor.execute(
+                f"SELECT message_key FROM {table} "  # noqa: S608
+                "WHERE message_key = ANY(%b::text[]) AND message_key <> ''",
+                [sorted(keys)],
+            )
+            return {row[0] for row in cursor.fetchall()}
+    found: set[str] = set()
+    ordered = sorted(keys)
+    for start in range(0, len(ordered), 500):  # SQLite's bound-parameter limit
+        chunk = ordered[start : start + 500]
+        found.update(
+            model.objects.filter(message_key__in=chunk).values_list("message_key", flat=True)
+        )
+    return found
 
 
 _LEDGER_COLUMNS = (
@@ -179,6 +240,7 @@ _LEDGER_COLUMNS = (
     ("fingerprint", "text"),
     ("duplicates", "integer"),
     ("recorded_at", "timestamptz"),
+    ("message_key", "text"),
 )
 
 
@@ -219,18 +281,29 @@ def _strict_filter(
     return rejected
 
 
-def _ingest(bodies: Sequence[Body], *, record_dead_letters: bool = True) -> BatchResult:
+def _ingest(
+    bodies: Sequence[Body], keys: Sequence[str], *, record_dead_letters: bool = True
+) -> BatchResult:
     now = timezone.now()
     outcomes: list[str] = [""] * len(bodies)
     failures: dict[int, _Failure] = {}
     fresh: dict[tuple[uuid.UUID, str], tuple[int, Envelope]] = {}
     copies: dict[tuple[uuid.UUID, str], list[int]] = defaultdict(list)
 
+    # A message an earlier delivery dead-lettered, or a second copy of one message within the
+    # batch, is already placed: it must not be dead-lettered or counted again.
+    dead_lettered = _known_keys(DeadLetter, {key for key in keys if key})
+    seen: set[str] = set()
     for index, body in enumerate(bodies):
+        if message := keys[index]:
+            if message in seen or message in dead_lettered:
+                outcomes[index] = "redelivered"
+                continue
+            seen.add(message)
         try:
             env = _parse(body)
         except EnvelopeInvalid as exc:
-            failures[index] = _Failure(exc.reason, exc.detail)
+            failures[index] = _Failure(exc.reason, exc.detail, field=exc.field)
             continue
         first = fresh.get(env.key)
         if first is None:
@@ -242,17 +315,18 @@ def _ingest(bodies: Sequence[Body], *, record_dead_letters: bool = True) -> Batc
 
     existing = _existing_entries({key[0] for key in fresh}) if fresh else {}
 
-    redelivered: Tally[int] = Tally()
+    # Copies of an event: index -> (its event key, the pk of the stored row or None for a row
+    # inserted now, the message key that stored the row).
+    repeats: dict[int, tuple[tuple[uuid.UUID, str], int | None, str]] = {}
     for key in [key for key in fresh if key in existing]:
         index, env = fresh.pop(key)
-        pk, fingerprint = existing[key]
+        pk, fingerprint, stored_by = existing[key]
+        group = [index, *copies.pop(key, [])]
         if fingerprint == env.fingerprint:
-            outcomes[index] = "duplicate"
-            redelivered[pk] += 1 + len(copies.get(key, []))
+            repeats.update((member, (key, pk, stored_by)) for member in group)
         else:
-            failures[index] = _Failure("conflict", "differs from the stored event", env)
-            for copy in copies.pop(key, []):
-                failures[copy] = _Failure("conflict", "differs from the stored event", env)
+            for member in group:
+                failures[member] = _Failure("conflict", "differs from the stored event", env)
 
     if settings.WAREHOUSE_STRICT_STOCK and fresh:
         for key in _strict_filter(fresh):
@@ -261,6 +335,28 @@ def _ingest(bodies: Sequence[Body], *, record_dead_letters: bool = True) -> Batc
                 failures[rejected] = _Failure(
                     "insufficient_stock", "departure exceeds the stock at the warehouse", env
                 )
+    for key, indexes in copies.items():
+        repeats.update((member, (key, None, "")) for member in indexes)
+
+    counted = _known_keys(DuplicateMessage, {keys[i] for i in repeats if keys[i]})
+    new_duplicates: Tally[tuple[uuid.UUID, str]] = Tally()
+    stored_pks: dict[tuple[uuid.UUID, str], int] = {}
+    records: list[DuplicateMessage] = []
+    for index, (key, row, stored_by) in repeats.items():
+        message = keys[index]
+        if message and (message == stored_by or message in counted):
+            outcomes[index] = "redelivered"
+            continue
+        outcomes[index] = "duplicate"
+        new_duplicates[key] += 1
+        if row is not None:
+            stored_pks[key] = row
+        if message:
+            records.append(
+                DuplicateMessage(
+                    message_key=message, movement_id=key[0], event=key[1], received_at=now
+                )
+            )
 
     entries: list[dict[str, Any]] = []
     deltas: dict[tuple[uuid.UUID, uuid.UUID], int] = defaultdict(int)
@@ -279,26 +375,28 @@ def _ingest(bodies: Sequence[Body], *, record_dead_letters: bool = True) -> Batc
                 "envelope_id": env.id,
                 "sent_at": env.time,
                 "fingerprint": env.fingerprint,
-                "duplicates": len(copies.get(key, [])),
+                "duplicates": new_duplicates.get(key, 0),
                 "recorded_at": now,
+                "message_key": keys[index],
             }
         )
         deltas[(env.warehouse_id, env.product_id)] += env.delta
-    for indexes in copies.values():
-        for index in indexes:
-            if not outcomes[index] and index not in failures:
-                outcomes[index] = "duplicate"
 
     _ledger_insert(entries)
     by_count: dict[int, list[int]] = defaultdict(list)
-    for pk, count in redelivered.items():
-        by_count[count].append(pk)
+    for key, pk in stored_pks.items():
+        by_count[new_duplicates[key]].append(pk)
     for count, pks in by_count.items():
         LedgerEntry.objects.filter(pk__in=pks).update(duplicates=F("duplicates") + count)
+    # A plain insert: a concurrent delivery of the same message fails this batch (retried
+    # message by message) rather than counting it twice.
+    DuplicateMessage.objects.bulk_create(records)
     balances = _stock_apply(deltas, now)
 
-    for index, failure in failures.items():
+    problems: list[Problem] = []
+    for index, failure in sorted(failures.items()):
         outcomes[index] = failure.reason
+        problems.append(Problem(index, failure.reason, failure.detail[:500], failure.field))
     if record_dead_letters and failures:
         DeadLetter.objects.bulk_create(
             [
@@ -309,9 +407,11 @@ def _ingest(bodies: Sequence[Body], *, record_dead_letters: bool = True) -> Batc
                     detail=failure.detail[:500],
                     movement_id=failure.envelope.movement_id if failure.envelope else None,
                     event=failure.envelope.event if failure.envelope else "",
+                    message_key=keys[index],
                 )
                 for index, failure in failures.items()
-            ]
+            ],
+            ignore_conflicts=True,
         )
 
     changes = [
@@ -327,7 +427,7 @@ def _ingest(bodies: Sequence[Body], *, record_dead_letters: bool = True) -> Batc
     ]
     touched_movements = {env.movement_id for _, env in fresh.values()}
     stored_times = [env.time for _, env in fresh.values()]
-    result = BatchResult(outcomes=outcomes, stock_changes=changes)
+    result = BatchResult(outcomes=outcomes, stock_changes=changes, problems=problems)
     transaction.on_commit(lambda: _after_commit(result, touched_movements, stored_times))
     if changes:
         publish(STOCK_TOPIC, {"changes": changes})
@@ -362,7 +462,7 @@ def _after_commit(
             logger.exception("warehouse_cache_invalidation_failed")
     tally = Tally(result.outcomes)
     for outcome, count in tally.items():
-        if outcome in ("stored", "duplicate"):
+        if outcome in ("stored", "duplicate", "redelivered"):
             MESSAGES.labels(outcome).inc(count)
         else:
             MESSAGES.labels("dead_letter").inc(count)
@@ -376,43 +476,68 @@ def _after_commit(
 
 
 @transaction.atomic
-def movements_ingest(*, bodies: Sequence[Body]) -> BatchResult:
+def movements_ingest(*, bodies: Sequence[Body], keys: Sequence[str] | None = None) -> BatchResult:
     """Run one batch of raw messages through validation, dedup and stock update in one
-    transaction. Side effects (cache invalidation, metrics, `warehouse.stock` publish) happen
-    after commit; the caller acks the messages only after this returns."""
+    transaction; raises if anything unexpected fails (nothing of the batch is then written).
+
+    `keys` are the messages' identities (`schemas.message_key`; "" or None for REST items,
+    which are new messages every time). Side effects (cache invalidation, metrics, the
+    `warehouse.stock` publish) happen after commit; the caller acks only after this returns."""
     with COMMIT_SECONDS.time():
-        return _ingest(bodies)
+        return _ingest(bodies, keys or [""] * len(bodies))
 
 
-def movements_ingest_each(*, bodies: Sequence[Body]) -> BatchResult:
-    """Fallback when a whole batch failed unexpectedly: one transaction per message, and a
-    message that still raises is dead-lettered as `error` so it cannot block the queue."""
+def movements_ingest_isolated(
+    *, bodies: Sequence[Body], keys: Sequence[str] | None = None
+) -> BatchResult:
+    """`movements_ingest`, and if the batch fails unexpectedly, each message again in its own
+    transaction, so a poison message hurts only itself: one that still fails is dead-lettered
+    as `error` (once per message key) and the rest of the batch is applied.
+
+    A lost database (OperationalError, InterfaceError) is raised, not dead-lettered: nothing was
+    acked and the messages come back."""
+    keys = list(keys or [""] * len(bodies))
+    try:
+        return movements_ingest(bodies=bodies, keys=keys)
+    except Exception as exc:
+        if _database_unavailable(exc):
+            raise
+        logger.exception("warehouse_batch_failed_retrying_singly", size=len(bodies))
     result = BatchResult()
-    for body in bodies:
+    for body, key in zip(bodies, keys, strict=True):
         try:
-            single = movements_ingest(bodies=[body])
+            single = movements_ingest(bodies=[body], keys=[key])
         except Exception as exc:
             if _database_unavailable(exc):
                 raise
             logger.exception("warehouse_message_failed")
-            with transaction.atomic():
-                DeadLetter.objects.create(
-                    received_at=timezone.now(),
-                    body=_raw_text(body),
-                    reason=DeadLetter.Reason.ERROR,
-                    detail=f"{type(exc).__name__}: {exc}"[:500],
-                )
-            transaction.on_commit(lambda: DEAD_LETTERS.labels("error").inc())
-            result.outcomes.append("error")
-        else:
-            result.outcomes += single.outcomes
-            result.stock_changes += single.stock_changes
+            single = _dead_letter_error(body, key, exc)
+        result.extend(single)
     return result
 
 
-def _database_unavailable(exc: Exception) -> bool:
-    from django.db import InterfaceError, OperationalError
+@transaction.atomic
+def _dead_letter_error(body: Body, key: str, exc: Exception) -> BatchResult:
+    if key and DeadLetter.objects.filter(message_key=key).exists():
+        return BatchResult(outcomes=["redelivered"])
+    detail = f"unexpected {type(exc).__name__} while ingesting (see the log)"
+    DeadLetter.objects.bulk_create(
+        [
+            DeadLetter(
+                received_at=timezone.now(),
+                body=_raw_text(body),
+                reason=DeadLetter.Reason.ERROR,
+                detail=detail,
+                message_key=key,
+            )
+        ],
+        ignore_conflicts=True,
+    )
+    transaction.on_commit(lambda: DEAD_LETTERS.labels("error").inc())
+    return BatchResult(outcomes=["error"], problems=[Problem(0, "error", detail)])
 
+
+def _database_unavailable(exc: Exception) -> bool:
     return isinstance(exc, OperationalError | InterfaceError)
 
 
@@ -420,18 +545,33 @@ def _database_unavailable(exc: Exception) -> bool:
 def dead_letter_replay(*, dead_letter_id: int) -> DeadLetter:
     """Run a dead letter's raw body through the pipeline again. On success (`stored` or
     `duplicate`) it is marked replayed; otherwise it stays with the new reason and detail.
-    Replaying the same dead letter twice is refused."""
+    Replaying the same dead letter twice is refused. An unexpected failure of the pipeline is
+    rolled back alone and recorded as outcome `error` (logged), never raised."""
     dead_letter = DeadLetter.objects.select_for_update().filter(pk=dead_letter_id).first()
     if dead_letter is None:
         raise NotFound("No such dead letter.")
     if dead_letter.replay_outcome in ("stored", "duplicate"):
         raise PreconditionFailed("Already replayed.", code="already_replayed")
-    outcome = _ingest([dead_letter.body], record_dead_letters=False).outcomes[0]
+    try:
+        with transaction.atomic():
+            result = _ingest([dead_letter.body], [""], record_dead_letters=False)
+    except Exception as exc:
+        if _database_unavailable(exc):
+            raise
+        logger.exception("warehouse_replay_failed", dead_letter_id=dead_letter_id)
+        result = BatchResult(
+            outcomes=["error"],
+            problems=[Problem(0, "error", f"unexpected {type(exc).__name__} (see the log)")],
+        )
+    outcome = result.outcomes[0]
     dead_letter.replayed_at = timezone.now()
     dead_letter.replay_outcome = outcome
-    if outcome not in ("stored", "duplicate"):
+    fields = ["replayed_at", "replay_outcome"]
+    if result.problems:
         dead_letter.reason = outcome
-    dead_letter.save(update_fields=["replayed_at", "replay_outcome", "reason"])
+        dead_letter.detail = result.problems[0].detail[:500]
+        fields += ["reason", "detail"]
+    dead_letter.save(update_fields=fields)
     return dead_letter
 
 

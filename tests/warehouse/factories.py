@@ -43,6 +43,59 @@ ARRIVAL: dict[str, Any] = {
 }
 
 
+#: Envelopes that can never be stored (issue 10 item 4 and its siblings), as
+#: `(path, value, field at fault)` mutations of the assignment's departure. Those whose value
+#: holds NUL or a lone surrogate are refused for the whole document by a JSON door's parser.
+UNSTORABLE: list[tuple[str, Any, str]] = [
+    ("data.timestamp", "0001-01-01T00:00:00+01:00", "data.timestamp"),
+    ("data.timestamp", "9999-12-31T23:59:59-01:00", "data.timestamp"),
+    ("data.timestamp", "2025-02-18T12:12:56", "data.timestamp"),
+    ("data.timestamp", "\uff12\uff10\uff12\uff15-02-18T12:12:56Z", "data.timestamp"),
+    ("time", "0001-01-01T00:00:00+01:00", "time"),
+    ("time", 10**20, "time"),
+    ("time", 1.7e12, "time"),
+    ("data.quantity", 2**31, "data.quantity"),
+    ("data.quantity", 2**63, "data.quantity"),
+    ("data.quantity", 1.0, "data.quantity"),
+    ("data.quantity", "\u0661\u0660", "data.quantity"),
+    (
+        "data.movement_id",
+        "\u0664\u0667\u0660\u0665\u0662\u0660\u0664f-498f-4f96-b4ba-df17fb56bf55",
+        "data.movement_id",
+    ),
+    ("data.product_id", " 4705204f498f4f96b4badf17fb56bf55", "data.product_id"),
+    ("source", "W" * 101, "source"),
+    ("subject", "WH-3322\x01", "subject"),
+    ("data.event", "Departure", "data.event"),
+    ("data", None, "data"),
+    ("source", "WH-\ud800", "source"),
+    ("data.warehouse_id", "25718666-6af6-4281-b5a6-3016e36fa55\x00", "data.warehouse_id"),
+]
+
+
+def unstorable_id(case: tuple[str, Any, str]) -> str:
+    return f"{case[0]}={case[1]!r}"[:60]
+
+
+def refused_by_json_parser(value: Any) -> bool:
+    return isinstance(value, str) and any(c == "\x00" or "\ud800" <= c <= "\udfff" for c in value)
+
+
+def mutated(path: str, value: Any, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A deep copy of `base` (the assignment's departure by default) with the dotted `path` set
+    to `value`, or removed when `value` is `KeyError`."""
+    result = copy.deepcopy(base if base is not None else DEPARTURE)
+    target = result
+    *parents, leaf = path.split(".")
+    for part in parents:
+        target = target[part]
+    if value is KeyError:
+        del target[leaf]
+    else:
+        target[leaf] = value
+    return result
+
+
 def example_pair() -> tuple[dict[str, Any], dict[str, Any]]:
     return copy.deepcopy(DEPARTURE), copy.deepcopy(ARRIVAL)
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from tests.warehouse.factories import body, envelope, example_pair
 from warehouse import selectors, services
 from warehouse.models import DeadLetter, LedgerEntry, Stock
+from warehouse.schemas import message_key
 from warehouse.simulator import Simulation
 
 pytestmark = pytest.mark.django_db
@@ -239,3 +240,38 @@ def test_any_order_and_any_duplicates_give_the_same_stock_and_movements(
     edges = sorted({0, len(stream), *[c for c in cuts if c < len(stream)]})
     batches = [stream[a:b] for a, b in itertools.pairwise(edges)]
     assert _state_after(batches) == _REFERENCE["state"]
+
+
+def test_a_redelivered_batch_is_recognised_by_its_message_keys_and_changes_nothing() -> None:
+    departure, arrival = example_pair()
+    bodies = [body(departure), b"not json", body(arrival), body(departure), b"not json"]
+    keys = [message_key(raw, f"m{index}") for index, raw in enumerate(bodies)]
+    first = services.movements_ingest(bodies=bodies, keys=keys)
+    assert first.outcomes == ["stored", "malformed", "stored", "duplicate", "malformed"]
+    again = services.movements_ingest(bodies=bodies, keys=keys)
+    assert again.outcomes == ["redelivered"] * len(bodies)
+    assert (again.stored, again.duplicates, again.dead_letters) == (0, 0, 0)
+    assert DeadLetter.objects.count() == 2
+    assert sum(LedgerEntry.objects.values_list("duplicates", flat=True)) == 1
+    # The same body as a new message (another message_id) is a real duplicate.
+    later = services.movements_ingest(bodies=[bodies[0]], keys=[message_key(bodies[0], "m9")])
+    assert later.outcomes == ["duplicate"]
+    assert sum(LedgerEntry.objects.values_list("duplicates", flat=True)) == 2
+
+
+def test_without_a_message_id_identical_bodies_are_one_message() -> None:
+    departure, _ = example_pair()
+    raw = body(departure)
+    result = services.movements_ingest(bodies=[raw, raw], keys=[message_key(raw)] * 2)
+    assert result.outcomes == ["stored", "redelivered"]
+    assert LedgerEntry.objects.get().duplicates == 0
+
+
+def test_a_conflict_redelivered_is_not_dead_lettered_twice() -> None:
+    departure, _ = example_pair()
+    services.movements_ingest(bodies=[body(departure)])
+    changed = body({**departure, "data": {**departure["data"], "quantity": 5}})
+    key = message_key(changed, "c1")
+    assert services.movements_ingest(bodies=[changed], keys=[key]).outcomes == ["conflict"]
+    assert services.movements_ingest(bodies=[changed], keys=[key]).outcomes == ["redelivered"]
+    assert DeadLetter.objects.get().reason == "conflict"
