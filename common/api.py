@@ -2,9 +2,11 @@
 
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import authenticate
+from django.contrib.auth.signals import user_logged_in
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404, HttpRequest, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from drf_spectacular.utils import extend_schema, inline_serializer
 from knox.models import AuthToken
 from rest_framework import exceptions as drf_exceptions
@@ -87,7 +89,11 @@ class _TokenOutputSerializer(serializers.Serializer):
 
 
 class AuthTokenCreateApi(APIView):
-    """Exchange a username and password for an API token (`Authorization: Token <token>`)."""
+    """Exchange a username and password for an API token (`Authorization: Token <token>`).
+
+    The token expires API_TOKEN_TTL_HOURS after its last use. LOGIN_FAILURE_LIMIT failed
+    attempts for one account or from one client IP answer 429 `login_locked` (Retry-After)
+    until LOGIN_LOCKOUT_SECONDS pass, even for the right password (django-axes)."""
 
     authentication_classes: list[type] = []
     permission_classes = [AllowAny]
@@ -111,6 +117,8 @@ class AuthTokenCreateApi(APIView):
             raise app_errors.NotAuthenticated(
                 "Invalid username or password.", code="bad_credentials"
             )
+        # A login like the admin's: last_login is stamped and django-axes resets the counts.
+        user_logged_in.send(sender=type(user), request=request._request, user=user)
         instance, token = AuthToken.objects.create(user=user)
         return Response(_TokenOutputSerializer({"token": token, "expiry": instance.expiry}).data)
 
@@ -143,6 +151,26 @@ class AuthRegisterApi(APIView):
         return Response(self.OutputSerializer(body).data, status=status.HTTP_201_CREATED)
 
 
+def login_lockout_response(
+    request: HttpRequest, original_response: Any = None, credentials: Any = None
+) -> HttpResponse:
+    """django-axes' lockout answer (AXES_LOCKOUT_CALLABLE): 429 with Retry-After, as the JSON
+    error envelope on the API and as a short page on /admin/login/."""
+    retry_after = str(int(settings.AXES_COOLOFF_TIME.total_seconds()))
+    message = "Too many failed login attempts; try again later."
+    response: HttpResponse
+    if request.path.startswith("/api/"):
+        response = JsonResponse(error_body("login_locked", message), status=429)
+    else:
+        response = HttpResponse(
+            f"<!doctype html><title>Locked</title><h1>Locked</h1><p>{message}</p>",
+            status=429,
+            content_type="text/html; charset=utf-8",
+        )
+    response["Retry-After"] = retry_after
+    return response
+
+
 class AuthLogoutApi(APIView):
     """Revoke the token this request was made with."""
 
@@ -152,6 +180,18 @@ class AuthLogoutApi(APIView):
     def post(self, request: Request) -> Response:
         if isinstance(request.auth, AuthToken):
             request.auth.delete()
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class AuthLogoutAllApi(APIView):
+    """Revoke every API token of the authenticated user (all devices), this one included."""
+
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(request=None, responses={204: None})
+    def post(self, request: Request) -> Response:
+        assert request.user.is_authenticated  # IsAuthenticated
+        services.user_tokens_revoke(user=request.user)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

@@ -70,6 +70,14 @@ class IdentifierField(serializers.CharField):
         )
 
 
+class UUIDField(serializers.UUIDField):
+    """A UUID in its canonical ASCII form (`parsers.uuid_value`); DRF's own field parses with
+    `uuid.UUID`, which also takes Arabic-Indic digits, braces and surrounding spaces."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        return _parsed(self, parsers.uuid_value, data)
+
+
 class IntegerField(serializers.IntegerField):
     """An integer from a JSON number or ASCII digits (`parsers.integer`), within
     `min_value..max_value` (default 0..int64 max, a database id's range)."""
@@ -148,6 +156,7 @@ LENIENT_DRF_FIELDS: tuple[type[serializers.Field], ...] = (
     serializers.DateField,
     serializers.TimeField,
     serializers.DurationField,
+    serializers.UUIDField,
 )
 SHARED_FIELDS: tuple[type[serializers.Field], ...] = (
     TextField,
@@ -155,4 +164,5 @@ SHARED_FIELDS: tuple[type[serializers.Field], ...] = (
     IntegerField,
     MoneyField,
     TimestampField,
+    UUIDField,
 )

@@ -2,7 +2,9 @@
 
 `/health` answers as long as the process serves requests and touches no dependency.
 `/readyz` checks the database, the cache, the channel layer and the broker as configured, plus
-any check an app registers (e.g. a consumer heartbeat) with `readiness_check_register`.
+any check an app registers (e.g. a consumer heartbeat) with `readiness_check_register`. Anyone
+gets the verdict (`{"status": "ready"|"unavailable"}`, 200/503, what orchestrators probe); the
+per-check detail, which names hosts and ports, only staff or the metrics bearer token.
 """
 
 import time
@@ -16,6 +18,8 @@ from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
+
+from common.ops_access import ops_access_allowed
 
 ReadinessCheck = Callable[[], None]
 _CHECKS: dict[str, ReadinessCheck] = {}
@@ -91,10 +95,10 @@ def health(request: HttpRequest) -> JsonResponse:
 def readyz(request: HttpRequest) -> JsonResponse:
     results = _run_checks()
     ready = all(result["ok"] for result in results.values())
-    return JsonResponse(
-        {"status": "ready" if ready else "unavailable", "checks": results},
-        status=200 if ready else 503,
-    )
+    body: dict[str, object] = {"status": "ready" if ready else "unavailable"}
+    if ops_access_allowed(request):
+        body["checks"] = results
+    return JsonResponse(body, status=200 if ready else 503)
 
 
 def channel_layer_roundtrip() -> None:

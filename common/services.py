@@ -1,5 +1,9 @@
 """Platform writes: accounts."""
 
+import re
+import unicodedata
+
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.auth.password_validation import validate_password
@@ -9,9 +13,31 @@ from django.db import IntegrityError, transaction
 from common.exceptions import Conflict, ValidationFailed
 
 
+def username_is_reserved(username: str) -> bool:
+    """True for names that only operators may create (service identities, `tg<id>` accounts,
+    RESERVED_USERNAMES, RESERVED_USERNAME_PATTERN), compared after the NFKC normalization
+    Django applies to usernames and case-insensitively, so look-alikes are reserved too."""
+    folded = unicodedata.normalize("NFKC", username).casefold()
+    reserved = {
+        unicodedata.normalize("NFKC", name).casefold() for name in settings.RESERVED_USERNAMES
+    }
+    return folded in reserved or bool(
+        re.fullmatch(settings.RESERVED_USERNAME_PATTERN, folded, flags=re.IGNORECASE)
+    )
+
+
 @transaction.atomic
 def user_register(*, username: str, password: str, email: str = "") -> AbstractBaseUser:
-    """Create an active, non-staff account. Duplicate usernames are a Conflict."""
+    """Create an active, non-staff account.
+
+    Raises `ValidationFailed` (code `reserved_username`) for reserved names, before anything
+    else is checked, and `Conflict` (`username_taken`) for a duplicate name."""
+    if username_is_reserved(username):
+        raise ValidationFailed(
+            "That username is reserved.",
+            code="reserved_username",
+            details={"username": ["is reserved"]},
+        )
     user_model = get_user_model()
     candidate = user_model(username=username, email=email)
     try:
@@ -38,3 +64,11 @@ def operator_ensure(*, username: str, password: str, email: str = "") -> bool:
         return False
     user_model._default_manager.create_superuser(username=username, email=email, password=password)
     return True
+
+
+def user_tokens_revoke(*, user: AbstractBaseUser) -> int:
+    """Delete every API token of `user`; returns how many there were. Idempotent."""
+    from knox.models import AuthToken
+
+    deleted, _ = AuthToken.objects.filter(user=user).delete()
+    return deleted

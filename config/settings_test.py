@@ -17,7 +17,7 @@ if not DATABASES["default"]["ENGINE"].endswith("postgresql"):
 REST_FRAMEWORK = {
     **REST_FRAMEWORK,
     "DEFAULT_THROTTLE_RATES": {
-        **REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"],  # type: ignore[dict-item]
+        **REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"],
         "register": "1000/min",
         "login": "1000/min",
     },

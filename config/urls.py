@@ -16,6 +16,7 @@ urlpatterns = [
     path("api/auth/token", common_api.AuthTokenCreateApi.as_view(), name="auth-token"),
     path("api/auth/register", common_api.AuthRegisterApi.as_view(), name="auth-register"),
     path("api/auth/logout", common_api.AuthLogoutApi.as_view(), name="auth-logout"),
+    path("api/auth/logout-all", common_api.AuthLogoutAllApi.as_view(), name="auth-logout-all"),
     path("api/auth/me", common_api.MeApi.as_view(), name="auth-me"),
     path("api/realtime/", include("realtime.urls")),
     path("api/vmcontrol/", include("vmcontrol.urls")),

@@ -92,7 +92,10 @@ def start_live_server(app: Any = "config.asgi:application") -> LiveServer:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(512)
-    config = uvicorn.Config(app, lifespan="off", log_config=None, ws_ping_interval=None)
+    # As in production: the client address is the socket's (common/network.py decides on proxies).
+    config = uvicorn.Config(
+        app, lifespan="off", log_config=None, ws_ping_interval=None, proxy_headers=False
+    )
     server = uvicorn.Server(config)
     loop = asyncio.new_event_loop()
 

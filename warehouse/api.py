@@ -11,13 +11,12 @@ from rest_framework.response import Response
 from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
-from common import parsers
+from common import fields, parsers
 from common.exceptions import NotFound, ValidationFailed
 from common.fields import TimestampField
 from common.pagination import LimitOffsetPagination
 from warehouse import selectors, services
 from warehouse.models import DeadLetter
-from warehouse.schemas import uuid_value
 
 MAX_INGEST_ITEMS = 5000
 
@@ -45,20 +44,9 @@ class PublicReadThrottle(AnonRateThrottle):
 def _uuid(value: str, name: str) -> uuid.UUID:
     """A path segment as a UUID (canonical ASCII form); 400 `bad_uuid` naming it otherwise."""
     try:
-        return uuid_value(value, field=name)
+        return parsers.uuid_value(value, field=name)
     except parsers.InvalidValue as exc:
         raise ValidationFailed(exc.message, code="bad_uuid", details=exc.details) from None
-
-
-class UuidField(serializers.UUIDField):
-    """A UUID in its canonical ASCII form (`schemas.uuid_value`); DRF's own field parses with
-    `uuid.UUID`, which also takes Arabic-Indic digits, braces and surrounding spaces."""
-
-    def to_internal_value(self, data: Any) -> uuid.UUID:
-        try:
-            return uuid_value(data, field=self.field_name or "value")
-        except parsers.InvalidValue as exc:
-            raise serializers.ValidationError(exc.details[exc.field][0], code=exc.reason) from None
 
 
 class PartySerializer(serializers.Serializer):
@@ -136,8 +124,8 @@ class StockListApi(APIView):
 
 class MovementHistoryApi(APIView):
     class FilterSerializer(serializers.Serializer):
-        warehouse_id = UuidField(required=False)
-        product_id = UuidField(required=False)
+        warehouse_id = fields.UUIDField(required=False)
+        product_id = fields.UUIDField(required=False)
         since = TimestampField(required=False)
         until = TimestampField(required=False)
 

@@ -9,7 +9,6 @@ here, never later by the database or the fingerprint.
 """
 
 import hashlib
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,11 +26,6 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_QUANTITY = parsers.INT32_MAX
 MAX_SOURCE_LENGTH = 100
 MAX_SUBJECT_LENGTH = 200
-#: The canonical 8-4-4-4-12 form in ASCII hex (`uuid.UUID` alone also takes Arabic-Indic
-#: digits, braces, a `urn:uuid:` prefix and surrounding whitespace).
-UUID_PATTERN = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", re.ASCII
-)
 
 
 class EnvelopeInvalid(ValueError):
@@ -115,15 +109,6 @@ def message_key(body: bytes | str, message_id: object = None) -> str:
     return digest.hexdigest()
 
 
-def uuid_value(value: object, *, field: str) -> uuid.UUID:
-    """A UUID in its canonical ASCII form (`4705204f-498f-4f96-b4ba-df17fb56bf55`, any case);
-    refuses other spellings with `format` and non-strings with `type`."""
-    raw = parsers.text(value, field=field, max_length=36)
-    if not UUID_PATTERN.fullmatch(raw):
-        raise parsers.InvalidValue(field, "format", "must be a UUID such as 4705204f-498f-...")
-    return uuid.UUID(raw)
-
-
 def _member(mapping: dict[str, Any], name: str, path: str) -> Any:
     if name not in mapping or mapping[name] is None:
         raise parsers.InvalidValue(path, "required", "is required")
@@ -167,7 +152,7 @@ def _envelope(document: Any) -> Envelope:
     for name, expected in (("datacontenttype", CONTENT_TYPE), ("dataschema", DATA_SCHEMA)):
         if name in document:
             parsers.choice(document[name], field=name, choices=[expected])
-    envelope_id = uuid_value(_member(document, "id", "id"), field="id")
+    envelope_id = parsers.uuid_value(_member(document, "id", "id"), field="id")
     source = parsers.text(
         _member(document, "source", "source"), field="source", max_length=MAX_SOURCE_LENGTH
     )
@@ -191,17 +176,17 @@ def _envelope(document: Any) -> Envelope:
         source=source,
         time=sent,
         subject=subject,
-        movement_id=uuid_value(
+        movement_id=parsers.uuid_value(
             _member(data, "movement_id", "data.movement_id"), field="data.movement_id"
         ),
-        warehouse_id=uuid_value(
+        warehouse_id=parsers.uuid_value(
             _member(data, "warehouse_id", "data.warehouse_id"), field="data.warehouse_id"
         ),
         timestamp=parsers.timestamp(
             _member(data, "timestamp", "data.timestamp"), field="data.timestamp"
         ),
         event=event,
-        product_id=uuid_value(
+        product_id=parsers.uuid_value(
             _member(data, "product_id", "data.product_id"), field="data.product_id"
         ),
         quantity=quantity,

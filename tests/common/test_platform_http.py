@@ -5,7 +5,7 @@ import pytest
 from django.test import override_settings
 
 from common.health import readiness_check_register
-from tests.factories import TEST_PASSWORD, UserFactory, auth_header
+from tests.factories import TEST_PASSWORD, StaffFactory, UserFactory, auth_header
 
 
 def test_health_answers_without_touching_dependencies(http: httpx.Client) -> None:
@@ -15,7 +15,7 @@ def test_health_answers_without_touching_dependencies(http: httpx.Client) -> Non
 
 
 def test_readyz_reports_each_configured_dependency(http: httpx.Client) -> None:
-    response = http.get("/readyz")
+    response = http.get("/readyz", headers=auth_header(StaffFactory()))
     assert response.status_code == 200
     checks = response.json()["checks"]
     assert {"database", "cache", "broker", "channel_layer"} <= set(checks)
@@ -30,7 +30,7 @@ def test_readyz_fails_when_a_registered_check_fails_and_health_stays_up(
 
     readiness_check_register("test_broken", broken)
     try:
-        response = http.get("/readyz")
+        response = http.get("/readyz", headers=auth_header(StaffFactory()))
         assert response.status_code == 503
         assert response.json()["checks"]["test_broken"]["ok"] is False
         assert "heartbeat stale" in response.json()["checks"]["test_broken"]["error"]
@@ -41,14 +41,14 @@ def test_readyz_fails_when_a_registered_check_fails_and_health_stays_up(
 
 def test_readyz_fails_when_the_broker_is_unreachable(http: httpx.Client) -> None:
     with override_settings(CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:1//"):
-        response = http.get("/readyz")
+        response = http.get("/readyz", headers=auth_header(StaffFactory()))
     assert response.status_code == 503
     assert response.json()["checks"]["broker"]["ok"] is False
 
 
 def test_metrics_exports_prometheus_text(http: httpx.Client) -> None:
     http.get("/health")
-    response = http.get("/metrics")
+    response = http.get("/metrics", headers=auth_header(StaffFactory()))
     assert response.status_code == 200
     assert "django_http_requests_total_by_method_total" in response.text
 

@@ -31,6 +31,7 @@ def _embedded_env(tmp_path: Path, port: int) -> dict[str, str]:
         GRPC_PORT=str(free_port()),
         DJANGO_SUPERUSER_USERNAME="boss",
         DJANGO_SUPERUSER_PASSWORD="a-long-demo-passphrase",
+        METRICS_BEARER_TOKEN="e2e-scraper-token",
     )
     return env
 
@@ -67,8 +68,10 @@ def test_runall_serves_every_platform_address_and_stops_on_sigint(tmp_path: Path
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_until_serving(base, child)
-        assert httpx.get(f"{base}/readyz").status_code == 200
-        assert httpx.get(f"{base}/metrics").status_code == 200
+        assert httpx.get(f"{base}/readyz").json() == {"status": "ready"}
+        assert httpx.get(f"{base}/metrics").status_code == 401
+        scraper = {"Authorization": "Bearer e2e-scraper-token"}
+        assert httpx.get(f"{base}/metrics", headers=scraper).status_code == 200
         assert httpx.get(f"{base}/admin/login/").status_code == 200
         assert httpx.get(f"{base}/api/docs/").status_code == 200
         token = httpx.post(

@@ -29,6 +29,7 @@ from kombu import Consumer
 from prometheus_client import REGISTRY
 
 from common.processes import embedded_processes
+from tests.factories import StaffFactory, auth_header
 from tests.warehouse.factories import (
     UNSTORABLE,
     body,
@@ -299,17 +300,20 @@ def test_readyz_fails_on_a_stale_consumer_heartbeat_and_health_stays_up(
 ) -> None:
     now = timezone.now()
     ConsumerHeartbeat.objects.create(name="test-consumer", beat_at=now, started_at=now)
-    assert http.get("/readyz").json()["checks"]["warehouse_consumer"]["ok"] is True
+    staff = auth_header(StaffFactory())
+    assert http.get("/readyz", headers=staff).json()["checks"]["warehouse_consumer"]["ok"] is True
     stale = now - timedelta(seconds=settings.WAREHOUSE_HEARTBEAT_STALE_SECONDS + 1)
     ConsumerHeartbeat.objects.filter(name="test-consumer").update(beat_at=stale)
-    response = http.get("/readyz")
+    response = http.get("/readyz", headers=staff)
     assert response.status_code == 503
     assert "stale" in response.json()["checks"]["warehouse_consumer"]["error"]
     assert http.get("/health").status_code == 200
 
 
 @pytest.mark.django_db(transaction=True)
+@override_settings(METRICS_BEARER_TOKEN="ops-test-token")
 def test_readyz_fails_when_the_database_is_unreachable() -> None:
+    ops_bearer = {"Authorization": "Bearer ops-test-token"}
     original = dict(connection.settings_dict)
     connection.close()
     if connection.vendor == "sqlite":
@@ -317,7 +321,7 @@ def test_readyz_fails_when_the_database_is_unreachable() -> None:
     else:
         connection.settings_dict["PORT"] = "1"
     try:
-        response = Client().get("/readyz")
+        response = Client().get("/readyz", headers=ops_bearer)
         assert response.status_code == 503
         assert response.json()["checks"]["database"]["ok"] is False
         assert Client().get("/health").status_code == 200
@@ -329,7 +333,7 @@ def test_readyz_fails_when_the_database_is_unreachable() -> None:
 
 def test_readyz_fails_when_the_broker_is_unreachable(http: httpx.Client) -> None:
     with override_settings(CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:1//"):
-        response = http.get("/readyz")
+        response = http.get("/readyz", headers=auth_header(StaffFactory()))
     assert response.status_code == 503
     assert response.json()["checks"]["broker"]["ok"] is False
 

@@ -75,6 +75,9 @@ class Command(BaseCommand):
             lifespan="off",
             log_config=None,
             ws_max_size=settings.REALTIME_MAX_FRAME_BYTES * 4,
+            # Client addresses are the socket's; TRUSTED_PROXY_HOPS is the one place that trusts
+            # X-Forwarded-For (common/network.py), so uvicorn must not rewrite them first.
+            proxy_headers=False,
         )
         server = _EmbeddedUvicorn(config)
         tasks = [asyncio.create_task(server.serve(), name="http")]

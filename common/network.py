@@ -1,0 +1,33 @@
+"""Who is calling: the client address used by rate limits and login lockouts.
+
+`input-policy.md`: client IPs come from the socket unless a trusted-proxy setting names the
+proxy hops. With `TRUSTED_PROXY_HOPS = n > 0` (n reverse proxies in front, each appending the
+address it saw to `X-Forwarded-For`), the client is the n-th address from the right, the one
+the outermost trusted proxy recorded; anything to its left was written by the client and is
+ignored. DRF's throttles follow the same rule through `NUM_PROXIES` (config/settings.py).
+"""
+
+import ipaddress
+
+from django.conf import settings
+from django.http import HttpRequest
+
+
+def _address(value: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        return None
+
+
+def client_ip(request: HttpRequest) -> str:
+    """The caller's IP address as a string (`"unknown"` when the socket gave none)."""
+    remote = _address(str(request.META.get("REMOTE_ADDR", ""))) or "unknown"
+    hops = int(getattr(settings, "TRUSTED_PROXY_HOPS", 0))
+    forwarded = str(request.META.get("HTTP_X_FORWARDED_FOR", ""))
+    if hops <= 0 or not forwarded:
+        return remote
+    chain = [part for part in forwarded.split(",") if part.strip()]
+    if not chain:
+        return remote
+    return _address(chain[-min(hops, len(chain))]) or remote
