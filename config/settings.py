@@ -5,6 +5,7 @@ eager Celery). Setting DATABASE_URL, REDIS_URL and CELERY_BROKER_URL switches ea
 service. Malformed values fail loudly at import time.
 """
 
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -30,6 +31,13 @@ VMCONTROL_PORT = env.int("VMCONTROL_PORT", default=9100)
 GRPC_PORT = env.int("GRPC_PORT", default=50051)
 METRICS_PORT = env.int("METRICS_PORT", default=0)
 METRICS_BEARER_TOKEN = env.str("METRICS_BEARER_TOKEN", default="")
+# /metrics and the detail of /readyz: staff or the bearer token unless this opens them.
+OPS_ENDPOINTS_PUBLIC = env.bool("OPS_ENDPOINTS_PUBLIC", default=False)
+# Reverse proxies in front of the web process that append to X-Forwarded-For; 0 = trust none,
+# the client address is the socket's (common/network.py).
+TRUSTED_PROXY_HOPS = env.int("TRUSTED_PROXY_HOPS", default=0)
+if TRUSTED_PROXY_HOPS < 0:
+    raise ImproperlyConfigured("TRUSTED_PROXY_HOPS must be >= 0")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -41,6 +49,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "knox",
+    "axes",
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_prometheus",
@@ -68,7 +77,14 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
+    "axes.middleware.AxesMiddleware",
     "common.middleware.SyncChainMiddleware",
+]
+
+AUTHENTICATION_BACKENDS = [
+    # Refuses locked-out credentials before the password is even checked (django-axes).
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -123,9 +139,14 @@ REDIS_URL = env.str("REDIS_URL", default="")
 if REDIS_URL:
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            # Reads miss and writes drop while Redis is unreachable (common/cache.py).
+            "BACKEND": "common.cache.FailOpenRedisCache",
             "LOCATION": REDIS_URL,
             "KEY_PREFIX": env.str("CACHE_KEY_PREFIX", default="quintet"),
+            "OPTIONS": {
+                "socket_connect_timeout": env.float("REDIS_CONNECT_TIMEOUT", default=0.5),
+                "socket_timeout": env.float("REDIS_SOCKET_TIMEOUT", default=1.0),
+            },
         }
     }
     CHANNEL_LAYERS = {
@@ -234,13 +255,39 @@ REST_FRAMEWORK = {
         "login": env.str("API_THROTTLE_LOGIN", default="30/min"),
     },
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # Throttles key anonymous callers by the socket address unless proxies are trusted.
+    "NUM_PROXIES": TRUSTED_PROXY_HOPS,
 }
 API_MAX_PAGE_SIZE = 500
 
+# Failed logins (API token and /admin/login/), counted per account and per client IP by
+# django-axes; LOGIN_FAILURE_LIMIT failures lock that account or IP for LOGIN_LOCKOUT_SECONDS.
+AXES_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=10)
+AXES_COOLOFF_TIME = timedelta(seconds=env.int("LOGIN_LOCKOUT_SECONDS", default=900))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "common.network.client_ip"
+AXES_LOCKOUT_CALLABLE = "common.api.login_lockout_response"
+AXES_VERBOSE = False
+# Registration refuses these names (case-insensitive) and any matching RESERVED_USERNAME_PATTERN:
+# service identities are made by operator commands, never claimed by signing up.
+RESERVED_USERNAMES = env.list(
+    "RESERVED_USERNAMES",
+    default=["admin", "administrator", "root", "operator", "staff", "support", "system"],
+)
+RESERVED_USERNAME_PATTERN = env.str(
+    "RESERVED_USERNAME_PATTERN", default=r"^(tg[0-9]+|.*-service|service-.*|svc[-_.].*)$"
+)
+
+# API tokens expire API_TOKEN_TTL_HOURS after their last use (refreshed at most once a minute),
+# and never later than API_TOKEN_MAX_AGE_DAYS after they were issued. Service tokens (the bot's)
+# are issued without expiry by their operator command.
 REST_KNOX = {
     "AUTH_HEADER_PREFIX": "Token",
-    "TOKEN_TTL": None,
-    "AUTO_REFRESH": False,
+    "TOKEN_TTL": timedelta(hours=env.float("API_TOKEN_TTL_HOURS", default=24.0)),
+    "AUTO_REFRESH": True,
+    "AUTO_REFRESH_MAX_TTL": timedelta(days=env.float("API_TOKEN_MAX_AGE_DAYS", default=30.0)),
+    "MIN_REFRESH_INTERVAL": 60,
     "TOKEN_LIMIT_PER_USER": env.int("API_TOKEN_LIMIT_PER_USER", default=100),
 }
 
@@ -336,6 +383,7 @@ TELEGRAM_FILE_BASE_URL = env.str(
 )
 DOCBOT_BACKEND_URL = env.str("DOCBOT_BACKEND_URL", default=f"http://127.0.0.1:{HTTP_PORT}")
 DOCBOT_SERVICE_USERNAME = env.str("DOCBOT_SERVICE_USERNAME", default="docbot-service")
+RESERVED_USERNAMES.append(DOCBOT_SERVICE_USERNAME)
 DOCBOT_SERVICE_TOKEN = env.str("DOCBOT_SERVICE_TOKEN", default="")
 DOCBOT_PUBLIC_BASE_URL = env.str("DOCBOT_PUBLIC_BASE_URL", default=f"http://127.0.0.1:{HTTP_PORT}")
 DOCBOT_FLOOD_MAX_PER_SECOND = env.int("DOCBOT_FLOOD_MAX_PER_SECOND", default=5)
@@ -343,10 +391,17 @@ DOCBOT_SHARE_LINK_TTL_SECONDS = env.int("DOCBOT_SHARE_LINK_TTL_SECONDS", default
 DOCBOT_MAX_FILE_BYTES = env.int("DOCBOT_MAX_FILE_BYTES", default=20 * 1024 * 1024)
 DOCBOT_STATE_TTL_SECONDS = env.int("DOCBOT_STATE_TTL_SECONDS", default=7 * 24 * 3600)
 DOCBOT_RATE_LIMIT_PER_SECOND = env.float("DOCBOT_RATE_LIMIT_PER_SECOND", default=30.0)
+# The bot keeps dialog state, update-id dedupe marks (24 h) and one-per-group notices in the
+# default cache. Django's local-memory backend holds 300 entries and culls a third when full,
+# which would forget them under load on the embedded default.
+if CACHES["default"]["BACKEND"].endswith(".LocMemCache"):
+    CACHES["default"]["OPTIONS"] = {"MAX_ENTRIES": 100_000}
 
 # --- betting ---
 BETTING_MIN_STAKE = env.str("BETTING_MIN_STAKE", default="1.00")
 BETTING_MAX_STAKE = env.str("BETTING_MAX_STAKE", default="10000.00")
+BETTING_MIN_COEFFICIENT = env.str("BETTING_MIN_COEFFICIENT", default="0.01")
+BETTING_MAX_COEFFICIENT = env.str("BETTING_MAX_COEFFICIENT", default="1000.00")
 BETTING_EVENTS_CACHE_SECONDS = env.float("BETTING_EVENTS_CACHE_SECONDS", default=2.0)
 BETTING_GRPC_REFLECTION = env.bool("BETTING_GRPC_REFLECTION", default=DEBUG)
 BETTING_WATCH_HEARTBEAT_SECONDS = env.float("BETTING_WATCH_HEARTBEAT_SECONDS", default=5.0)
