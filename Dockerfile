@@ -9,7 +9,8 @@ COPY pyproject.toml uv.lock ./
 RUN uv sync --frozen --no-dev --no-install-project
 COPY . .
 RUN DJANGO_DEBUG=false DJANGO_SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput -v 0 \
-    && mkdir -p var && chown -R quintet var
+    && mkdir -p var && chown -R quintet var && chmod +x docker/entrypoint.sh
 USER quintet
 EXPOSE 8000 9100 50051
+ENTRYPOINT ["/app/docker/entrypoint.sh"]
 CMD ["uvicorn", "config.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", "--no-proxy-headers"]

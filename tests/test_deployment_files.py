@@ -1,9 +1,14 @@
 """The operator-facing files agree with the code: every env var is documented, every Procfile
 process has a compose service."""
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +41,89 @@ def test_every_procfile_process_has_a_compose_service() -> None:
         assert compose["services"][name]["depends_on"]["migrate"]["condition"] == (
             "service_completed_successfully"
         )
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_needs_no_env_file_and_ships_no_fixed_password() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "env_file" not in text
+    for service in _compose()["services"].values():
+        environment = service.get("environment") or {}
+        for name, value in environment.items():
+            if any(word in name for word in ("PASSWORD", "SECRET", "TOKEN")):
+                assert str(value).startswith("${") or name.endswith("_FILE"), name
+        for url in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL"):
+            assert "@" not in str(environment.get(url, "")), url
+
+
+def test_compose_publishes_ports_on_loopback_by_default() -> None:
+    for name, service in _compose()["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith("${PUBLISH_HOST:-127.0.0.1}:"), (name, port)
+
+
+def test_compose_validates_without_an_env_file(tmp_path: Path) -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.fail("docker-compose (Debian package) is required to validate the compose file")
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO", "DATABASE"))}
+    result = subprocess.run(
+        [
+            binary,
+            "-f",
+            str(ROOT / "docker-compose.yml"),
+            "--project-directory",
+            str(tmp_path),
+            "config",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_secrets_are_generated_once_and_the_environment_wins(tmp_path: Path) -> None:
+    folder = tmp_path / "secrets"
+    run = [sys.executable, str(ROOT / "docker" / "generate_secrets.py"), str(folder)]
+    env = {
+        k: v for k, v in os.environ.items() if k not in {"DJANGO_SECRET_KEY", "POSTGRES_PASSWORD"}
+    }
+    subprocess.run(run, check=True, env=env, capture_output=True)
+    first = {path.name: path.read_text() for path in folder.iterdir()}
+    assert len(first) == 7 and all(len(value) >= 40 for value in first.values())
+    subprocess.run(run, check=True, env=env, capture_output=True)
+    assert {path.name: path.read_text() for path in folder.iterdir()} == first
+    subprocess.run(run, check=True, env={**env, "POSTGRES_PASSWORD": "chosen"}, capture_output=True)
+    assert (folder / "postgres_password").read_text() == "chosen"
+    assert (folder / "redis_password").read_text() == first["redis_password"]
+
+
+def test_the_entrypoint_builds_service_urls_from_the_secrets(tmp_path: Path) -> None:
+    folder = tmp_path / "secrets"
+    subprocess.run(
+        [sys.executable, str(ROOT / "docker" / "generate_secrets.py"), str(folder)],
+        check=True,
+        capture_output=True,
+    )
+    env = {"PATH": os.environ["PATH"], "QUINTET_SECRETS_DIR": str(folder), "REDIS_URL": ""}
+    printed = subprocess.run(
+        ["sh", str(ROOT / "docker" / "entrypoint.sh"), "env"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**env, "CELERY_BROKER_URL": "amqp://given@broker//"},
+    ).stdout
+    values = dict(line.split("=", 1) for line in printed.splitlines() if "=" in line)
+    password = (folder / "postgres_password").read_text()
+    assert values["DATABASE_URL"] == f"postgres://quintet:{password}@postgres:5432/quintet"
+    assert values["REDIS_URL"].startswith("redis://:") and values["REDIS_URL"].endswith(
+        "@redis:6379/0"
+    )
+    assert values["CELERY_BROKER_URL"] == "amqp://given@broker//"
+    assert values["DJANGO_SECRET_KEY"] == (folder / "django_secret_key").read_text()
