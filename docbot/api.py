@@ -10,8 +10,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from common import fields
 from common.pagination import CursorPagination
-from docbot import selectors, services
+from docbot import schemas, selectors, services
 from docbot.auth import TELEGRAM_USER_HEADER, ServiceTelegramAuthentication
 
 TELEGRAM_HEADER_PARAMETER = OpenApiParameter(
@@ -52,21 +53,36 @@ class DocumentOutput(serializers.Serializer):
     created_at = serializers.DateTimeField()
 
 
+def _type_name() -> fields.TextField:
+    # Whitespace is collapsed and the 64-character limit applied by the service.
+    return fields.TextField(max_length=200, allow_blank=True)
+
+
+def _document_name(**kwargs: Any) -> fields.TextField:
+    # Whitespace is collapsed and the 128-character limit applied by the service.
+    return fields.TextField(max_length=400, allow_blank=True, **kwargs)
+
+
 class TypeListCreateApi(DocbotApi):
     class InputSerializer(serializers.Serializer):
-        name = serializers.CharField(max_length=200, allow_blank=True)
+        name = _type_name()
+
+    class FilterSerializer(serializers.Serializer):
+        non_empty = serializers.BooleanField(
+            required=False, default=False, help_text="only types with documents"
+        )
 
     @extend_schema(
         operation_id="docbot_types_list",
-        parameters=[
-            TELEGRAM_HEADER_PARAMETER,
-            OpenApiParameter("non_empty", OpenApiTypes.BOOL, description="only types with docs"),
-        ],
+        parameters=[TELEGRAM_HEADER_PARAMETER, FilterSerializer],
         responses={200: TypeOutput(many=True)},
     )
     def get(self, request: Request) -> Response:
-        non_empty = request.query_params.get("non_empty", "") in {"1", "true"}
-        types = selectors.type_list(user=request.user, non_empty=non_empty)
+        filters = self.FilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        types = selectors.type_list(
+            user=request.user, non_empty=filters.validated_data["non_empty"]
+        )
         return Response(TypeOutput(types, many=True).data)
 
     @extend_schema(
@@ -84,7 +100,7 @@ class TypeListCreateApi(DocbotApi):
 
 class TypeDetailApi(DocbotApi):
     class InputSerializer(serializers.Serializer):
-        name = serializers.CharField(max_length=200, allow_blank=True)
+        name = _type_name()
 
     @extend_schema(
         operation_id="docbot_types_rename",
@@ -112,19 +128,37 @@ class TypeDetailApi(DocbotApi):
 
 class DocumentListCreateApi(DocbotApi):
     class InputSerializer(serializers.Serializer):
-        type_id = serializers.IntegerField()
-        name = serializers.CharField(max_length=400, allow_blank=True)
-        chat_id = serializers.IntegerField()
-        file_id = serializers.CharField(max_length=256)
-        file_unique_id = serializers.CharField(max_length=128, required=False, default="")
-        size = serializers.IntegerField(required=False, allow_null=True, min_value=0)
-        mime_type = serializers.CharField(required=False, default="", allow_blank=True)
-        file_name = serializers.CharField(required=False, default="", allow_blank=True)
+        type_id = fields.IntegerField()
+        name = _document_name()
+        chat_id = fields.IntegerField(
+            min_value=1, max_value=schemas.TELEGRAM_ID_MAX, help_text="the user's private chat"
+        )
+        file_id = fields.IdentifierField(
+            max_length=schemas.FILE_ID_MAX, pattern=schemas.FILE_ID_PATTERN
+        )
+        file_unique_id = fields.IdentifierField(
+            max_length=schemas.FILE_UNIQUE_ID_MAX,
+            pattern=schemas.FILE_ID_PATTERN,
+            required=False,
+            default="",
+            allow_blank=True,
+        )
+        size = fields.IntegerField(required=False, allow_null=True)
+        mime_type = fields.IdentifierField(
+            max_length=schemas.MIME_TYPE_MAX,
+            pattern=schemas.MIME_TYPE_PATTERN,
+            required=False,
+            default="",
+            allow_blank=True,
+        )
+        file_name = fields.TextField(
+            max_length=schemas.FILE_NAME_MAX, required=False, default="", allow_blank=True
+        )
 
     class FilterSerializer(serializers.Serializer):
-        type = serializers.IntegerField(required=False)
-        q = serializers.CharField(required=False, default="", max_length=128)
-        name = serializers.CharField(required=False, default="", max_length=400)
+        type = fields.IntegerField(required=False)
+        q = fields.TextField(required=False, default="", max_length=128, allow_blank=True)
+        name = _document_name(required=False, default="")
 
     @extend_schema(
         operation_id="docbot_documents_list",
@@ -159,8 +193,8 @@ class DocumentListCreateApi(DocbotApi):
 
 class DocumentDetailApi(DocbotApi):
     class InputSerializer(serializers.Serializer):
-        name = serializers.CharField(max_length=400, required=False, allow_blank=True)
-        type_id = serializers.IntegerField(required=False)
+        name = _document_name(required=False)
+        type_id = fields.IntegerField(required=False)
 
     @extend_schema(
         operation_id="docbot_documents_retrieve",

@@ -1,23 +1,35 @@
-"""Non-API HTTP endpoints: the Telegram webhook and streamed share-link downloads."""
+"""Non-API HTTP endpoints: the Telegram webhook and streamed share-link downloads.
+
+Both answer every refusal in JSON (`{"error": {"code", "message", "details"}}`) naming the
+field: a webhook body that is not clean JSON or not an Update is a 400 (never a 500, so
+Telegram does not retry a poison update forever), a share token outside its charset a 404."""
 
 import hmac
+import re
 from collections.abc import AsyncIterator
 from typing import IO
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.core.files.storage import default_storage
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
+from django.utils.http import content_disposition_header
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from common import parsers
 from common.api import error_body
 from common.exceptions import ApplicationError
-from docbot import runtime, services
+from docbot import runtime, schemas, services
 
 SECRET_HEADER = "HTTP_X_TELEGRAM_BOT_API_SECRET_TOKEN"  # noqa: S105 - a header name
 DOWNLOAD_CHUNK = 256 * 1024
+#: `django.core.signing` tokens: URL-safe base64 parts joined by `:` (compressed ones start
+#: with `.`).
+SHARE_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_.:-]+")
+SHARE_TOKEN_MAX = 512
 
 
 def secret_matches(presented: str, expected: str) -> bool:
@@ -33,13 +45,19 @@ async def webhook(request: HttpRequest) -> HttpResponse:
     presented = request.META.get(SECRET_HEADER, "")
     if not secret_matches(presented, settings.TELEGRAM_WEBHOOK_SECRET):
         return JsonResponse(error_body("forbidden", "Wrong secret token."), status=403)
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        return JsonResponse(
+            error_body("invalid", "body: is too large", {"body": ["is too large"]}), status=400
+        )
     application = await runtime.webhook_application()
     from docbot.bot.application import process_webhook_body
 
     try:
-        await process_webhook_body(application, request.body)
-    except ValueError:
-        return JsonResponse(error_body("invalid", "Not an update."), status=400)
+        await process_webhook_body(application, body)
+    except parsers.InvalidValue as exc:
+        return JsonResponse(error_body(exc.code, exc.message, exc.details), status=400)
     return HttpResponse(status=200)
 
 
@@ -57,15 +75,22 @@ def file_download(request: HttpRequest, token: str) -> HttpResponseBase:
     """Stream the shared document chunk by chunk (an async iterator, so Django never buffers
     the whole file)."""
     try:
+        parsers.identifier(
+            token, field="token", max_length=SHARE_TOKEN_MAX, pattern=SHARE_TOKEN_PATTERN
+        )
         document = services.share_link_resolve(token=token)
+    except parsers.InvalidValue as exc:
+        return JsonResponse(error_body("link_invalid", exc.message, exc.details), status=404)
     except ApplicationError as exc:
         return JsonResponse(error_body(exc.code, exc.message), status=404)
     handle = default_storage.open(document.storage_name, "rb")
     response = StreamingHttpResponse(
-        _chunks(handle), content_type=document.mime_type or "application/octet-stream"
+        _chunks(handle), content_type=schemas.mime_type_or_default(document.mime_type)
     )
-    filename = document.file_name or document.name
-    response["Content-Disposition"] = f'attachment; filename="{filename.replace(chr(34), "")}"'
+    # Names stored before uploads were checked may hold CR/LF or quotes: cleaned, then encoded
+    # by Django's RFC 6266 helper (`filename*=utf-8''...` for anything beyond plain ASCII).
+    filename = schemas.file_name_clean(document.file_name or document.name) or "document"
+    response["Content-Disposition"] = content_disposition_header(True, filename) or "attachment"
     if document.size is not None:
         response["Content-Length"] = str(document.size)
     return response

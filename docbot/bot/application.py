@@ -1,21 +1,24 @@
 """Building and running the python-telegram-bot Application: polling, and webhook updates
 handed over by the ASGI view. Knows no models: data goes through `Backend`, state through
-`DialogStore`."""
+`DialogStore`. PTB's Updater is not used: updates are parsed by `update_parse` and fetched by
+the tolerant `Poller` (docbot/bot/polling.py)."""
 
 import asyncio
 import contextlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from telegram import Update
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder
 from telegram.request import BaseRequest
 
+from common import parsers
 from docbot.bot.backend import Backend
-from docbot.bot.handlers import BotConfig, handlers_install
+from docbot.bot.handlers import handlers_install
+from docbot.bot.polling import Poller, PollPolicy
 from docbot.bot.state import DialogStore
+from docbot.bot.turn import BotConfig
+from docbot.bot.updates import MAX_UPDATE_BYTES, update_parse
 
 logger = structlog.get_logger(__name__)
 
@@ -34,6 +37,8 @@ class BotSettings:
     max_file_bytes: int = 20 * 1024 * 1024
     state_ttl_seconds: int = 7 * 24 * 3600
     rate_limit_per_second: float = 30.0
+    poll_retry_first: float = 0.5
+    poll_retry_max: float = 30.0
 
 
 def settings_from_django(*, service_token: str, mode: str | None = None) -> BotSettings:
@@ -67,9 +72,8 @@ def build_application(
         .base_url(config.base_url)
         .base_file_url(config.base_file_url)
         .concurrent_updates(True)
+        .updater(None)
     )
-    if config.mode == "webhook":
-        builder = builder.updater(None)
     if request is not None:
         builder = builder.request(request).get_updates_request(request)
     else:
@@ -100,9 +104,12 @@ async def application_close(application: DocbotApplication) -> None:
 
 
 async def process_webhook_body(application: DocbotApplication, body: bytes) -> None:
-    """Hand one webhook update to the dialog (dedupe and flood control happen inside)."""
-    data = json.loads(body)
-    update = Update.de_json(data, application.bot)
+    """Parse one webhook body and hand the update to the dialog (dedupe, the update policy and
+    flood control happen inside). Raises `InvalidValue` (the view's 400) when the body is not
+    clean JSON (`json_document`) or not an Update (`update_parse`); handler failures never
+    leave `process_update` (the bot's catch-all answers them)."""
+    data = parsers.json_document(body, field="body", max_bytes=MAX_UPDATE_BYTES)
+    update = update_parse(data, application.bot)
     try:
         await application.process_update(update)
     finally:
@@ -117,13 +124,14 @@ async def run_polling(
     await application.initialize()
     try:
         await application.start()
-        assert application.updater is not None
-        await application.updater.start_polling(
-            poll_interval=poll_interval, timeout=poll_timeout, drop_pending_updates=False
-        )
         logger.info("docbot_polling_started", bot=application.bot.username)
-        await stop.wait()
-        await application.updater.stop()
+        policy = PollPolicy(
+            timeout=poll_timeout,
+            interval=poll_interval,
+            retry_first=config.poll_retry_first,
+            retry_max=config.poll_retry_max,
+        )
+        await Poller(application.bot, application.update_queue, policy, mode=config.mode).run(stop)
         await application.stop()
     finally:
         await application_close(application)

@@ -1,24 +1,24 @@
 """The dialog: thin handlers that parse the update, call the backend, answer the user.
 
 State lives in the shared DialogStore (not in python-telegram-bot's per-process memory), so any
-worker can serve any step. Backend errors are mapped to replies in exactly one place:
-`on_error`."""
+worker can serve any step. The update policy (input-policy.md) is applied once, by
+`middleware`: only private chats with their user reach the dialog; a group is told once to use
+a private chat; channel posts, edits and other update kinds are ignored silently. Everything the
+user typed or tapped is parsed by the shared parsers before use. Failures become replies in
+exactly one place: `on_error`, the bot's catch-all. Buttons live in `buttons.py`."""
 
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from telegram import (
-    CallbackQuery,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
-    InputFile,
     KeyboardButton,
     Message,
     ReplyKeyboardMarkup,
     Update,
 )
-from telegram.error import BadRequest
+from telegram.error import TelegramError
 from telegram.ext import (
     Application,
     ApplicationHandlerStop,
@@ -30,150 +30,217 @@ from telegram.ext import (
     filters,
 )
 
-from docbot import metrics
+from common import parsers
+from common.parsers import InvalidValue
+from docbot import metrics, schemas
 from docbot.bot import texts
-from docbot.bot.backend import Backend, BackendError, cursor_of
+from docbot.bot.backend import Backend, BackendError
+from docbot.bot.buttons import PAGE_SIZE, on_callback
 from docbot.bot.state import DialogStore
+from docbot.bot.turn import answer, deps, turn, turn_start
+from docbot.bot.updates import Route, route
 
 logger = structlog.get_logger(__name__)
 
 TYPE_NAME_MAX = 64
 DOCUMENT_NAME_MAX = 128
-PAGE_SIZE = 8
+SEARCH_MAX = 128
+_TYPED_MAX = 4096  # a message text's own limit; the step's limit is checked after cleaning
 
 MENU = ReplyKeyboardMarkup(
     [[KeyboardButton(texts.MENU_ADD), KeyboardButton(texts.MENU_BROWSE)]], resize_keyboard=True
 )
+# Belt and braces behind the middleware: handlers only ever see new messages in private chats.
+PRIVATE_MESSAGES = filters.ChatType.PRIVATE & filters.UpdateType.MESSAGE
 
 
-@dataclass(frozen=True)
-class BotConfig:
-    mode: str = "polling"
-    flood_max_per_second: int = 5
-    max_file_bytes: int = 20 * 1024 * 1024
+def _typed(text: str, *, limit: int, invalid: str) -> tuple[str, str | None]:
+    """What the user typed as a one-line value: `(value, None)`, or `("", reply)` when it holds
+    control characters, is empty or is longer than `limit` once whitespace is collapsed."""
+    try:
+        raw = parsers.text(text, field="text", max_length=_TYPED_MAX, min_length=0, multiline=True)
+    except InvalidValue:
+        return "", invalid
+    value = " ".join(raw.split())
+    if not value:
+        return "", texts.NAME_EMPTY
+    if len(value) > limit:
+        return "", texts.NAME_TOO_LONG.format(limit=limit)
+    return value, None
 
 
-def _deps(context: ContextTypes.DEFAULT_TYPE) -> tuple[Backend, DialogStore, BotConfig]:
-    data = context.bot_data
-    return data["backend"], data["store"], data["config"]
+def _hint(state: dict[str, Any]) -> tuple[str, ReplyKeyboardMarkup | None]:
+    """What the current step expects, said again when the user sent something else."""
+    step = state.get("step")
+    if step == "add_pick_type":
+        return texts.ADD_PICK_TYPE_HINT, None
+    if step == "add_type_name":
+        return texts.ADD_ASK_TYPE_NAME, None
+    if step == "add_doc_name":
+        return texts.ADD_ASK_DOC_NAME.format(type=state.get("type_name", "")), None
+    if step == "add_file":
+        return texts.ADD_FILE_EXPECTED, None
+    if step == "rename":
+        return texts.RENAME_HINT, None
+    if step == "search":
+        return texts.SEARCH_ASK, None
+    return texts.UNKNOWN_INPUT, MENU
 
 
-def _clean(text: str) -> str:
-    return " ".join(text.split())
+async def _say_hint(message: Message, state: dict[str, Any]) -> None:
+    text, markup = _hint(state)
+    await message.reply_text(text, reply_markup=markup)
 
 
-def _name_problem(name: str, limit: int) -> str | None:
-    if not name:
-        return texts.NAME_EMPTY
-    if len(name) > limit:
-        return texts.NAME_TOO_LONG.format(limit=limit)
-    return None
+def _private(update: Update) -> tuple[Message, int]:
+    """The message and its user id; `middleware` let only private chats with their user
+    through, so replies to `message` go to that user's private chat."""
+    message, user = update.effective_message, update.effective_user
+    assert message is not None and user is not None
+    return message, user.id
 
 
-# --- middleware (group -1): correlation id, dedupe, flood control ------------------------
+# --- middleware (group -1): correlation id, dedupe, update policy, flood control -----------
 
 
 async def middleware(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Runs first for every update: starts its turn, binds `tg-<update_id>`, drops a repeated
+    update id, applies the update policy (`updates.route`) and flood control, and stops
+    (`ApplicationHandlerStop`) whatever the dialog must not see; a button press it stops is
+    still answered, once."""
+    turn_start()
     if not isinstance(update, Update):
-        return
-    _, store, config = _deps(context)
+        raise ApplicationHandlerStop
+    _, store, config = deps(context)
     structlog.contextvars.bind_contextvars(request_id=f"tg-{update.update_id}")
     if not await store.first_delivery(update.update_id):
         metrics.UPDATES.labels(config.mode, "duplicate").inc()
         logger.info("docbot_update_duplicate", update_id=update.update_id)
         raise ApplicationHandlerStop
+    verdict = route(update)
+    if verdict is not Route.SERVE:
+        metrics.UPDATES.labels(config.mode, verdict.value).inc()
+        logger.info("docbot_update_not_served", update_id=update.update_id, route=verdict.value)
+        if verdict is Route.GROUP:
+            await _tell_group_once(update, context, store)
+        elif verdict is Route.STALE and update.callback_query is not None:
+            await answer(update.callback_query, texts.STALE_BUTTON)
+        raise ApplicationHandlerStop
     user = update.effective_user
-    if user is not None:
-        verdict = await store.flood_check(user.id, config.flood_max_per_second)
-        if verdict != "ok":
-            metrics.UPDATES.labels(config.mode, f"flood_{verdict}").inc()
-            if verdict == "warn" and update.effective_chat is not None:
-                await context.bot.send_message(update.effective_chat.id, texts.SLOW_DOWN)
-            raise ApplicationHandlerStop
+    assert user is not None
+    flood = await store.flood_check(user.id, config.flood_max_per_second)
+    if flood != "ok":
+        metrics.UPDATES.labels(config.mode, f"flood_{flood}").inc()
+        if update.callback_query is not None:
+            await answer(update.callback_query, texts.SLOW_DOWN)
+        elif flood == "warn":
+            await context.bot.send_message(user.id, texts.SLOW_DOWN)
+        raise ApplicationHandlerStop
     metrics.UPDATES.labels(config.mode, "accepted").inc()
     logger.info("docbot_update", update_id=update.update_id)
+
+
+async def _tell_group_once(
+    update: Update, context: ContextTypes.DEFAULT_TYPE, store: DialogStore
+) -> None:
+    chat = update.effective_chat
+    assert chat is not None
+    if not await store.first_group_notice(chat.id):
+        return
+    try:
+        await context.bot.send_message(chat.id, texts.PRIVATE_ONLY)
+    except TelegramError as exc:  # removed from the group, muted...: nothing more to say
+        logger.warning("docbot_group_notice_failed", chat_id=chat.id, error=repr(exc))
 
 
 # --- commands -----------------------------------------------------------------------------
 
 
 async def on_start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    _, store, _ = _deps(context)
-    assert update.effective_user and update.effective_message
-    await store.clear(update.effective_user.id)
-    await update.effective_message.reply_text(texts.WELCOME, reply_markup=MENU)
+    _, store, _ = deps(context)
+    message, user_id = _private(update)
+    await store.clear(user_id)
+    await message.reply_text(texts.WELCOME, reply_markup=MENU)
 
 
 async def on_help(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    assert update.effective_message
-    await update.effective_message.reply_text(texts.HELP, reply_markup=MENU)
+    message, _ = _private(update)
+    await message.reply_text(texts.HELP, reply_markup=MENU)
 
 
 async def on_cancel(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    _, store, _ = _deps(context)
-    assert update.effective_user and update.effective_message
-    had_state = bool(await store.get(update.effective_user.id))
-    await store.clear(update.effective_user.id)
+    _, store, _ = deps(context)
+    message, user_id = _private(update)
+    had_state = bool(await store.get(user_id))
+    await store.clear(user_id)
     text = texts.CANCELLED if had_state else texts.NOTHING_TO_CANCEL
-    await update.effective_message.reply_text(text, reply_markup=MENU)
+    await message.reply_text(text, reply_markup=MENU)
 
 
 async def on_search(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    _, store, _ = _deps(context)
-    assert update.effective_user and update.effective_message
-    query = " ".join(context.args or [])
-    if query:
-        await _search(update.effective_message, context, update.effective_user.id, query)
+    _, store, _ = deps(context)
+    message, user_id = _private(update)
+    if context.args:
+        await _search(message, context, user_id, " ".join(context.args))
         return
-    await store.set(update.effective_user.id, {"step": "search"})
-    await update.effective_message.reply_text(texts.SEARCH_ASK)
+    await store.set(user_id, {"step": "search"})
+    await message.reply_text(texts.SEARCH_ASK)
 
 
 # --- text input: menu buttons and the step the user is at ---------------------------------
 
 
 async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    backend, store, _ = _deps(context)
-    message, user = update.effective_message, update.effective_user
-    assert message and user and message.text is not None
-    text = message.text
+    backend, store, _ = deps(context)
+    message, user_id = _private(update)
+    text = message.text or ""
     if text == texts.MENU_ADD:
-        await _add_start(message, backend, store, user.id)
+        await _add_start(message, backend, store, user_id)
         return
     if text == texts.MENU_BROWSE:
-        await store.clear(user.id)
-        await _browse_types(message, backend, user.id)
+        await store.clear(user_id)
+        await _browse_types(message, backend, user_id)
         return
-    state = await store.get(user.id)
+    state = await store.get(user_id)
     step = state.get("step")
     if step == "add_type_name":
-        await step_type_name(message, backend, store, user.id, text)
+        await step_type_name(message, backend, store, user_id, text)
     elif step == "add_doc_name":
-        await step_document_name(message, backend, store, user.id, state, text)
-    elif step == "add_file":
-        await message.reply_text(texts.ADD_FILE_EXPECTED)
+        await step_document_name(message, backend, store, user_id, state, text)
     elif step == "rename":
-        await _rename(message, backend, store, user.id, state, text)
+        await _rename(message, backend, store, user_id, state, text)
     elif step == "search":
-        await store.clear(user.id)
-        await _search(message, context, user.id, text)
+        await store.clear(user_id)
+        await _search(message, context, user_id, text)
     else:
-        await message.reply_text(texts.UNKNOWN_INPUT, reply_markup=MENU)
+        await _say_hint(message, state)
+
+
+async def on_other(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Any other kind of message (voice, sticker, video note, location, an unknown command...):
+    the current step's hint again; the step does not move."""
+    _, store, _ = deps(context)
+    message, user_id = _private(update)
+    await _say_hint(message, await store.get(user_id))
 
 
 async def _add_start(message: Message, backend: Backend, store: DialogStore, user_id: int) -> None:
     types = await backend.types(user_id, non_empty=False)
     await store.set(user_id, {"step": "add_pick_type"})
-    rows = [[InlineKeyboardButton(t["name"], callback_data=f"at:{t['id']}")] for t in types]
-    rows.append([InlineKeyboardButton(texts.ADD_NEW_TYPE_BUTTON, callback_data="an")])
+    rows = [
+        [InlineKeyboardButton(t["name"], callback_data=schemas.callback_data("at", t["id"]))]
+        for t in types
+    ]
+    rows.append(
+        [InlineKeyboardButton(texts.ADD_NEW_TYPE_BUTTON, callback_data=schemas.callback_data("an"))]
+    )
     await message.reply_text(texts.ADD_PICK_TYPE, reply_markup=InlineKeyboardMarkup(rows))
 
 
 async def step_type_name(
     message: Message, backend: Backend, store: DialogStore, user_id: int, text: str
 ) -> None:
-    name = _clean(text)
-    problem = _name_problem(name, TYPE_NAME_MAX)
+    name, problem = _typed(text, limit=TYPE_NAME_MAX, invalid=texts.NAME_INVALID)
     if problem:
         await message.reply_text(problem)
         return
@@ -198,9 +265,9 @@ async def step_document_name(
     state: dict[str, Any],
     text: str,
 ) -> None:
-    """Validate the name (length, not taken within the type), then ask for the file."""
-    name = _clean(text)
-    problem = _name_problem(name, DOCUMENT_NAME_MAX)
+    """Validate the name (clean text, length, not taken within the type), then ask for the
+    file."""
+    name, problem = _typed(text, limit=DOCUMENT_NAME_MAX, invalid=texts.NAME_INVALID)
     if problem:
         await message.reply_text(problem)
         return
@@ -220,8 +287,7 @@ async def _rename(
     state: dict[str, Any],
     text: str,
 ) -> None:
-    name = _clean(text)
-    problem = _name_problem(name, DOCUMENT_NAME_MAX)
+    name, problem = _typed(text, limit=DOCUMENT_NAME_MAX, invalid=texts.NAME_INVALID)
     if problem:
         await message.reply_text(problem)
         return
@@ -237,16 +303,25 @@ async def _rename(
 
 
 async def _search(
-    message: Message, context: ContextTypes.DEFAULT_TYPE, user_id: int, query: str
+    message: Message, context: ContextTypes.DEFAULT_TYPE, user_id: int, text: str
 ) -> None:
-    backend, _, _ = _deps(context)
-    query = _clean(query)[:128]
+    backend, store, _ = deps(context)
+    query, problem = _typed(text, limit=10 * SEARCH_MAX, invalid=texts.SEARCH_INVALID)
+    if problem:
+        await store.set(user_id, {"step": "search"})
+        await message.reply_text(problem if problem == texts.SEARCH_INVALID else texts.SEARCH_ASK)
+        return
+    query = query[:SEARCH_MAX]
     page = await backend.documents(user_id, query=query, limit=PAGE_SIZE)
     if not page["results"]:
         await message.reply_text(texts.SEARCH_NONE.format(query=query), reply_markup=MENU)
         return
     rows = [
-        [InlineKeyboardButton(f"{d['name']} ({d['type_name']})", callback_data=f"d:{d['id']}")]
+        [
+            InlineKeyboardButton(
+                f"{d['name']} ({d['type_name']})", callback_data=schemas.callback_data("d", d["id"])
+            )
+        ]
         for d in page["results"]
     ]
     await message.reply_text(
@@ -259,35 +334,43 @@ async def _search(
 
 
 async def on_file(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    backend, store, config = _deps(context)
-    message, user = update.effective_message, update.effective_user
-    assert message and user
-    state = await store.get(user.id)
+    backend, store, config = deps(context)
+    message, user_id = _private(update)
+    state = await store.get(user_id)
     if state.get("step") != "add_file":
-        await message.reply_text(texts.UNKNOWN_INPUT, reply_markup=MENU)
+        await _say_hint(message, state)
         return
     if message.document is not None:
         attachment: Any = message.document
-        mime_type = message.document.mime_type or ""
-        file_name = message.document.file_name or ""
+        mime_type = schemas.mime_type_or_default(message.document.mime_type or "", "")
+        try:
+            file_name = parsers.text(
+                message.document.file_name or "",
+                field="file_name",
+                max_length=schemas.FILE_NAME_MAX,
+                min_length=0,
+            )
+        except InvalidValue:
+            await message.reply_text(texts.FILE_NAME_INVALID)
+            return
     elif message.photo:
         attachment = message.photo[-1]
         mime_type, file_name = "image/jpeg", ""
     else:
-        await message.reply_text(texts.ADD_FILE_EXPECTED)
+        await _say_hint(message, state)
         return
     if attachment.file_size and attachment.file_size > config.max_file_bytes:
         await message.reply_text(texts.ADD_FILE_TOO_LARGE)
         return
     # Cleared and said before the call: with eager tasks the worker's confirmation comes back
     # inside it, and the user may already be on the next dialog when it returns.
-    await store.clear(user.id)
+    await store.clear(user_id)
     await message.reply_text(texts.ADD_RECEIVED.format(name=state["name"]), reply_markup=MENU)
     await backend.document_create(
-        user.id,
+        user_id,
         type_id=state["type_id"],
         name=state["name"],
-        chat_id=message.chat_id,
+        chat_id=user_id,
         file_id=attachment.file_id,
         file_unique_id=attachment.file_unique_id,
         size=attachment.file_size,
@@ -307,7 +390,8 @@ async def _browse_types(message: Message, backend: Backend, user_id: int) -> Non
     rows = [
         [
             InlineKeyboardButton(
-                f"{t['name']} ({t['document_count']})", callback_data=f"bt:{t['id']}"
+                f"{t['name']} ({t['document_count']})",
+                callback_data=schemas.callback_data("bt", t["id"]),
             )
         ]
         for t in types
@@ -315,219 +399,64 @@ async def _browse_types(message: Message, backend: Backend, user_id: int) -> Non
     await message.reply_text(texts.BROWSE_PICK_TYPE, reply_markup=InlineKeyboardMarkup(rows))
 
 
-async def _browse_page(
-    query: CallbackQuery,
-    backend: Backend,
-    store: DialogStore,
-    user_id: int,
-    type_id: int,
-    page_number: int,
-) -> None:
-    state = await store.get(user_id)
-    cursors: list[str | None] = [None]
-    if state.get("step") == "browse" and state.get("type_id") == type_id:
-        cursors = list(state.get("cursors", [None]))
-    if page_number > len(cursors):
-        page_number = 1
-    page = await backend.documents(
-        user_id, type_id=type_id, cursor=cursors[page_number - 1], limit=PAGE_SIZE
-    )
-    next_cursor = cursor_of(page.get("next"))
-    cursors = cursors[:page_number]
-    if next_cursor:
-        cursors.append(next_cursor)
-    await store.set(user_id, {"step": "browse", "type_id": type_id, "cursors": cursors})
-    documents = page["results"]
-    if not documents:
-        await query.edit_message_text(texts.BROWSE_NO_DOCS)
-        return
-    rows = [[InlineKeyboardButton(d["name"], callback_data=f"d:{d['id']}")] for d in documents]
-    nav = []
-    if page_number > 1:
-        nav.append(
-            InlineKeyboardButton(texts.BUTTON_PREV, callback_data=f"bp:{type_id}:{page_number - 1}")
-        )
-    if next_cursor:
-        nav.append(
-            InlineKeyboardButton(texts.BUTTON_NEXT, callback_data=f"bp:{type_id}:{page_number + 1}")
-        )
-    if nav:
-        rows.append(nav)
-    await query.edit_message_text(
-        texts.BROWSE_PAGE.format(type=documents[0]["type_name"], page=page_number),
-        reply_markup=InlineKeyboardMarkup(rows),
-    )
-
-
-def _document_actions(document_id: int) -> InlineKeyboardMarkup:
-    return InlineKeyboardMarkup(
-        [
-            [
-                InlineKeyboardButton(texts.BUTTON_RENAME, callback_data=f"r:{document_id}"),
-                InlineKeyboardButton(texts.BUTTON_RETYPE, callback_data=f"m:{document_id}"),
-            ],
-            [
-                InlineKeyboardButton(texts.BUTTON_DELETE, callback_data=f"x:{document_id}"),
-                InlineKeyboardButton(texts.BUTTON_SHARE, callback_data=f"s:{document_id}"),
-            ],
-        ]
-    )
-
-
-async def _send_document(
-    query: CallbackQuery, context: ContextTypes.DEFAULT_TYPE, user_id: int, document_id: int
-) -> None:
-    backend, _, _ = _deps(context)
-    document = await backend.document(user_id, document_id)
-    if document["status"] != "stored":
-        await query.answer(texts.DOC_PENDING.format(name=document["name"]))
-        return
-    await query.answer()
-    chat_id = query.message.chat.id if query.message else user_id
-    caption = texts.DOC_CAPTION.format(name=document["name"], type=document["type_name"])
-    markup = _document_actions(document_id)
-    is_photo = document["mime_type"].startswith("image/") and not document["file_name"]
-    try:
-        if not document["telegram_file_id"]:
-            raise BadRequest("no file id")
-        if is_photo:
-            await context.bot.send_photo(
-                chat_id, document["telegram_file_id"], caption=caption, reply_markup=markup
-            )
-        else:
-            await context.bot.send_document(
-                chat_id, document["telegram_file_id"], caption=caption, reply_markup=markup
-            )
-    except BadRequest:
-        # Telegram forgot the file id (or never had it): upload the stored copy instead.
-        link = await backend.share(user_id, document_id)
-        content = await backend.download(link["url"])
-        upload = InputFile(content, filename=document["file_name"] or document["name"])
-        await context.bot.send_document(chat_id, upload, caption=caption, reply_markup=markup)
-
-
-# --- callback buttons ---------------------------------------------------------------------
-
-
-async def on_callback(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    backend, store, _ = _deps(context)
-    query, user = update.callback_query, update.effective_user
-    assert query and user
-    parts = (query.data or "").split(":")
-    kind, args = parts[0], [int(p) for p in parts[1:] if p.lstrip("-").isdigit()]
-    uid = user.id
-    state = await store.get(uid)
-    if kind == "an" and state.get("step") == "add_pick_type":
-        await store.set(uid, {"step": "add_type_name"})
-        await query.answer()
-        await query.edit_message_text(texts.ADD_ASK_TYPE_NAME)
-    elif kind == "at" and args and state.get("step") == "add_pick_type":
-        names = {t["id"]: t["name"] for t in await backend.types(uid, non_empty=False)}
-        if args[0] not in names:
-            await query.answer(texts.STALE_BUTTON)
-            return
-        await store.set(
-            uid, {"step": "add_doc_name", "type_id": args[0], "type_name": names[args[0]]}
-        )
-        await query.answer()
-        await query.edit_message_text(texts.ADD_ASK_DOC_NAME.format(type=names[args[0]]))
-    elif kind == "bt" and args:
-        await query.answer()
-        await _browse_page(query, backend, store, uid, args[0], 1)
-    elif kind == "bp" and len(args) == 2:
-        await query.answer()
-        await _browse_page(query, backend, store, uid, args[0], args[1])
-    elif kind == "d" and args:
-        await _send_document(query, context, uid, args[0])
-    elif kind == "r" and args:
-        document = await backend.document(uid, args[0])
-        await store.set(uid, {"step": "rename", "document_id": args[0]})
-        await query.answer()
-        await context.bot.send_message(uid, texts.RENAME_ASK.format(name=document["name"]))
-    elif kind == "m" and args:
-        document = await backend.document(uid, args[0])
-        types = await backend.types(uid, non_empty=False)
-        rows = [
-            [InlineKeyboardButton(t["name"], callback_data=f"mt:{args[0]}:{t['id']}")]
-            for t in types
-            if t["id"] != document["type_id"]
-        ]
-        await query.answer()
-        await context.bot.send_message(
-            uid,
-            texts.RETYPE_PICK.format(name=document["name"]),
-            reply_markup=InlineKeyboardMarkup(rows),
-        )
-    elif kind == "mt" and len(args) == 2:
-        document = await backend.document_update(uid, args[0], type_id=args[1])
-        await query.answer()
-        await query.edit_message_text(
-            texts.RETYPED.format(name=document["name"], type=document["type_name"])
-        )
-    elif kind == "x" and args:
-        document = await backend.document(uid, args[0])
-        buttons = [
-            InlineKeyboardButton(texts.BUTTON_YES, callback_data=f"xy:{args[0]}"),
-            InlineKeyboardButton(texts.BUTTON_NO, callback_data=f"xn:{args[0]}"),
-        ]
-        await query.answer()
-        await context.bot.send_message(
-            uid,
-            texts.DELETE_CONFIRM.format(name=document["name"]),
-            reply_markup=InlineKeyboardMarkup([buttons]),
-        )
-    elif kind == "xy" and args:
-        document = await backend.document(uid, args[0])
-        await backend.document_delete(uid, args[0])
-        await query.answer()
-        await query.edit_message_text(texts.DELETED.format(name=document["name"]))
-    elif kind == "xn" and args:
-        await query.answer()
-        await query.edit_message_text(texts.DELETE_KEPT)
-    elif kind == "s" and args:
-        document = await backend.document(uid, args[0])
-        link = await backend.share(uid, args[0])
-        await query.answer()
-        await context.bot.send_message(
-            uid,
-            texts.SHARE_LINK.format(
-                name=document["name"], expires=link["expires_at"], url=link["url"]
-            ),
-        )
-    else:
-        await query.answer(texts.STALE_BUTTON)
-
-
-# --- errors: the one place backend/application errors become replies -----------------------
+# --- errors: the bot's one catch-all ------------------------------------------------------
 
 
 async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """Every exception a handler (or the middleware) raised ends here, once per update: logged
+    once with the update's correlation id, answered with a generic reply (a refusal's own
+    message for the backend's 4xx) in the user's private chat only, never a second time, and
+    no other handler runs after it."""
     error = context.error
+    update_id = update.update_id if isinstance(update, Update) else None
+    if update_id is not None:
+        structlog.contextvars.bind_contextvars(request_id=f"tg-{update_id}")
     text = texts.FAILED
-    if isinstance(error, BackendError):
+    if isinstance(error, BackendError) and 400 <= error.status < 500:
         if error.status == 404:
             text = texts.STALE_BUTTON
-        elif 400 <= error.status < 500 and error.status not in {401, 403}:
+        elif error.status not in {401, 403}:
             text = error.message
-        logger.warning("docbot_backend_error", status=error.status, code=error.code)
+        logger.warning(
+            "docbot_backend_refused", update_id=update_id, status=error.status, code=error.code
+        )
     else:
-        logger.error("docbot_handler_failed", error=repr(error), exc_info=error)
-    if isinstance(update, Update) and update.effective_chat is not None:
-        try:
-            if update.callback_query is not None:
-                await update.callback_query.answer()
-            await context.bot.send_message(update.effective_chat.id, text)
-        except Exception:
-            logger.exception("docbot_error_reply_failed")
+        logger.error("docbot_handler_failed", update_id=update_id, exc_info=error)
+    if isinstance(update, Update):
+        await _tell_failure(update, context, text)
+    raise ApplicationHandlerStop
+
+
+async def _tell_failure(update: Update, context: ContextTypes.DEFAULT_TYPE, text: str) -> None:
+    current = turn()
+    if current.failure_told:
+        return
+    current.failure_told = True
+    verdict = route(update)
+    try:
+        query = update.callback_query
+        answerable = verdict in {Route.SERVE, Route.STALE}
+        if query is not None and answerable and not current.callback_answered:
+            await answer(query, text)
+            return
+        if verdict is Route.SERVE and update.effective_user is not None:
+            await context.bot.send_message(update.effective_user.id, text)
+    except Exception as exc:  # the reply is a courtesy; the failure itself is already logged
+        logger.warning("docbot_failure_reply_failed", update_id=update.update_id, error=repr(exc))
 
 
 def handlers_install(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     application.add_handler(TypeHandler(Update, middleware), group=-1)
-    application.add_handler(CommandHandler("start", on_start))
-    application.add_handler(CommandHandler("help", on_help))
-    application.add_handler(CommandHandler("cancel", on_cancel))
-    application.add_handler(CommandHandler("search", on_search))
-    application.add_handler(MessageHandler(filters.Document.ALL | filters.PHOTO, on_file))
-    application.add_handler(MessageHandler(filters.TEXT & ~filters.COMMAND, on_text))
+    application.add_handler(CommandHandler("start", on_start, filters=PRIVATE_MESSAGES))
+    application.add_handler(CommandHandler("help", on_help, filters=PRIVATE_MESSAGES))
+    application.add_handler(CommandHandler("cancel", on_cancel, filters=PRIVATE_MESSAGES))
+    application.add_handler(CommandHandler("search", on_search, filters=PRIVATE_MESSAGES))
+    application.add_handler(
+        MessageHandler(PRIVATE_MESSAGES & (filters.Document.ALL | filters.PHOTO), on_file)
+    )
+    application.add_handler(
+        MessageHandler(PRIVATE_MESSAGES & filters.TEXT & ~filters.COMMAND, on_text)
+    )
+    application.add_handler(MessageHandler(PRIVATE_MESSAGES, on_other))
     application.add_handler(CallbackQueryHandler(on_callback))
     application.add_error_handler(on_error)

@@ -30,6 +30,12 @@ class DialogStore:
         added: bool = await self._cache.aadd(f"{_PREFIX}:update:{update_id}", 1, 24 * 3600)
         return added
 
+    async def first_group_notice(self, chat_id: int, *, ttl_seconds: int = 24 * 3600) -> bool:
+        """True for the first caller per group chat and `ttl_seconds` (across processes): the
+        group gets one "use me in a private chat" reply, not one per message."""
+        added: bool = await self._cache.aadd(f"{_PREFIX}:group-told:{chat_id}", 1, ttl_seconds)
+        return added
+
     async def forget_delivery(self, update_id: int) -> None:
         await self._cache.adelete(f"{_PREFIX}:update:{update_id}")
 

@@ -3,6 +3,7 @@ a polling bot in its own thread, and a dialog driver for both modes."""
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,16 @@ from tests.conftest import LiveServer
 from tests.docbot.fake_telegram import Call, FakeTelegram
 
 WEBHOOK_SECRET = "s3cret-hook-token"
+GROUP_CHAT = {"id": -1004002, "type": "supergroup", "title": "Friends"}
+CHANNEL_CHAT = {"id": -1009001, "type": "channel", "title": "News"}
+# Calls the bot makes for itself, not to say anything to anyone.
+BOOKKEEPING = {"getMe", "setWebhook", "deleteWebhook", "getFile", "downloadFile"}
+
+
+def outgoing(fake: FakeTelegram, since: int = 0) -> list[Call]:
+    """What the bot said (messages, edits, files, button answers) since `since`."""
+    with fake._changed:
+        return [c for c in fake.calls[since:] if c.method not in BOOKKEEPING]
 
 
 @pytest.fixture
@@ -135,9 +146,11 @@ class Dialog:
         return self.env.fake.wait_text(self.user_id, expect, since=since)
 
     def tap(self, data: str, expect: str, method: str | None = None) -> Call:
+        """Press a button; returns the call that says `expect`, once the press is answered."""
         since = self.env.fake.mark()
-        self.send(self.env.fake.callback_update(self.user_id, data))
-        return self.env.fake.wait_for(
+        press = self.env.fake.callback_update(self.user_id, data)
+        self.send(press)
+        said = self.env.fake.wait_for(
             lambda c: (
                 c.chat_id == self.user_id
                 and expect in c.text
@@ -145,6 +158,22 @@ class Dialog:
             ),
             since=since,
         )
+        press_id = press["callback_query"]["id"]
+        self.env.fake.wait_for(
+            lambda c: (
+                c.method == "answerCallbackQuery" and c.params["callback_query_id"] == press_id
+            ),
+            since=since,
+        )
+        return said
+
+    def barrier(self) -> None:
+        """Returns once the updates sent before it were handled: a /help is answered after
+        them (webhook delivery is synchronous; polling hands updates over in order and the
+        ones before it need no backend round trip)."""
+        self.say("/help", "Add document: pick")
+        if self.mode == "polling":
+            time.sleep(0.3)
 
     def button(self, call: Call, label_fragment: str) -> str:
         for text, data in call.buttons():
@@ -171,6 +200,21 @@ class Dialog:
             ),
             since=since,
         )
+
+
+@pytest.fixture(params=["polling", "webhook"])
+def dialog(request: pytest.FixtureRequest, bot_env: BotEnv) -> Iterator[Dialog]:
+    """One user's dialog with the bot, polling (run_polling in a thread) or through the
+    registered webhook."""
+    if request.param == "polling":
+        bot = PollingBot(bot_env.config("polling")).start()
+        try:
+            yield Dialog(bot_env, "polling")
+        finally:
+            bot.stop()
+    else:
+        request.getfixturevalue("webhook_registered")
+        yield Dialog(bot_env, "webhook")
 
 
 @pytest.fixture

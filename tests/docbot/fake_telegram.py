@@ -23,6 +23,11 @@ from aiohttp import web
 BOT_USER = {"id": 700000001, "is_bot": True, "first_name": "Docbot", "username": "docbot_test_bot"}
 
 
+def _update_id(update: Any, default: int) -> int:
+    value = update.get("update_id") if isinstance(update, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
 @dataclass
 class Call:
     method: str
@@ -72,10 +77,15 @@ class FakeTelegram:
     webhook_secret: str = ""
     fail_methods: dict[str, int] = field(default_factory=dict)
     port: int = 0
-    _pending: list[dict[str, Any]] = field(default_factory=list)
+    #: every getUpdates call as (monotonic time, offset asked for)
+    polls: list[tuple[float, int]] = field(default_factory=list)
+    #: while set, getUpdates answers this (HTTP status, raw body) instead of updates
+    get_updates_fault: tuple[int, bytes] | None = None
+    _pending: list[Any] = field(default_factory=list)
     _update_ids: Any = field(default_factory=lambda: itertools.count(1000))
     _message_ids: Any = field(default_factory=lambda: itertools.count(1))
     _changed: threading.Condition = field(default_factory=threading.Condition)
+    _closing: bool = False
     _loop: asyncio.AbstractEventLoop | None = None
     _new_update: asyncio.Event | None = None
     _runner: web.AppRunner | None = None
@@ -114,9 +124,16 @@ class FakeTelegram:
 
     def stop(self) -> None:
         if self._loop is not None:
+            # Pending long polls return at once, so the server's cleanup need not wait for them.
+            self._loop.call_soon_threadsafe(self._release_polls)
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(10)
+
+    def _release_polls(self) -> None:
+        self._closing = True
+        if self._new_update is not None:
+            self._new_update.set()
 
     @property
     def base_url(self) -> str:
@@ -143,20 +160,44 @@ class FakeTelegram:
     def _user(self, user_id: int) -> dict[str, Any]:
         return {"id": user_id, "is_bot": False, "first_name": f"U{user_id}"}
 
-    def _message(self, user_id: int, **content: Any) -> dict[str, Any]:
+    def _message(
+        self, user_id: int, *, chat: dict[str, Any] | None = None, **content: Any
+    ) -> dict[str, Any]:
         return {
             "message_id": next(self._message_ids),
             "date": int(time.time()),
-            "chat": {"id": user_id, "type": "private"},
+            "chat": chat or {"id": user_id, "type": "private"},
             "from": self._user(user_id),
             **content,
         }
 
-    def text_update(self, user_id: int, text: str) -> dict[str, Any]:
+    def next_update_id(self) -> int:
+        return int(next(self._update_ids))
+
+    def text_update(
+        self,
+        user_id: int,
+        text: str,
+        *,
+        chat: dict[str, Any] | None = None,
+        kind: str = "message",
+    ) -> dict[str, Any]:
+        """A text message from `user_id`; `chat` (default: the user's private chat) and `kind`
+        (`edited_message`, `channel_post`...) build the other shapes Telegram sends."""
         content: dict[str, Any] = {"text": text}
         if text.startswith("/"):
             command = text.split()[0]
             content["entities"] = [{"type": "bot_command", "offset": 0, "length": len(command)}]
+        message = self._message(user_id, chat=chat, **content)
+        if kind in {"channel_post", "edited_channel_post"}:
+            message.pop("from")
+            message["sender_chat"] = message["chat"]
+        if kind.startswith("edited_"):
+            message["edit_date"] = message["date"]
+        return {"update_id": next(self._update_ids), kind: message}
+
+    def message_update(self, user_id: int, **content: Any) -> dict[str, Any]:
+        """A private message with arbitrary content (`voice=...`, `sticker=...`)."""
         return {"update_id": next(self._update_ids), "message": self._message(user_id, **content)}
 
     def document_update(
@@ -193,7 +234,14 @@ class FakeTelegram:
         ]
         return {"update_id": next(self._update_ids), "message": self._message(user_id, photo=sizes)}
 
-    def callback_update(self, user_id: int, data: str, message_id: int = 1) -> dict[str, Any]:
+    def callback_update(
+        self,
+        user_id: int,
+        data: str,
+        message_id: int = 1,
+        *,
+        chat: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         return {
             "update_id": next(self._update_ids),
             "callback_query": {
@@ -204,15 +252,23 @@ class FakeTelegram:
                 "message": {
                     "message_id": message_id,
                     "date": int(time.time()),
-                    "chat": {"id": user_id, "type": "private"},
+                    "chat": chat or {"id": user_id, "type": "private"},
                     "from": BOT_USER,
                     "text": "menu",
                 },
             },
         }
 
-    def push(self, update: dict[str, Any]) -> dict[str, Any]:
-        """Queue an update for getUpdates (polling mode)."""
+    def answers(self, callback_query_id: str) -> list[Call]:
+        """The answerCallbackQuery calls for one button press."""
+        return [
+            c
+            for c in self.sent("answerCallbackQuery")
+            if c.params["callback_query_id"] == callback_query_id
+        ]
+
+    def push(self, update: Any) -> Any:
+        """Queue an update for getUpdates (polling mode); any JSON value, even a broken one."""
         assert self._loop is not None and self._new_update is not None
         with self._changed:
             self._pending.append(update)
@@ -327,11 +383,18 @@ class FakeTelegram:
         offset = int(params.get("offset") or 0)
         timeout = float(params.get("timeout") or 0)
         deadline = time.monotonic() + timeout
+        with self._changed:
+            self.polls.append((time.monotonic(), offset))
+        if self.get_updates_fault is not None:
+            status, body = self.get_updates_fault
+            return web.Response(status=status, body=body, content_type="application/json")
         while True:
             with self._changed:
-                self._pending = [u for u in self._pending if u["update_id"] >= offset]
+                # Like Telegram, an offset confirms every update below it; an item without a
+                # usable id (only a broken fake would send one) is never confirmed.
+                self._pending = [u for u in self._pending if _update_id(u, offset) >= offset]
                 ready = list(self._pending)
-            if ready or time.monotonic() >= deadline:
+            if ready or time.monotonic() >= deadline or self._closing:
                 return self._ok(ready)
             self._new_update.clear()
             with contextlib.suppress(TimeoutError):

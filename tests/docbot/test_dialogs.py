@@ -1,7 +1,6 @@
 """End-to-end dialogs: python-telegram-bot's real HTTP stack against the fake Bot API, the
 real backend on a live ASGI server, in polling and in webhook mode."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -9,22 +8,9 @@ import pytest
 
 from docbot.bot import texts
 from docbot.models import Document
-from tests.docbot.conftest import BotEnv, Dialog, PollingBot
+from tests.docbot.conftest import BotEnv, Dialog
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("eager_tasks")]
-
-
-@pytest.fixture(params=["polling", "webhook"])
-def dialog(request: pytest.FixtureRequest, bot_env: BotEnv) -> Iterator[Dialog]:
-    if request.param == "polling":
-        bot = PollingBot(bot_env.config("polling")).start()
-        try:
-            yield Dialog(bot_env, "polling")
-        finally:
-            bot.stop()
-    else:
-        request.getfixturevalue("webhook_registered")
-        yield Dialog(bot_env, "webhook")
 
 
 def test_add_flow_creates_a_type_names_the_document_and_stores_the_file(dialog: Dialog) -> None:

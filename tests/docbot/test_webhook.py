@@ -2,6 +2,7 @@
 control, metrics, correlation ids, and the bot being off without a token."""
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from docbot import runtime
 from docbot.bot import texts
 from tests.docbot.conftest import WEBHOOK_SECRET, BotEnv
+from tests.factories import StaffFactory, auth_header
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("eager_tasks")]
 
@@ -57,7 +59,10 @@ def test_updates_metrics_and_integration_histogram_are_exported(
     fake = webhook_registered.fake
     fake.deliver(fake.text_update(51, texts.MENU_BROWSE))
     fake.wait_text(51, texts.BROWSE_EMPTY)
-    body = httpx.get(f"{webhook_registered.server.http_url}/metrics", timeout=10).text
+    staff = auth_header(StaffFactory())
+    body = httpx.get(
+        f"{webhook_registered.server.http_url}/metrics", headers=staff, timeout=10
+    ).text
     assert 'docbot_updates_total{mode="webhook",outcome="accepted"}' in body
     assert (
         'quintet_integration_call_seconds_count{operation="types_list",outcome="ok",target="docbot_backend"}'
@@ -133,3 +138,145 @@ def test_concurrent_first_deliveries_all_wait_for_one_initialized_bot(
     assert statuses == [200] * 8
     assert len([c for c in fake.sent("sendMessage") if c.text == texts.HELP]) == 8
     assert [c.method for c in fake.calls[since:]].count("getMe") == 1
+
+
+def _update(
+    kind: str = "message", drop: tuple[str, ...] = (), sender: Any = None, **fields: Any
+) -> bytes:
+    """A private /help message update with `fields` (and `from`: `sender`) replaced and `drop`
+    removed."""
+    message = {
+        "message_id": 1,
+        "date": 1_767_225_600,
+        "chat": {"id": 81, "type": "private"},
+        "from": {"id": 81, "is_bot": False, "first_name": "U"},
+        "text": "/help",
+        **fields,
+    }
+    if sender is not None:
+        message["from"] = sender
+    for key in drop:
+        del message[key]
+    return json.dumps({"update_id": 5, kind: message}).encode()
+
+
+NOT_AN_UPDATE: list[tuple[bytes, str]] = [
+    (b"[]", "update"),
+    (b"{}", "update_id"),
+    (b"null", "update"),
+    (b"1", "update"),
+    (b'"update"', "update"),
+    (b"true", "update"),
+    (b'{"update_id": "5"}', "update_id"),
+    (b'{"update_id": -1}', "update_id"),
+    (b'{"update_id": 1.5}', "update_id"),
+    (b'{"update_id": true}', "update_id"),
+    (b'{"update_id": 99999999999999999999999}', "update_id"),
+    (b'{"update_id": 5, "message": "hi"}', "message"),
+    (b'{"update_id": 5, "message": {}}', "message.message_id"),
+    (_update(drop=("chat", "date")), "message.date"),
+    (_update(drop=("chat",)), "message.chat"),
+    (_update(chat="81"), "message.chat"),
+    (_update(chat={"id": "81", "type": "private"}), "message.chat.id"),
+    (_update(chat={"id": 1e3, "type": "private"}), "message.chat.id"),
+    (_update(chat={"id": 2**60, "type": "private"}), "message.chat.id"),
+    (_update(chat={"id": 81, "type": "pri\nvate"}), "message.chat.type"),
+    (_update(date=-1), "message.date"),
+    (_update(text=5), "message.text"),
+    (_update(text="x" * 4097), "message.text"),
+    (_update(sender={"id": 0, "is_bot": False, "first_name": "U"}), "message.from.id"),
+    (
+        _update(entities=[{"type": "bot_command", "offset": "0", "length": 5}]),
+        "message.entities[0].offset",
+    ),
+    (_update(document={"file_id": "a b", "file_unique_id": "u"}), "message.document.file_id"),
+    (_update("edited_message", message_id="1"), "edited_message.message_id"),
+    (_update("channel_post", chat={"id": -5, "type": 7}), "channel_post.chat.type"),
+    (
+        b'{"update_id": 5, "callback_query": {"id": "c", "chat_instance": "1", "data": "d:1"}}',
+        "callback_query.from",
+    ),
+    (
+        b'{"update_id": 5, "callback_query": {"id": "c", "from": {"id": 81, "is_bot": false,'
+        b' "first_name": "U"}, "chat_instance": "1", "data": 7}}',
+        "callback_query.data",
+    ),
+    (
+        b'{"update_id": 5, "message_reaction_count": {"chat": {"id": {}, "type": "group"},'
+        b' "message_id": 1, "date": 1767225600, "reactions": []}}',
+        "message_reaction_count.chat.id",
+    ),
+    (
+        b'{"update_id": 5, "message_reaction_count": {"chat": {"id": -5, "type": ["group"]},'
+        b' "message_id": 1, "date": 1767225600, "reactions": []}}',
+        "message_reaction_count.chat.type",
+    ),
+    (b"", "body"),
+    (b"{", "body"),
+    (b'{"update_id": 5,}', "body"),
+    (b"\xff\xfe{}", "body"),
+    (b'{"update_id": NaN}', "body"),
+    (b'{"update_id": 5, "message": {"text": "\\ud800"}}', "message.text"),
+    (b'{"update_id": 5, "\\udc00": 1}', "body"),
+    (b'{"update_id": 5, "message": {"text": "a\\u0000b"}}', "message.text"),
+    (b"[" * 5000 + b"]" * 5000, "body"),
+    (b'{"update_id": 5, "x": ' + b"[" * 100 + b"]" * 100 + b"}", "body"),
+    (b'{"update_id": 5, "x": "' + b"a" * (1024 * 1024) + b'"}', "body"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), NOT_AN_UPDATE)
+def test_a_body_that_is_not_clean_json_or_not_an_update_is_a_400_naming_the_field(
+    webhook_registered: BotEnv, body: bytes, field: str
+) -> None:
+    fake = webhook_registered.fake
+    response = httpx.post(
+        fake.webhook_url,
+        content=body,
+        headers={
+            "X-Telegram-Bot-Api-Secret-Token": WEBHOOK_SECRET,
+            "Content-Type": "application/json",
+        },
+        timeout=10,
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid"
+    assert field in error["details"], error
+    assert [c for c in fake.calls if c.method not in {"getMe", "setWebhook"}] == []
+    fake.deliver(fake.text_update(82, "/help"))
+    fake.wait_text(82, "Add document: pick")
+
+
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"update_id": 901, "something_new": {"id": 1}},
+        {"update_id": 902},
+        {
+            "update_id": 903,
+            "message_reaction_count": {
+                "chat": {"id": -5, "type": "group"},
+                "message_id": 1,
+                "date": 1_767_225_600,
+                "reactions": [{"type": {"type": "emoji", "emoji": "+"}, "total_count": 2}],
+            },
+        },
+        {
+            "update_id": 904,
+            "inline_query": {
+                "id": "i",
+                "query": "",
+                "offset": "",
+                "from": {"id": 83, "is_bot": False, "first_name": "U"},
+            },
+        },
+    ],
+)
+def test_an_update_of_a_kind_the_bot_does_not_serve_is_accepted_and_ignored(
+    webhook_registered: BotEnv, update: dict[str, Any]
+) -> None:
+    fake = webhook_registered.fake
+    response = fake.deliver(update)
+    assert response.status_code == 200, response.text
+    assert [c for c in fake.calls if c.method not in {"getMe", "setWebhook"}] == []

@@ -12,6 +12,7 @@ from common.metrics import metrics_server_start
 from docbot import runtime
 from docbot.bot import texts
 from docbot.bot.application import run_polling, settings_from_django
+from docbot.bot.updates import ALLOWED_UPDATES
 
 
 class Command(BaseCommand):
@@ -76,6 +77,6 @@ class Command(BaseCommand):
             await bot.set_webhook(
                 url,
                 secret_token=settings.TELEGRAM_WEBHOOK_SECRET or None,
-                allowed_updates=["message", "callback_query"],
+                allowed_updates=list(ALLOWED_UPDATES),
             )
         self.stdout.write(f"Webhook set to {url}")
