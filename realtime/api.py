@@ -6,7 +6,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from common.fields import IdentifierField, IntegerField, TextField
-from realtime import fanout, protocol, selectors, services
+from realtime import protocol, selectors, services
 
 
 class TicketCreateApi(APIView):
@@ -178,7 +178,8 @@ class MessageListApi(APIView):
 
 
 class RoomPresenceApi(APIView):
-    """Users online in a room now (on any server process when Redis is configured)."""
+    """Users online in a room now (on any server process when Redis is configured); 503
+    `presence_unavailable` while Redis cannot be reached."""
 
     class OutputSerializer(serializers.Serializer):
         room = serializers.CharField()
@@ -187,5 +188,5 @@ class RoomPresenceApi(APIView):
     @extend_schema(responses={200: OutputSerializer})
     def get(self, request: Request, slug: str) -> Response:
         room = selectors.room_get_visible(user=request.user, slug=slug)
-        online = sorted(fanout.hub().presence_online(room.pk), key=lambda u: u["id"])
+        online = selectors.room_online(room=room)
         return Response(self.OutputSerializer({"room": room.slug, "online": online}).data)

@@ -1,17 +1,17 @@
 """WebSocket authentication before accept: a single-use ticket (`?ticket=`) or the session."""
 
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs
 
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
-from django.utils.http import url_has_allowed_host_and_scheme
+from django.http.request import validate_host
 
 from common import parsers
-from realtime import services
+from realtime import protocol, services
 
 
 class TicketAuthMiddleware(BaseMiddleware):
@@ -35,33 +35,33 @@ class TicketAuthMiddleware(BaseMiddleware):
         return await super().__call__(scope, receive, send)
 
 
-def _origin_allowed(origin: str) -> bool:
-    if origin in settings.WS_ALLOWED_ORIGINS or "*" in settings.WS_ALLOWED_ORIGINS:
+def _origin_allowed(origin: str, scope: dict[str, Any]) -> bool:
+    """Scheme, host and port all count: the same origin as the request (its Host, an allowed
+    host, under the socket's scheme) or one listed exactly in WS_ALLOWED_ORIGINS (`*`: any)."""
+    allowed = settings.WS_ALLOWED_ORIGINS
+    if "*" in allowed:
         return True
-    parsed = urlparse(origin)
-    if not parsed.scheme or not parsed.netloc:
+    parsed = protocol.origin_parse(origin)
+    if parsed is None:
         return False
-    return url_has_allowed_host_and_scheme(
-        origin, allowed_hosts=set(settings.ALLOWED_HOSTS) | {parsed.netloc}
-    ) and _host_allowed(parsed.hostname or "")
-
-
-def _host_allowed(hostname: str) -> bool:
-    for pattern in settings.ALLOWED_HOSTS:
-        if pattern == "*" or hostname == pattern.strip("[]"):
-            return True
-        if pattern.startswith(".") and (hostname == pattern[1:] or hostname.endswith(pattern)):
-            return True
-    return False
+    if parsed in {protocol.origin_parse(entry) for entry in allowed}:
+        return True
+    host = dict(scope.get("headers", [])).get(b"host")
+    if host is None:
+        return False
+    scheme = "https" if scope.get("scheme") in ("wss", "https") else "http"
+    own = protocol.host_origin(host.decode("latin1"), scheme)
+    return own is not None and parsed == own and validate_host(own[1], settings.ALLOWED_HOSTS)
 
 
 class OriginCheckMiddleware(BaseMiddleware):
-    """Browsers always send Origin: it must be an allowed host. Other clients send none and
-    authenticate like everyone else, so a missing Origin is not a cross-site risk."""
+    """Browsers always send Origin: it must be allowed (`_origin_allowed`), or the handshake is
+    refused (close 4403 before accept: HTTP 403). Other clients send none and authenticate like
+    everyone else, so a missing Origin is not a cross-site risk."""
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         origin = dict(scope.get("headers", [])).get(b"origin")
-        if origin is not None and not _origin_allowed(origin.decode("latin1")):
+        if origin is not None and not _origin_allowed(origin.decode("latin1"), scope):
             await send({"type": "websocket.close", "code": 4403})
             return None
         return await super().__call__(scope, receive, send)

@@ -9,11 +9,15 @@ Frames in: messenger `sendMessage {text, room?, client_id?}`, `join {room}`, `le
 
 Bad input (`input-policy.md`): every frame is decoded by `common.parsers.json_document` and every
 field by the shared parsers (`realtime.protocol`); a refusal is answered with
-`error {code, detail, ref, field, reason}` and the connection stays open; sustained rate-limit
-abuse closes it (4429). Any other exception while handling a frame is answered with
-`error {code: "internal", request_id}` and logged once with that correlation id; the socket
-stays usable. Whatever ends a connection (client close or drop, a crash in connect, receive or
-disconnect, a failed write, overflow) releases the gauge, the hub's indexes and presence once.
+`error {code, detail, ref, field, reason}` and the connection stays open. Every frame costs a
+token of the connection's and the user's bucket; a frame without one is answered
+`error {code: "rate_limited"}` and not handled. A connection whose frames keep being refused
+for `REALTIME_RATE_STRIKE_SECONDS` (no pause of a full second without a refused frame) is told
+so (`error {code: "rate_limit_exceeded"}`) and closed with 1008 (policy violation). Any other
+exception while handling a frame is answered with `error {code: "internal", request_id}` and
+logged once with that correlation id; the socket stays usable. Whatever ends a connection
+(client close or drop, a crash in connect, receive or disconnect, a failed write, overflow)
+releases the gauge, the hub's indexes and presence once.
 
 Every frame to the client goes through the connection's bounded outbox (realtime.fanout), the
 same path room broadcasts take, so a client that stops reading is dropped alone; a write the
@@ -44,7 +48,7 @@ from realtime.topics import topic_authorize
 logger = structlog.get_logger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
-CLOSE_RATE_LIMITED = 4429
+CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
 CONNECTIONS = Gauge("realtime_ws_connections", "Open WebSocket connections on this process")
 
@@ -138,6 +142,7 @@ class HubConsumer(AsyncWebsocketConsumer):
         self.attached = False
         self.counted = False
         self.released = False
+        self.closing = False
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """The connection's catch-all: an exception that escapes connect, a frame's own
@@ -178,7 +183,7 @@ class HubConsumer(AsyncWebsocketConsumer):
         self.bucket = protocol.TokenBucket(
             settings.REALTIME_RATE_PER_SECOND, settings.REALTIME_RATE_BURST
         )
-        self.strikes = 0
+        self.violation = protocol.Violation()
         CONNECTIONS.inc()
         self.counted = True
         await self.hub.start()
@@ -271,8 +276,8 @@ class HubConsumer(AsyncWebsocketConsumer):
         with `error {code, detail, ref}` (plus `field` and `reason` for a refused value); any
         other exception with `error {code: "internal"}` and the frame's `request_id`, logged
         once. Either way the socket stays open."""
-        if not self.attached:
-            return  # refused (4401), dropped or released: frames still in flight are ignored
+        if not self.attached or self.closing:
+            return  # refused (4401), closing, dropped or released: frames in flight are ignored
         self.frames_received += 1
         request_id = f"ws-{self.connection_id}-{self.frames_received}"
         with structlog.contextvars.bound_contextvars(request_id=request_id):
@@ -313,17 +318,28 @@ class HubConsumer(AsyncWebsocketConsumer):
             frame["field"] = error.field
             frame["reason"] = error.reason
         self.outbox.push(dumps(frame))
-        if isinstance(error, RateLimited) and self.strikes >= settings.REALTIME_RATE_STRIKES:
-            self.outbox.push_close(CLOSE_RATE_LIMITED)
 
     def _rate_check(self) -> None:
+        """Charge one token; raise `RateLimited` without one. A violation that has lasted
+        `REALTIME_RATE_STRIKE_SECONDS` queues the closing error frame and close 1008 instead."""
         # Both buckets are charged so that opening more tabs does not multiply a user's rate.
         allowed = self.bucket.take()
         allowed = self.hub.user_bucket(self.user_id).take() and allowed
         if allowed:
-            self.strikes = 0
             return
-        self.strikes += 1
+        lasted = self.violation.refused()
+        limit = settings.REALTIME_RATE_STRIKE_SECONDS
+        if lasted >= limit:
+            self.closing = True
+            logger.warning("realtime_ws_rate_limit_closed", user_id=self.user_id, seconds=lasted)
+            detail = (
+                f"frames were rate-limited for {limit:g} s in a row "
+                f"(at most {settings.REALTIME_RATE_PER_SECOND:g} frames/s per connection): closing"
+            )
+            self.outbox.push(
+                dumps({"type": "error", "code": "rate_limit_exceeded", "detail": detail})
+            )
+            self.outbox.push_close(CLOSE_POLICY_VIOLATION, reason="rate limit exceeded")
         raise RateLimited("slow down", code="rate_limited")
 
     # --- sending ----------------------------------------------------------------------------
@@ -379,22 +395,23 @@ class HubConsumer(AsyncWebsocketConsumer):
             if len(self.rooms) >= settings.REALTIME_MAX_ROOMS_PER_CONNECTION:
                 raise ValidationFailed("too many rooms", code="too_many_rooms")
             self.rooms[room.slug] = room.pk
-        online = await self.hub.room_add(room.pk, room.slug, self, presence=announce)
+        online, partial = await self.hub.room_add(room.pk, room.slug, self, presence=announce)
         if not announce:
             return
         await self.send_frame(
             {"type": "joined", "room": room.slug, "last_seq": room.last_seq, "ref": ref}
         )
-        await self.send_frame(
-            {
-                "type": "presence",
-                "room": room.slug,
-                "snapshot": True,
-                "online": sorted((member_parse(m) for m in online), key=lambda u: u["id"]),
-                "joined": [],
-                "left": [],
-            }
-        )
+        snapshot: Frame = {
+            "type": "presence",
+            "room": room.slug,
+            "snapshot": True,
+            "online": sorted((member_parse(m) for m in online), key=lambda u: u["id"]),
+            "joined": [],
+            "left": [],
+        }
+        if partial:
+            snapshot["partial"] = True  # Redis is unreachable: this server's users only
+        await self.send_frame(snapshot)
 
     def _joined_room(self, frame: Frame) -> tuple[str, int]:
         slug = protocol.room_field(frame)

@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from common import parsers
 from common.parsers import InvalidValue
@@ -218,3 +219,70 @@ class TokenBucket:
             return False
         self.tokens -= 1
         return True
+
+
+class Violation:
+    """How long a connection has been over its rate limit: a violation starts with a refused
+    frame and lasts while refused frames follow each other less than `GAP` seconds apart."""
+
+    GAP = 1.0
+
+    __slots__ = ("last", "since")
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.last = 0.0
+
+    def refused(self, now: float | None = None) -> float:
+        """Record a refused frame; returns the seconds the current violation has lasted."""
+        now = time.monotonic() if now is None else now
+        if self.since is None or now - self.last >= self.GAP:
+            self.since = now
+        self.last = now
+        return now - self.since
+
+
+#: A browser origin compared whole: scheme, host (lower case, IPv6 in brackets) and port.
+Origin = tuple[str, str, int]
+DEFAULT_PORTS = {"http": 80, "https": 443}
+_HOST_PATTERN = re.compile(r"[a-z0-9._-]+|\[[0-9a-f:.]+\]")
+
+
+def origin_parse(value: str) -> Origin | None:
+    """An `Origin` header (`scheme://host[:port]`, http or https) as (scheme, host, port), the
+    scheme's default port filled in; None for anything else (`null`, paths, credentials, bad
+    ports)."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in DEFAULT_PORTS or parts.hostname is None:
+        return None
+    if parts.username is not None or parts.path or parts.query or parts.fragment:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if not _HOST_PATTERN.fullmatch(host):
+        return None
+    return parts.scheme, host, port if port is not None else DEFAULT_PORTS[parts.scheme]
+
+
+def host_origin(host_header: str, scheme: str) -> Origin | None:
+    """The origin a page served by this request's `Host` (`host[:port]`) under `scheme` has;
+    None for a malformed Host."""
+    host, port = host_header.lower(), ""
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            return None
+        host, rest = host[: end + 1], host[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                return None
+            port = rest[1:]
+    elif ":" in host:
+        host, port = host.rsplit(":", 1)
+    if not _HOST_PATTERN.fullmatch(host) or (port and not (port.isascii() and port.isdigit())):
+        return None
+    number = int(port) if port else DEFAULT_PORTS[scheme]
+    return (scheme, host, number) if 0 < number < 65536 else None

@@ -3,10 +3,14 @@
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Q, QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet
 
-from common.exceptions import NotFound
+from common.exceptions import NotFound, Unavailable
+from common.services import username_is_reserved
+from realtime.fanout import PresenceUnavailable, hub
 from realtime.models import Membership, Message, Room
 
 
@@ -35,29 +39,71 @@ def rooms_visible_to(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Room]:
 
 def room_get_visible(*, user: AbstractBaseUser | AnonymousUser, slug: str | None) -> Room:
     """The room if `user` may see it; NotFound otherwise, so private rooms are not revealed.
-    `None` is the default public room (created on first use)."""
+    `None` is the default public room (created on first use). One query whether the room is
+    missing or hidden, so neither answer nor timing tells them apart (`dm-<a>-<b>` slugs)."""
     if slug is None:
         from realtime.services import room_default
 
         return room_default()
-    room = Room.objects.filter(slug=slug).first()
+    member_of = Membership.objects.filter(user_id=int(user.pk or 0)).values("room_id")
+    room = (
+        Room.objects.filter(slug=slug)
+        .filter(Q(kind=Room.Kind.PUBLIC) | Q(pk__in=member_of))
+        .first()
+    )
     if room is None:
         if slug == settings.REALTIME_DEFAULT_ROOM:
             from realtime.services import room_default
 
             return room_default()
         raise NotFound("no such room", code="room_not_found")
-    if room.kind != Room.Kind.PUBLIC and not room_is_member(room=room, user=user):
-        raise NotFound("no such room", code="room_not_found")
     return room
-
-
-def room_is_member(*, room: Room, user: AbstractBaseUser | AnonymousUser) -> bool:
-    return Membership.objects.filter(room=room, user_id=int(user.pk or 0)).exists()
 
 
 def room_members(*, room: Room) -> QuerySet[Membership]:
     return Membership.objects.filter(room=room).select_related("user").order_by("user__username")
+
+
+def room_online(*, room: Room) -> list[dict[str, Any]]:
+    """Users online in `room` now, by id (on any server process when Redis is configured);
+    `Unavailable` (`presence_unavailable`, HTTP 503) while Redis cannot be reached."""
+    try:
+        online = hub().presence_online(room.pk)
+    except PresenceUnavailable as error:
+        raise Unavailable(
+            "presence is unavailable: Redis cannot be reached", code="presence_unavailable"
+        ) from error
+    return sorted(online, key=lambda u: u["id"])
+
+
+def user_reachable(*, actor: AbstractBaseUser | AnonymousUser, user_id: int) -> bool:
+    """Whether `actor` may name user `user_id` in a direct room or a membership.
+
+    Only a regular account can be reached (active, not staff or superuser, a usable password,
+    not a reserved name such as a service identity), and only one `actor` can already see: a
+    co-member of one of their rooms, or someone who takes part in a public room (a member of
+    it, or a sender in it). Staff see every regular account. Anything else answers exactly as a
+    missing id does, in one query either way, so no realtime door tells who exists.
+    """
+    actor_id = int(actor.pk or 0)
+    candidate = (
+        get_user_model()
+        ._default_manager.filter(pk=user_id, is_active=True, is_staff=False, is_superuser=False)
+        .exclude(password__startswith=UNUSABLE_PASSWORD_PREFIX)
+    )
+    if not getattr(actor, "is_staff", False):
+        shared = Membership.objects.filter(
+            user_id=OuterRef("pk"), room__memberships__user_id=actor_id
+        )
+        public_member = Membership.objects.filter(
+            user_id=OuterRef("pk"), room__kind=Room.Kind.PUBLIC
+        )
+        public_sender = Message.objects.filter(
+            sender_id=OuterRef("pk"), room__kind=Room.Kind.PUBLIC
+        )
+        candidate = candidate.filter(Exists(shared) | Exists(public_member) | Exists(public_sender))
+    username = candidate.values_list("username", flat=True).first()
+    return username is not None and not username_is_reserved(username)
 
 
 def messages_page(

@@ -30,7 +30,7 @@ from common.exceptions import (
 )
 from realtime.fanout import dumps, hub
 from realtime.models import ConnectionTicket, Membership, Message, Room
-from realtime.selectors import message_frame
+from realtime.selectors import message_frame, user_reachable
 from realtime.topics import TopicAccess, topic_rule_register, topic_validate
 
 __all__ = [
@@ -179,11 +179,12 @@ def _require_manager(*, room: Room, actor: User) -> None:
 
 
 def membership_add(*, actor: User, room: Room, user_id: int) -> Membership:
-    """Add a member (room owner or staff); idempotent."""
+    """Add a member (room owner or staff); idempotent. Only a user the actor can reach
+    (`selectors.user_reachable`); any other id is `user_not_found`, as a missing one is."""
     if room.kind == Room.Kind.DIRECT:
         raise PreconditionFailed("direct rooms have exactly two members", code="direct_room")
     _require_manager(room=room, actor=actor)
-    if not User.objects.filter(pk=user_id, is_active=True).exists():
+    if user_id != actor.pk and not user_reachable(actor=actor, user_id=user_id):
         raise NotFound("no such user", code="user_not_found")
     membership, _ = Membership.objects.get_or_create(room=room, user_id=user_id)
     return membership
@@ -204,10 +205,14 @@ def membership_remove(*, actor: User, room: Room, user_id: int) -> None:
 
 
 def direct_get_or_create(*, user: User, other_user_id: int) -> Room:
-    """The 1:1 room of two users (the same room whoever asks first; race-safe by unique key)."""
+    """The 1:1 room of two users (the same room whoever asks first; race-safe by unique key).
+
+    Only with a user `user` can reach (`selectors.user_reachable`: a regular account they
+    already share a room with, or who takes part in a public room); every other id, existing or
+    not, staff, service and inactive accounts included, is the same `user_not_found`."""
     if other_user_id == user.pk:
         raise ValidationFailed("a direct room needs another user", code="direct_self")
-    if not User.objects.filter(pk=other_user_id, is_active=True).exists():
+    if not user_reachable(actor=user, user_id=other_user_id):
         raise NotFound("no such user", code="user_not_found")
     low, high = sorted((user.pk, other_user_id))
     key = f"{low}:{high}"
