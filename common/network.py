@@ -20,9 +20,10 @@ def _address(value: str) -> str | None:
         return None
 
 
-def client_ip(request: HttpRequest) -> str:
-    """The caller's IP address as a string (`"unknown"` when the socket gave none)."""
-    remote = _address(str(request.META.get("REMOTE_ADDR", ""))) or "unknown"
+def client_ip(request: HttpRequest) -> str | None:
+    """The caller's IP address as a string; None when the socket gave none (a Unix socket,
+    the test client), which django-axes then stores as an unknown address."""
+    remote = _address(str(request.META.get("REMOTE_ADDR", "")))
     hops = int(getattr(settings, "TRUSTED_PROXY_HOPS", 0))
     forwarded = str(request.META.get("HTTP_X_FORWARDED_FOR", ""))
     if hops <= 0 or not forwarded:

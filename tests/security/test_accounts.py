@@ -131,3 +131,13 @@ def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(
         ]
     # The proxy's hop (the right-most address) is the client; a forged left part changes nothing.
     assert codes == [201, 201, 429]
+
+
+@pytest.mark.django_db
+def test_a_login_without_a_socket_address_is_recorded_without_one() -> None:
+    from django.test import Client
+
+    client = Client(REMOTE_ADDR="")
+    user = UserFactory()
+    client.force_login(user)
+    assert client.get("/api/auth/me").status_code == 200
