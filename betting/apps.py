@@ -9,6 +9,7 @@ class BettingConfig(AppConfig):
         from django.conf import settings
 
         from betting.grpc.server import serve
+        from betting.grpc.transport import configured_mode
         from common.processes import EmbeddedProcess, embedded_process_register
         from realtime.services import TopicAccess, topic_register
 
@@ -24,7 +25,7 @@ class BettingConfig(AppConfig):
                 run=run,
                 describe=lambda: (
                     f"{'gRPC betting':<12} {settings.BIND_HOST}:{settings.GRPC_PORT}"
-                    " (betting.v1.LineProvider)"
+                    f" (betting.v1.LineProvider, {configured_mode()})"
                 ),
             )
         )

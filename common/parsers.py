@@ -28,7 +28,7 @@ import re
 import uuid as uuid_module
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any, Literal, TypeVar
 
 from common.exceptions import ValidationFailed
@@ -234,7 +234,10 @@ def money(
         raise InvalidValue(
             field, "format", f'must be digits with at most {places} decimal places, e.g. "10.50"'
         )
-    amount = Decimal(raw).quantize(Decimal(1).scaleb(-places))
+    # Exact at any length the pattern admits (the default 28-digit context would overflow).
+    amount = Decimal(raw).quantize(
+        Decimal(1).scaleb(-places), context=Context(prec=len(raw) + places + 1)
+    )
     if min_value is not None and amount < min_value:
         raise InvalidValue(field, "range", f"must be at least {min_value}")
     if max_value is not None and amount > max_value:

@@ -127,3 +127,12 @@ def test_the_entrypoint_builds_service_urls_from_the_secrets(tmp_path: Path) -> 
     )
     assert values["CELERY_BROKER_URL"] == "amqp://given@broker//"
     assert values["DJANGO_SECRET_KEY"] == (folder / "django_secret_key").read_text()
+
+
+def test_every_app_service_gets_the_shared_environment() -> None:
+    rendered = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name in ("web", "worker", "warehouse", "vmcontrol", "beat", "docbot", "betting"):
+        environment = rendered["services"][name]["environment"]
+        assert {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "DJANGO_SECRET_KEY"} <= set(
+            environment
+        ), name

@@ -8,6 +8,8 @@ answer. Every field goes through the shared parsers with the limits the REST doo
 ApplicationError → gRPC status, the correlation id and the catch-all for anything unexpected
 live in one place, `interceptor.DoorInterceptor`, which every method goes through.
 
+Transport security (TLS, mutual TLS, the plaintext rule) is decided by `transport.py` at start.
+
 A single `ChangeFeed` per server polls the append-only change log (and is woken at once by writes
 made through this server); it keeps the latest state of every event in memory for `GetEvent` and
 `WatchEvents` snapshots, plus a window of recent changes that every watcher reads from.
@@ -37,6 +39,7 @@ from betting import schemas, selectors, services
 from betting.grpc.generated import betting_pb2 as pb
 from betting.grpc.generated import betting_pb2_grpc as pb_grpc
 from betting.grpc.interceptor import DoorInterceptor, SequenceAhead
+from betting.grpc.transport import bind_address, server_transport
 from betting.models import Event, EventChange, EventState
 from common import exceptions as app_errors
 from common import parsers
@@ -66,8 +69,10 @@ KIND_TO_PB = {
 }
 OUTCOME_FROM_PB: Mapping[Any, str] = {pb.OUTCOME_WIN: "win", pb.OUTCOME_LOSE: "lose"}
 DEFAULT_PAGE_SIZE = 100
-#: Bearer tokens are knox tokens: printable ASCII without spaces (hex plus any prefix).
+#: API tokens are knox tokens: printable ASCII without spaces (hex plus any prefix).
 TOKEN_PATTERN = re.compile(r"[!-~]+")
+#: `authorization: Bearer <token>` or `Token <token>` (the REST door's scheme), any case.
+TOKEN_SCHEMES = frozenset({"bearer", "token"})
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -247,10 +252,13 @@ class ChangeFeed:
 
 
 def _staff_user_id(metadata: Any) -> int:
-    """Authenticate `authorization: Bearer <token>` (a knox API token) and require staff.
+    """Authenticate `authorization: Bearer <token>` (or `Token <token>`) and require staff.
 
-    A missing, malformed or unknown token is UNAUTHENTICATED; the token is checked against its
-    charset before it reaches the database."""
+    The token is a knox API token checked exactly as the REST door checks it (its charset first,
+    then knox: digest compared in constant time, expired tokens deleted and refused, inactive
+    users refused, the expiry refreshed on use). A missing, malformed, unknown, revoked or
+    expired token is NotAuthenticated (UNAUTHENTICATED); a valid token of a non-staff user is
+    PermissionDenied."""
     header = next((value for key, value in metadata or () if key == "authorization"), "")
     if not isinstance(header, str):
         header = ""
@@ -261,8 +269,10 @@ def _staff_user_id(metadata: Any) -> int:
         )
     except parsers.InvalidValue:
         token = ""
-    if scheme.lower() != "bearer" or not token:
-        raise app_errors.NotAuthenticated("a staff token is required: authorization: Bearer <t>")
+    if scheme.lower() not in TOKEN_SCHEMES or not token:
+        raise app_errors.NotAuthenticated(
+            "a staff API token is required: authorization: Bearer <token> (or Token <token>)"
+        )
     close_old_connections()
     try:
         user, _ = TokenAuthentication().authenticate_credentials(token.encode())
@@ -438,7 +448,11 @@ async def serve(
     port: int,
     on_bound: Callable[[int], None] | None = None,
 ) -> None:
-    """Serve the line provider (plus grpc.health.v1 and, by setting, reflection) until `stop`."""
+    """Serve the line provider (plus grpc.health.v1 and, by setting, reflection) until `stop`.
+
+    Raises ImproperlyConfigured before binding when the transport settings are unusable or
+    forbid plaintext on `host` (`transport.server_transport`)."""
+    transport = server_transport(host)
     server = grpc.aio.server(interceptors=[DoorInterceptor()])
     feed = ChangeFeed(poll_seconds=settings.BETTING_WATCH_POLL_SECONDS)
     pb_grpc.add_LineProviderServicer_to_server(LineProviderServicer(feed), server)
@@ -453,13 +467,17 @@ async def serve(
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = bind_address(host, port)
+    if transport.credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, transport.credentials)
     await server.start()
     feed_task = asyncio.create_task(feed.run(stop), name="betting-feed")
     await feed.loaded.wait()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("line_provider_started", host=host, port=bound)
+    logger.info("line_provider_started", host=host, port=bound, transport=transport.mode)
     if on_bound is not None:
         on_bound(bound)
     try:

@@ -1,17 +1,14 @@
 """Betting fixtures: in-process Celery unless a test drives a real worker, and a real grpc.aio
 line provider on 127.0.0.1:0 in the test's event loop."""
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
-from asgiref.sync import sync_to_async
-from django.db import connections
 
 from betting.grpc.generated import betting_pb2_grpc as pb_grpc
-from betting.grpc.server import serve
 from config.celery import app as celery_app
+from tests.betting.servers import line_provider_running
 
 
 @pytest.fixture(autouse=True)
@@ -36,21 +33,9 @@ def fast_watch(settings: pytest.FixtureRequest) -> None:
 
 @pytest.fixture
 async def line_provider(transactional_db: None, fast_watch: None) -> AsyncIterator[str]:
-    """A real line provider; yields its address."""
-    stop = asyncio.Event()
-    bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    server = asyncio.create_task(
-        serve(stop, host="127.0.0.1", port=0, on_bound=lambda port: bound.set_result(port))
-    )
-    port = await asyncio.wait_for(bound, 20)
-    try:
+    """A real plaintext line provider on loopback; yields its address."""
+    async with line_provider_running() as port:
         yield f"127.0.0.1:{port}"
-    finally:
-        stop.set()
-        await asyncio.wait_for(server, 20)
-        # The test's own sync_to_async calls ran on one shared thread; its connection would
-        # keep the test database busy at teardown.
-        await sync_to_async(connections.close_all)()
 
 
 @pytest.fixture

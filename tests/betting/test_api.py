@@ -182,6 +182,43 @@ def test_bettor_sees_only_own_bets_and_another_users_bet_is_404(http: httpx.Clie
     assert [bet["id"] for bet in listed["results"]] == [mine.pk]
 
 
+@pytest.mark.parametrize("reader", ["bettor", "staff"])
+def test_no_read_path_shows_another_users_bet(http: httpx.Client, reader: str) -> None:
+    event = event_create()
+    owner = UserFactory.create()
+    theirs = bet_place(user=owner, event=event, amount="77.00")
+    other = (StaffFactory if reader == "staff" else UserFactory).create()
+    mine = bet_place(user=other, event=event, amount="5.00")
+    headers = auth_header(other)
+    foreign = http.get(f"/api/betting/bets/{theirs.pk}", headers=headers)
+    missing = http.get(f"/api/betting/bets/{theirs.pk + 1000}", headers=headers)
+    assert foreign.status_code == missing.status_code == 404
+    assert foreign.json()["error"]["code"] == missing.json()["error"]["code"]
+    for query in ("", f"?event_id={event.id}", "?status=pending", "?limit=500"):
+        listed = http.get(f"/api/betting/bets{query}", headers=headers)
+        assert [bet["id"] for bet in listed.json()["results"]] == [mine.pk], query
+    events = http.get("/api/betting/events", headers=headers).json()["results"]
+    assert [event_row["id"] for event_row in events] == [event.id]
+    assert not {"amount", "user", "user_id", "bets"} & set(events[0])
+
+
+def test_an_idempotency_key_is_per_user_and_never_replays_another_users_bet(
+    http: httpx.Client,
+) -> None:
+    event = event_create()
+    alice, bob = UserFactory.create(), UserFactory.create()
+    key = {"Idempotency-Key": "shared-key"}
+    alices = place(http, {**auth_header(alice), **key}, event_id=event.id, amount="12.50")
+    bobs = place(http, {**auth_header(bob), **key}, event_id=event.id, amount="12.50")
+    assert alices.status_code == bobs.status_code == 201
+    assert "Idempotent-Replayed" not in bobs.headers
+    assert bobs.json()["id"] != alices.json()["id"]
+    assert Bet.objects.get(pk=bobs.json()["id"]).user_id == bob.pk
+    different = place(http, {**auth_header(bob), **key}, event_id=event.id, amount="1.00")
+    assert different.status_code == 422
+    assert "id" not in different.json()
+
+
 def test_bet_history_is_newest_first_cursor_paginated_and_filtered(http: httpx.Client) -> None:
     first, second = event_create(), event_create()
     user = UserFactory.create()

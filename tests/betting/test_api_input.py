@@ -119,7 +119,12 @@ def test_a_stake_that_is_not_an_ascii_decimal_is_refused_and_places_no_bet(
         ("0.99", None),
         ("10000.01", None),
         ("99999999999999999999", None),
+        # Past the 28 digits of the default decimal context (found by the gRPC fuzz).
+        ("9" * 27, None),
+        ("9" * 38 + ".99", None),
+        ("9" * 40, None),
     ],
+    ids=lambda value: f"{len(value)}-chars" if value and len(value) > 20 else repr(value),
 )
 def test_a_stake_is_accepted_only_within_the_configured_limits(
     http: httpx.Client, amount: str, stored: str | None

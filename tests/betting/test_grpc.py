@@ -1,7 +1,6 @@
 """The gRPC line provider against a real grpc.aio server on 127.0.0.1:0."""
 
 import asyncio
-import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -18,6 +17,7 @@ from betting.grpc.generated import betting_pb2 as pb
 from betting.grpc.generated import betting_pb2_grpc as pb_grpc
 from betting.models import AuditEntry, Event
 from tests.betting.factories import bet_place, event_create
+from tests.betting.servers import command_env
 from tests.factories import StaffFactory, UserFactory, token_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -246,18 +246,8 @@ async def test_watch_heartbeats_when_idle(stub: pb_grpc.LineProviderStub) -> Non
 
 @pytest.mark.timeout(90)
 def test_run_line_provider_command_serves_grpc(transactional_db: None) -> None:
-    from django.conf import settings
-
     port = free_port()
-    database = settings.DATABASES["default"]
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings_test"}
-    if database["ENGINE"].endswith("sqlite3"):
-        env["DATABASE_URL"] = f"sqlite:///{database['NAME']}"
-    else:
-        env["DATABASE_URL"] = (
-            f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/"
-            f"{database['NAME']}"
-        )
+    env = command_env()
     child = subprocess.Popen(
         [sys.executable, "manage.py", "run_line_provider", "--port", str(port)],
         cwd=ROOT,
@@ -268,7 +258,7 @@ def test_run_line_provider_command_serves_grpc(transactional_db: None) -> None:
     try:
         assert child.stdout is not None
         line = child.stdout.readline()
-        assert f"127.0.0.1:{port}" in line
+        assert f"127.0.0.1:{port} (plaintext)" in line
 
         async def check() -> int:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -176,6 +176,10 @@ NOT_MONEY = [
     "0.00",
     "1000.01",
     "1\x00",
+    # Past the 28 digits of the default decimal context, within the parser's 40 characters.
+    "9" * 27,
+    "9" * 38 + ".99",
+    "9" * 40,
     "9" * 100_000,
 ]
 BAD_IDS = ["", "a b", "a\x00b", "a\x01b", "a\nb", "\u00e9", "a/b", "x" * 65, "x" * 100_000]

@@ -188,6 +188,14 @@ def test_money_json_numbers_are_judged_by_their_literal() -> None:
     assert _reason(lambda: parsers.money(10.5, field="f", numbers=True)) == "type"
 
 
+@pytest.mark.parametrize("digits", [27, 28, 29, 38, 40])
+def test_money_with_many_digits_is_judged_exactly(digits: int) -> None:
+    assert parsers.money("9" * digits, field="a") == Decimal("9" * digits)
+    assert _reason(lambda: parsers.money("9" * digits, field="a", max_value=Decimal(10**6))) == (
+        "range"
+    )
+
+
 def test_money_range_is_per_field() -> None:
     assert parsers.money("1", field="a", min_value=Decimal("1.00")) == Decimal("1.00")
     assert _reason(lambda: parsers.money("0.99", field="a", min_value=Decimal("1"))) == "range"

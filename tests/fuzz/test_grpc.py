@@ -5,7 +5,7 @@ level (strings with NUL, controls, non-ASCII digits, signs, exponents, `_`, over
 values; unknown and edge enum numbers; int32/int64 edges; Timestamps outside their range or with
 bad nanos; deleted fields) and at the wire level (lone surrogates and other invalid UTF-8 in
 string fields, truncation, flipped and inserted bytes, wrong wire types, unknown fields, random
-bytes), and sent as raw bytes with a staff token, no token or a bad one.
+bytes), and sent as raw bytes with a staff token (as `Bearer` or `Token`), no token or a bad one.
 
 Must hold: no UNKNOWN, no INTERNAL, no call left hanging; the server still serves valid calls
 afterwards; nothing leaked (the change log stays gapless and audited, rows only for accepted
@@ -286,11 +286,13 @@ async def line_provider(transactional_db: None, settings: Any) -> AsyncIterator[
 def metadata_for(rng: random.Random, staff: str, user: str) -> tuple[tuple[str, str], ...]:
     roll = rng.random()
     if roll < 0.8:
-        auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {staff}"),)
+        scheme = rng.choice(["Bearer", "Token", "bearer"])
+        auth: tuple[tuple[str, str], ...] = (("authorization", f"{scheme} {staff}"),)
     elif roll < 0.88:
         auth = (("authorization", f"Bearer {user}"),)
     elif roll < 0.94:
-        auth = (("authorization", rng.choice(["Bearer", "Bearer x", "Basic abc", "Bearer  "])),)
+        bad = ["Bearer", "Bearer x", "Basic abc", "Bearer  ", "Token", f"Token{staff}"]
+        auth = (("authorization", rng.choice(bad)),)
     else:
         auth = ()
     request_id = rng.choice(["", "fuzz-1", "x" * 129, "a b", "../etc", "id:\u00e9"])

@@ -5,9 +5,11 @@ import signal
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from betting.grpc.server import serve
+from betting.grpc.transport import configured_mode
 
 
 class Command(BaseCommand):
@@ -18,7 +20,10 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=settings.GRPC_PORT)
 
     def handle(self, *args: Any, host: str, port: int, **options: Any) -> None:
-        asyncio.run(self._main(host, port))
+        try:
+            asyncio.run(self._main(host, port))
+        except ImproperlyConfigured as error:
+            raise CommandError(str(error)) from None
 
     async def _main(self, host: str, port: int) -> None:
         stop = asyncio.Event()
@@ -27,7 +32,10 @@ class Command(BaseCommand):
             loop.add_signal_handler(signum, stop.set)
 
         def bound(actual: int) -> None:
-            self.stdout.write(f"betting line provider serving gRPC on {host}:{actual}", ending="\n")
+            self.stdout.write(
+                f"betting line provider serving gRPC on {host}:{actual} ({configured_mode()})",
+                ending="\n",
+            )
             self.stdout.flush()
 
         await serve(stop, host=host, port=port, on_bound=bound)
