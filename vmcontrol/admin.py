@@ -5,8 +5,16 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from common.exceptions import ApplicationError
-from vmcontrol import services
-from vmcontrol.models import AgentSession, AuditEvent, Command, Disk, VirtualMachine
+from vmcontrol import selectors, services
+from vmcontrol.models import (
+    AgentSession,
+    AuditEvent,
+    Command,
+    Disk,
+    ServerLease,
+    VirtualMachine,
+    VmStatus,
+)
 
 
 class DiskInline(admin.TabularInline):
@@ -25,13 +33,35 @@ class SessionInline(admin.TabularInline):
     ordering = ["-started_at"]
 
 
+class LiveStatusFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "live_status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(choice.value, str(choice.label)) for choice in VmStatus]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        return queryset.filter(live_status=value) if value else queryset
+
+
 @admin.register(VirtualMachine)
 class VirtualMachineAdmin(admin.ModelAdmin):
-    list_display = ["id", "name", "status", "cpu_cores", "ram_mb", "last_seen_at", "created_at"]
-    list_filter = ["status"]
+    list_display = [
+        "id",
+        "name",
+        "live_status",
+        "cpu_cores",
+        "ram_mb",
+        "last_seen_at",
+        "created_at",
+    ]
+    list_filter = [LiveStatusFilter]
     search_fields = ["name", "=id"]
+    # The stored status is what the owning server last wrote; operators see the live one.
+    exclude = ["status"]
     readonly_fields = [
-        "status",
+        "live_status",
         "current_session_id",
         "first_connected_at",
         "last_seen_at",
@@ -41,6 +71,14 @@ class VirtualMachineAdmin(admin.ModelAdmin):
     ]
     inlines = [DiskInline, SessionInline]
     actions = ["logout", "revoke_token"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[VirtualMachine]:
+        return selectors.with_live_status(super().get_queryset(request))
+
+    @admin.display(description="status", ordering="live_status")
+    def live_status(self, vm: VirtualMachine) -> str:
+        """The live status (offline once the server holding the session is gone)."""
+        return str(getattr(vm, "live_status", None) or selectors.vm_live_status(vm_id=vm.pk))
 
     def _each(self, request: HttpRequest, queryset: QuerySet[Any], call: Any, done: str) -> None:
         for vm in queryset:
@@ -66,6 +104,12 @@ class AgentSessionAdmin(admin.ModelAdmin):
     list_filter = ["end_reason", "server_name"]
     search_fields = ["peer", "=vm__id"]
     list_select_related = ["vm"]
+
+
+@admin.register(ServerLease)
+class ServerLeaseAdmin(admin.ModelAdmin):
+    list_display = ["name", "host", "pid", "started_at", "renewed_at", "expires_at"]
+    readonly_fields = ["name", "host", "pid", "started_at", "renewed_at", "expires_at"]
 
 
 @admin.register(Command)

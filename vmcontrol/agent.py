@@ -1,6 +1,11 @@
 """The VM agent: dials the control server, authorizes, heartbeats, applies commands, and
 reconnects with exponential backoff and full jitter. `AgentFleet` runs many in one loop (the
-`--count` mode used to simulate a fleet). No Django: it only speaks vmcontrol.protocol."""
+`--count` mode used to simulate a fleet). No Django: it only speaks vmcontrol.protocol.
+
+Over TLS (`client_tls_context`) the agent verifies the server's certificate against the given
+CA file (or the system's trust store) and checks the host name; there is no way to turn either
+check off. A certificate it does not trust ends the attempt before a byte of the protocol is
+sent (counted in `FleetStats.tls_failures`, logged once per run of failures)."""
 
 import asyncio
 import contextlib
@@ -13,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from vmcontrol.protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -23,9 +30,30 @@ from vmcontrol.protocol import (
     inventory_parse,
 )
 
+logger = structlog.get_logger(__name__)
+
 
 class AgentRefused(Exception):
     """The server refused our credentials: retrying with them is pointless until they change."""
+
+
+class AgentRateLimited(Exception):
+    """The server locked our address out after failed attempts; wait `retry_after` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"rate limited for {retry_after} s")
+        self.retry_after = retry_after
+
+
+def client_tls_context(ca_file: str | Path | None = None) -> ssl.SSLContext:
+    """A TLS client context that verifies the server: its certificate must chain to `ca_file`
+    (PEM; the system's trust store when None) and name the host dialed (or the
+    `server_hostname` given to the agent). TLS 1.2 or later."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 @dataclass
@@ -48,6 +76,8 @@ class FleetStats:
     authorized_now: int = 0
     auths: int = 0
     auth_failures: int = 0
+    rate_limited: int = 0
+    tls_failures: int = 0
     disconnects: int = 0
     commands: int = 0
     logouts: int = 0
@@ -61,6 +91,8 @@ class FleetStats:
             "authorized_now": self.authorized_now,
             "auths": self.auths,
             "auth_failures": self.auth_failures,
+            "rate_limited": self.rate_limited,
+            "tls_failures": self.tls_failures,
             "disconnects": self.disconnects,
             "commands": self.commands,
             "logouts": self.logouts,
@@ -88,10 +120,13 @@ class Agent:
         backoff_base: float = 0.5,
         backoff_cap: float = 10.0,
         tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
         on_enrolled: Callable[["Agent"], None] | None = None,
         record_rtts: bool = True,
     ) -> None:
         self.host = host
+        self.server_hostname = server_hostname
+        """the name the server certificate must carry, when it is not `host` (TLS only)"""
         self.port = port
         self.identity = identity
         self.stats = stats or FleetStats()
@@ -125,24 +160,53 @@ class Agent:
 
     async def _expect(self, reader: asyncio.StreamReader, *types: str) -> Frame:
         frame = await self._read(reader)
-        if frame["type"] == "error" and frame.get("code") in ("auth_failed", "enroll_failed"):
-            raise AgentRefused(frame.get("message", "refused"))
+        self._raise_for_refusal(frame)
         if frame["type"] not in types:
             raise ConnectionError(f"expected {types}, got {frame}")
         return frame
 
+    @staticmethod
+    def _raise_for_refusal(frame: Frame) -> None:
+        if frame["type"] != "error":
+            return
+        code = frame.get("code")
+        if code == "rate_limited":
+            retry_after = frame.get("retry_after")
+            wait = retry_after if isinstance(retry_after, int | float) else 60
+            raise AgentRateLimited(float(min(max(wait, 1), 3600)))
+        if code in ("auth_failed", "enroll_failed"):
+            raise AgentRefused(frame.get("message", "refused"))
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Connect, serve, and on any failure wait a jittered backoff and connect again."""
+        """Connect, serve, and on any failure wait a jittered backoff and connect again (at
+        least the `retry_after` of a `rate_limited` refusal)."""
         attempt = 0
+        tls_failing = False
         while not stop.is_set():
             self.attempts.append(time.monotonic())
+            at_least = 0.0
             try:
                 await self._session(stop)
                 attempt = 0
             except AgentRefused:
                 self.stats.auth_failures += 1
+            except AgentRateLimited as limited:
+                self.stats.rate_limited += 1
+                at_least = limited.retry_after
+            except ssl.SSLCertVerificationError as error:
+                self.stats.tls_failures += 1
+                if not tls_failing:
+                    logger.error(
+                        "vmcontrol_agent_tls_refused",
+                        host=self.server_hostname or self.host,
+                        port=self.port,
+                        error=f"certificate verify failed: {error.verify_message or error}",
+                    )
+                tls_failing = True
             except (OSError, ConnectionError, ProtocolError, asyncio.IncompleteReadError):
                 pass
+            else:
+                tls_failing = False
             if self.authorized.is_set():
                 # We were authorized: the next attempt starts the backoff from the beginning.
                 self.authorized.clear()
@@ -151,14 +215,20 @@ class Agent:
             self.stats.disconnects += 1
             if stop.is_set():
                 break
-            delay = backoff_delay(attempt, base=self.backoff_base, cap=self.backoff_cap)
+            delay = max(
+                at_least, backoff_delay(attempt, base=self.backoff_base, cap=self.backoff_cap)
+            )
             attempt += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
 
     async def _session(self, stop: asyncio.Event) -> None:
         reader, self._writer = await asyncio.open_connection(
-            self.host, self.port, ssl=self.tls, limit=MAX_FRAME_BYTES
+            self.host,
+            self.port,
+            ssl=self.tls,
+            server_hostname=(self.server_hostname or self.host) if self.tls else None,
+            limit=MAX_FRAME_BYTES,
         )
         self.stats.connects += 1
         try:
@@ -256,8 +326,8 @@ class Agent:
                 self.stats.rtts.append((time.time(), time.perf_counter() - self._ping_sent))
         elif kind == "auth_ok":
             self._authorized_now()
-        elif kind == "error" and frame.get("code") == "auth_failed":
-            raise AgentRefused(frame.get("message", "refused"))
+        elif kind == "error":
+            self._raise_for_refusal(frame)
         elif kind == "command":
             self.stats.commands += 1
             if self.answer_commands:
@@ -319,6 +389,8 @@ class AgentFleet:
         backoff_base: float = 0.5,
         backoff_cap: float = 10.0,
         record_rtts: bool = True,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         self.stats = FleetStats()
         self.state_file = state_file
@@ -337,6 +409,8 @@ class AgentFleet:
                 backoff_cap=backoff_cap,
                 on_enrolled=lambda _agent: self._save(),
                 record_rtts=record_rtts,
+                tls=tls,
+                server_hostname=server_hostname,
             )
             for identity in known[:count]
         ]

@@ -26,7 +26,9 @@ class DiskOutputSerializer(serializers.Serializer):
 class VmOutputSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     name = serializers.CharField()
-    status = serializers.CharField()
+    status = serializers.CharField(
+        source="live_status", help_text="offline once the server holding the session is gone"
+    )
     cpu_cores = serializers.IntegerField()
     ram_mb = serializers.IntegerField()
     disks = DiskOutputSerializer(many=True)

@@ -10,9 +10,12 @@ ApplicationError become `error` frames with their code; any other exception whil
 frame becomes `error {code: internal}` with a generic message, logged once with the session id
 bound in structlog's contextvars, and the connection stays open. A failed write closes the
 transport (the agent reconnects and recovers). Whatever way the consumer ends, `_end` runs:
-the session row is closed, the VM's status released, the gauges restored.
+the session row (if it authorized) is closed, the VM's status released, the gauges restored.
+Before it authorizes a connection is bounded in time and attempts and writes nothing
+(`AgentConsumer`; vmcontrol/PROTOCOL.md, "Before authorization").
 """
 
+import math
 import time
 import uuid
 from datetime import datetime
@@ -27,11 +30,15 @@ from django.utils import timezone
 
 from common.exceptions import ApplicationError
 from vmcontrol import services
+from vmcontrol.limits import peer_key
 from vmcontrol.protocol import (
     ALREADY_AUTHORIZED,
     AUTH_FAILED,
     INTERNAL,
     PROTOCOL_VERSION,
+    RATE_LIMITED,
+    TIMEOUT,
+    TOO_MANY_ATTEMPTS,
     UNKNOWN_COMMAND,
     UNSUPPORTED_VERSION,
     Frame,
@@ -43,8 +50,8 @@ from vmcontrol.protocol import (
     error_frame,
     protocol_error_frame,
 )
-from vmcontrol.server import AUTHORIZED, FRAMES, ServerState
-from vmcontrol.services import AgentEvent
+from vmcontrol.server import AUTH_REFUSED, AUTHORIZED, FRAMES, UNAUTHENTICATED, ServerState
+from vmcontrol.services import AgentEvent, AgentEventResult
 
 logger = structlog.get_logger(__name__)
 
@@ -61,7 +68,12 @@ def _command_complete(**kwargs: Any) -> str:
 
 
 class AgentConsumer(AsyncConsumer):
-    """One agent TCP connection (one session row)."""
+    """One agent TCP connection; a session row once it authorizes.
+
+    Until it authorizes the connection writes nothing and changes no VM: it has
+    `auth_timeout` seconds from accept (the server's watchdog closes it then, whatever it
+    sends) and `auth_attempts` failed `auth`/`enroll` attempts (then `too_many_attempts` and a
+    close); every failed attempt is also charged to its peer address (`limits`)."""
 
     state: ServerState
 
@@ -73,6 +85,14 @@ class AgentConsumer(AsyncConsumer):
         self.opened = False
         self.ended = False
         self.authorized = False
+        self.persisted = False
+        """the session row exists (the connection authorized at least once)"""
+        self.failures = 0
+        self.accepted_at = time.monotonic()
+        self.auth_deadline = self.accepted_at
+        self.started_at: datetime | None = None
+        self.peer = ""
+        self.peer_key = ""
         self.vm_id: int | None = None
         self.group: str | None = None
         self.inventory: Inventory | None = None
@@ -115,12 +135,14 @@ class AgentConsumer(AsyncConsumer):
     async def tcp_connect(self, message: dict[str, Any]) -> None:
         self.state = self.scope["vmcontrol.state"]
         self.splitter = LineSplitter()
-        self.opened = True
+        self.accepted_at = self.scope.get("vmcontrol.accepted_at", self.accepted_at)
+        self.started_at = self.scope.get("vmcontrol.accepted_wall") or timezone.now()
+        self.auth_deadline = self.accepted_at + self.state.config.auth_timeout
         client = self.scope.get("client") or ["", 0]
+        self.peer = f"{client[0]}:{client[1]}"
+        self.peer_key = peer_key(str(client[0]))
+        self.opened = True
         self.state.connections[self.session_id] = self
-        self.state.submit(
-            AgentEvent(kind="open", session_id=self.session_id, peer=f"{client[0]}:{client[1]}")
-        )
 
     async def tcp_receive(self, message: dict[str, Any]) -> None:
         try:
@@ -138,20 +160,41 @@ class AgentConsumer(AsyncConsumer):
         raise StopConsumer()
 
     async def expire(self, reason: str) -> None:
-        """Called by the server's watchdog for a silent connection."""
+        """Called by the server's watchdog: a silent authorized connection, or an unauthorized
+        one past its deadline. The agent gets `error {code: timeout}`, then the close."""
         if not self.end_reason:
             self.end_reason = reason
-            await self._write(error_frame("timeout", reason.replace("_", " ")))
+            await self._write(error_frame(TIMEOUT, reason.replace("_", " ")))
+            await self._close(reason)
+
+    async def drop(self, reason: str) -> None:
+        """Close at once (the server lost its lease: the database already ended the session)."""
+        if not self.end_reason:
             await self._close(reason)
 
     async def _end(self, reason: str) -> None:
         """Release everything the session holds, once: the server's registry, the authorized
         gauge and group, pending commands (failed as `closed`), and the session row (`end`
         event, which also takes the VM offline). Each step is guarded so one failing step
-        (a channel layer that is down) cannot skip the others; the `end` event always goes."""
+        (a channel layer that is down) cannot skip the others; the `end` event always goes for
+        a session that has a row. A connection that never authorized has none: it is counted
+        (`vmcontrol_unauthenticated_sessions_total{reason}`) and logged instead."""
         if self.ended or not self.opened:
             return
         self.ended = True
+        if not self.persisted:
+            self.state.connections.pop(self.session_id, None)
+            UNAUTHENTICATED.labels(reason).inc()
+            # Port probes and health checks close quietly; a refused or timed-out peer is news.
+            log = logger.info if self.failures or reason != "closed" else logger.debug
+            log(
+                "vmcontrol_session_unauthenticated",
+                peer=self.peer,
+                reason=reason,
+                failed_attempts=self.failures,
+                seconds=round(time.monotonic() - self.accepted_at, 3),
+            )
+            return
         try:
             self.state.connections.pop(self.session_id, None)
             try:
@@ -222,6 +265,8 @@ class AgentConsumer(AsyncConsumer):
         return frame
 
     async def on_hello(self, frame: Frame) -> None:
+        # A claim, not a credential: `vm_id` is ignored until `auth` proves it (no row, no
+        # status change), and repeating `hello` does not move the authorization deadline.
         if frame["protocol"] != PROTOCOL_VERSION:
             raise ProtocolError(
                 UNSUPPORTED_VERSION,
@@ -231,12 +276,6 @@ class AgentConsumer(AsyncConsumer):
             )
         if frame["inventory"] is not None:
             self.inventory = frame["inventory"]
-        if frame["vm_id"] is not None and not self.authorized:
-            result = await self.state.apply(
-                AgentEvent(kind="bind", session_id=self.session_id, vm_id=frame["vm_id"])
-            )
-            if result.ok:
-                self.vm_id = result.vm_id
         await self._write(
             self._reply(
                 "welcome",
@@ -247,49 +286,98 @@ class AgentConsumer(AsyncConsumer):
             )
         )
 
+    async def _attempt(self, event: AgentEvent, frame: Frame) -> AgentEventResult | None:
+        """Judge one `auth`/`enroll`: refused at once while the peer is locked out, else by the
+        event writer (which checks the limit again, in order with every other attempt).
+        Returns the result when it succeeded; a refusal is answered here (`rate_limited` with
+        `retry_after`, or `auth_failed`) and counted, and the last allowed one closes the
+        connection with `too_many_attempts`."""
+        wait = self.state.limiter.retry_after(self.peer_key)
+        result = (
+            AgentEventResult(ok=False, error=RATE_LIMITED, retry_after=wait)
+            if wait > 0
+            else await self.state.apply(event)
+        )
+        if result.ok and result.vm_id is not None:
+            return result
+        self.failures += 1
+        if result.error == RATE_LIMITED:
+            AUTH_REFUSED.labels(event.kind, "rate_limited").inc()
+            await self._write(
+                error_frame(
+                    RATE_LIMITED,
+                    "too many failed attempts from this address; try again later",
+                    frame["id"],
+                    retry_after=max(1, math.ceil(result.retry_after)),
+                )
+            )
+        else:
+            AUTH_REFUSED.labels(event.kind, "failed").inc()
+            message = (
+                "Enrollment refused."
+                if event.kind == "enroll"
+                else services.AuthFailed.default_message
+            )
+            await self._write(error_frame(AUTH_FAILED, message, frame["id"]))
+        if self.failures >= self.state.config.auth_attempts and not self.end_reason:
+            await self._write(error_frame(TOO_MANY_ATTEMPTS, "too many failed attempts"))
+            await self._close("too_many_attempts")
+        return None
+
+    def _event(self, kind: str, **fields: Any) -> AgentEvent:
+        return AgentEvent(
+            kind=kind,
+            session_id=self.session_id,
+            peer=self.peer,
+            peer_key=self.peer_key,
+            started_at=self.started_at,
+            **fields,
+        )
+
     async def on_enroll(self, frame: Frame) -> None:
         if self.authorized:
             raise ProtocolError(ALREADY_AUTHORIZED, "already authorized", frame_id=frame["id"])
-        result = await self.state.apply(
-            AgentEvent(
-                kind="enroll",
-                session_id=self.session_id,
-                secret=frame["secret"],
-                name=frame["name"] or f"vm-{self.session_id.hex[:8]}",
-                inventory=frame["inventory"],
-            )
+        event = self._event(
+            "enroll",
+            secret=frame["secret"],
+            name=frame["name"] or f"vm-{self.session_id.hex[:8]}",
+            inventory=frame["inventory"],
         )
-        if not result.ok:
-            raise services.AuthFailed("Enrollment refused.", code=AUTH_FAILED)
+        result = await self._attempt(event, frame)
+        if result is None:
+            return
         self.inventory = frame["inventory"]
         await self._write(self._reply("enrolled", frame, vm_id=result.vm_id, token=result.token))
 
     async def on_auth(self, frame: Frame) -> None:
         if self.authorized:
             raise ProtocolError(ALREADY_AUTHORIZED, "already authorized", frame_id=frame["id"])
-        result = await self.state.apply(
-            AgentEvent(
-                kind="auth",
-                session_id=self.session_id,
-                vm_id=frame["vm_id"],
-                token=frame["token"],
-                inventory=frame["inventory"] or self.inventory,
-            )
+        event = self._event(
+            "auth",
+            vm_id=frame["vm_id"],
+            token=frame["token"],
+            inventory=frame["inventory"] or self.inventory,
         )
-        if not result.ok or result.vm_id is None:
-            raise services.AuthFailed()
-        self.vm_id = result.vm_id
-        structlog.contextvars.bind_contextvars(vm_id=result.vm_id)
+        result = await self._attempt(event, frame)
+        if result is None or result.vm_id is None:
+            return
+        vm_id = self.vm_id = result.vm_id
+        self.persisted = True
+        if self.end_reason:
+            # Closed while the check ran (the deadline passed): the `end` event, queued after
+            # this auth, closes the row it got and takes the VM offline again.
+            return
+        structlog.contextvars.bind_contextvars(vm_id=vm_id)
         self.authorized = True
         AUTHORIZED.inc()
-        self.group = services.vm_group(result.vm_id)
+        self.group = services.vm_group(vm_id)
         # Older connections of this VM (a reconnect the server has not noticed) step aside.
         await self.channel_layer.group_send(
             self.group, {"type": "vm.replaced", "session_id": str(self.session_id)}
         )
         await self.channel_layer.group_add(self.group, self.channel_name)
-        self.state.mark_seen(result.vm_id)
-        await self._write(self._reply("auth_ok", frame, vm_id=result.vm_id))
+        self.state.mark_seen(vm_id)
+        await self._write(self._reply("auth_ok", frame, vm_id=vm_id))
 
     async def on_ping(self, frame: Frame) -> None:
         if self.vm_id is not None:
@@ -337,6 +425,9 @@ class AgentConsumer(AsyncConsumer):
     async def _deauthorize(self) -> None:
         if self.authorized:
             AUTHORIZED.dec()
+            # Logged out (by the agent, an operator or a token change): the connection gets a
+            # fresh `auth_timeout` to authorize again before the watchdog closes it.
+            self.auth_deadline = time.monotonic() + self.state.config.auth_timeout
         self.authorized = False
         self.last_frame_at = time.monotonic()
         if self.group is not None:

@@ -64,16 +64,21 @@ class SessionEndReason(models.TextChoices):
     CLOSED = "closed", "socket closed by the agent"
     BYE = "bye", "agent said bye"
     HEARTBEAT_TIMEOUT = "heartbeat_timeout", "missed heartbeats"
-    IDLE_UNAUTHENTICATED = "idle_unauthenticated", "silent before authorizing"
+    IDLE_UNAUTHENTICATED = "idle_unauthenticated", "silent before authorizing (before issue 11)"
+    AUTH_TIMEOUT = "auth_timeout", "did not authorize again in time after a logout"
+    TOO_MANY_ATTEMPTS = "too_many_attempts", "too many failed authorization attempts"
     PROTOCOL_ERROR = "protocol_error", "protocol violation"
     SERVER_SHUTDOWN = "server_shutdown", "server stopped"
     SERVER_CRASHED = "server_crashed", "closed at the next server start"
     REPLACED = "replaced", "the VM connected again"
     SERVER_ERROR = "server_error", "the server could not write to the connection"
+    SERVER_LOST = "server_lost", "its server stopped renewing its lease (killed or cut off)"
+    LEASE_LOST = "lease_lost", "its server found its lease taken away and dropped it"
 
 
 class AgentSession(models.Model):
-    """One TCP connection of an agent, from accept to close."""
+    """One agent TCP connection that authorized, from accept to close (connections that never
+    authorize are counted and logged, not stored)."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     vm = models.ForeignKey(
@@ -92,6 +97,21 @@ class AgentSession(models.Model):
 
     def __str__(self) -> str:
         return f"session {self.id} {self.peer}"
+
+
+class ServerLease(models.Model):
+    """A running TCP server's claim on its sessions, renewed while it lives: a VM whose session
+    belongs to a server whose lease expired is offline (database clock on both sides)."""
+
+    name = models.CharField(primary_key=True, max_length=128)
+    host = models.CharField(max_length=255, blank=True)
+    pid = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField()
+    renewed_at = models.DateTimeField()
+    expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} until {self.expires_at:%H:%M:%S}"
 
 
 class CommandStatus(models.TextChoices):

@@ -46,6 +46,9 @@ UNSUPPORTED_VERSION = "unsupported_version"
 ALREADY_AUTHORIZED = "already_authorized"
 UNKNOWN_COMMAND = "unknown_command"
 INTERNAL = "internal"
+RATE_LIMITED = "rate_limited"
+TOO_MANY_ATTEMPTS = "too_many_attempts"
+TIMEOUT = "timeout"
 
 
 class ProtocolError(Exception):
@@ -342,9 +345,11 @@ def error_frame(
     *,
     field: str | None = None,
     reason: str | None = None,
+    retry_after: int | None = None,
 ) -> Frame:
-    """`error {code, message, id?, field?, reason?}`: `id` only when the request's id was valid,
-    `field`/`reason` when a value was refused (the parser's reason code)."""
+    """`error {code, message, id?, field?, reason?, retry_after?}`: `id` only when the request's
+    id was valid, `field`/`reason` when a value was refused (the parser's reason code),
+    `retry_after` (whole seconds) when the peer is locked out (`rate_limited`)."""
     frame: Frame = {"type": "error", "code": code, "message": message}
     if frame_id is not None:
         frame["id"] = frame_id
@@ -352,6 +357,8 @@ def error_frame(
         frame["field"] = field
     if reason is not None:
         frame["reason"] = reason
+    if retry_after is not None:
+        frame["retry_after"] = retry_after
     return frame
 
 

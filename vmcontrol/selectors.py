@@ -1,25 +1,89 @@
-"""vmcontrol reads."""
+"""vmcontrol reads.
 
-from django.db.models import Prefetch, QuerySet
+A VM's status is owned by its live session: the stored `status` is what the TCP server that
+holds the VM's current session last wrote, and it counts only while that server's lease is
+alive (`ServerLease`, renewed every third of VMCONTROL_SERVER_LEASE_TTL). Every read here
+exposes the *live* status (`live_status`), so a VM whose server was killed shows offline
+within VMCONTROL_SERVER_LEASE_TTL even before a reaper has closed its rows.
+"""
+
+from typing import Any
+
+from django.db.models import (
+    Case,
+    CharField,
+    Exists,
+    F,
+    OuterRef,
+    Prefetch,
+    QuerySet,
+    Value,
+    When,
+)
+from django.db.models.functions import Now
 
 from common.exceptions import NotFound, ValidationFailed
-from vmcontrol.models import AgentSession, AuditEvent, Command, Disk, VirtualMachine, VmStatus
+from vmcontrol.models import (
+    AgentSession,
+    AuditEvent,
+    Command,
+    Disk,
+    ServerLease,
+    VirtualMachine,
+    VmStatus,
+)
 
 VM_FILTERS = ("connected", "authorized", "ever_connected")
 
 
+def _held_by_a_live_server() -> Exists:
+    live_servers = ServerLease.objects.filter(expires_at__gt=Now()).values("name")
+    return Exists(
+        AgentSession.objects.filter(
+            pk=OuterRef("current_session_id"),
+            ended_at__isnull=True,
+            server_name__in=live_servers,
+        )
+    )
+
+
+def with_live_status(vms: QuerySet[VirtualMachine]) -> QuerySet[Any]:
+    """`vms` annotated with `live_status`: the stored status while the VM's current session is
+    open on a server whose lease has not expired (database clock), else `offline`."""
+    return vms.annotate(
+        live_status=Case(
+            When(_held_by_a_live_server(), then=F("status")),
+            default=Value(VmStatus.OFFLINE),
+            output_field=CharField(),
+        )
+    )
+
+
+def vm_live_status(*, vm_id: int) -> str:
+    """The live status of one VM (`offline` for an unknown id)."""
+    status = (
+        with_live_status(VirtualMachine.objects.filter(pk=vm_id))
+        .values_list("live_status", flat=True)
+        .first()
+    )
+    return str(status or VmStatus.OFFLINE)
+
+
 def vm_list(*, filter: str | None = None) -> QuerySet[VirtualMachine]:
-    """All VMs, or `connected` (a live connection, authorized or not), `authorized`, or
-    `ever_connected` (connected at least once; survives restarts)."""
-    vms = VirtualMachine.objects.prefetch_related(
-        Prefetch("disks", queryset=Disk.objects.order_by("name"))
-    ).order_by("id")
+    """All VMs with `live_status`, or `connected` (a live connection that authorized, logged in
+    now or logged out by an operator), `authorized`, or `ever_connected` (authorized at least
+    once; survives restarts)."""
+    vms = with_live_status(
+        VirtualMachine.objects.prefetch_related(
+            Prefetch("disks", queryset=Disk.objects.order_by("name"))
+        ).order_by("id")
+    )
     if filter in (None, ""):
         return vms
     if filter == "connected":
-        return vms.filter(status__in=[VmStatus.CONNECTED, VmStatus.AUTHORIZED])
+        return vms.filter(live_status__in=[VmStatus.CONNECTED, VmStatus.AUTHORIZED])
     if filter == "authorized":
-        return vms.filter(status=VmStatus.AUTHORIZED)
+        return vms.filter(live_status=VmStatus.AUTHORIZED)
     if filter == "ever_connected":
         return vms.filter(first_connected_at__isnull=False)
     raise ValidationFailed(f"filter must be one of {', '.join(VM_FILTERS)}", code="bad_filter")

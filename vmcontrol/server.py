@@ -4,11 +4,14 @@ application with a `tcp` scope (Channels' ProtocolTypeRouter sends it to the age
 Messages in (to the application): `tcp.connect`, `tcp.receive {bytes}`, `tcp.disconnect
 {reason}`. Messages out: `tcp.send {bytes}`, `tcp.close`. Framing and the protocol itself live in
 the consumer; this module also owns the per-process state consumers share: the batched event
-writer, the in-memory last-seen map and the liveness watchdog.
+writer, the in-memory last-seen map, the liveness watchdog, the failed-attempt limiter and the
+server's lease (the row that says this process is alive and owns its sessions).
 """
 
 import asyncio
 import contextlib
+import os
+import socket
 import ssl
 import time
 import uuid
@@ -27,6 +30,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from realtime.services import apublish
 from vmcontrol import services
+from vmcontrol.limits import FailureLimiter, Lockout
 from vmcontrol.protocol import INTERNAL, encode_frame, error_frame
 from vmcontrol.services import VMS_TOPIC, AgentEvent, AgentEventResult
 
@@ -38,6 +42,18 @@ FRAMES = Counter("vmcontrol_frames_total", "Agent frames received", ["type"])
 BATCH_SIZE = Histogram(
     "vmcontrol_event_batch_size", "Agent events per database batch", buckets=(1, 5, 20, 100, 500)
 )
+UNAUTHENTICATED = Counter(
+    "vmcontrol_unauthenticated_sessions_total",
+    "Connections that ended without ever authorizing (not stored as session rows)",
+    ["reason"],
+)
+AUTH_REFUSED = Counter(
+    "vmcontrol_auth_refused_total",
+    "Refused auth/enroll attempts: `failed` credentials, `rate_limited` peers",
+    ["kind", "outcome"],
+)
+LOCKOUTS = Counter("vmcontrol_auth_lockouts_total", "Peers locked out after failed attempts")
+LIMITER_PRUNE_INTERVAL = 60.0
 MAX_QUEUED_MESSAGES = 64
 CRASHED_FRAME = encode_frame(error_frame(INTERNAL, "the server could not serve this connection"))
 
@@ -45,8 +61,15 @@ CRASHED_FRAME = encode_frame(error_frame(INTERNAL, "the server could not serve t
 class Expirable(Protocol):
     last_frame_at: float
     authorized: bool
+    auth_deadline: float
+    """monotonic time by which an unauthorized connection must authorize (from accept, or
+    from losing its authorization)"""
+    persisted: bool
+    """whether the connection has a session row (it authorized at least once)"""
 
     async def expire(self, reason: str) -> None: ...
+
+    async def drop(self, reason: str) -> None: ...
 
 
 @dataclass
@@ -58,6 +81,16 @@ class ServerConfig:
         default_factory=lambda: settings.VMCONTROL_LAST_SEEN_FLUSH_INTERVAL
     )
     server_name: str = field(default_factory=lambda: settings.VMCONTROL_SERVER_NAME)
+    auth_attempts: int = field(default_factory=lambda: settings.VMCONTROL_AUTH_ATTEMPTS)
+    failure_burst: int = field(default_factory=lambda: settings.VMCONTROL_AUTH_FAILURE_BURST)
+    failures_per_minute: float = field(
+        default_factory=lambda: settings.VMCONTROL_AUTH_FAILURES_PER_MINUTE
+    )
+    lockout: float = field(default_factory=lambda: settings.VMCONTROL_AUTH_LOCKOUT)
+    lockout_max: float = field(default_factory=lambda: settings.VMCONTROL_AUTH_LOCKOUT_MAX)
+    lease_ttl: float = field(default_factory=lambda: settings.VMCONTROL_SERVER_LEASE_TTL)
+    tls_cert: str = field(default_factory=lambda: settings.VMCONTROL_TLS_CERT)
+    tls_key: str = field(default_factory=lambda: settings.VMCONTROL_TLS_KEY)
 
 
 class ServerState:
@@ -73,6 +106,23 @@ class ServerState:
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmcontrol-db")
         self._last_publish: asyncio.Task[None] | None = None
+        self.limiter = FailureLimiter(
+            burst=config.failure_burst,
+            per_minute=config.failures_per_minute,
+            lockout=config.lockout,
+            lockout_max=config.lockout_max,
+            on_lockout=self._locked_out,
+        )
+
+    @staticmethod
+    def _locked_out(lockout: Lockout) -> None:
+        LOCKOUTS.inc()
+        logger.warning(
+            "vmcontrol_auth_locked_out",
+            peer=lockout.key,
+            seconds=round(lockout.seconds, 1),
+            lockouts_in_a_row=lockout.strikes,
+        )
 
     # Event writer ---------------------------------------------------------------------------
 
@@ -82,7 +132,7 @@ class ServerState:
         return len(self._queue)
 
     def submit(self, event: AgentEvent) -> None:
-        """Queue an event whose outcome nobody waits for (open, end)."""
+        """Queue an event whose outcome nobody waits for (end)."""
         self._queue.append((event, None))
         self._wakeup.set()
 
@@ -116,6 +166,7 @@ class ServerState:
                 services.agent_events_apply_isolated,
                 server_name=self.config.server_name,
                 events=[event for event, _ in batch],
+                limiter=self.limiter,
             )
         except Exception as error:
             # Not a database answer (those are per event): the worker thread itself failed.
@@ -181,24 +232,86 @@ class ServerState:
 
     async def watchdog(self, stop: asyncio.Event) -> None:
         """Close authorized connections silent for `missed_heartbeats` intervals and
-        unauthorized ones silent for `auth_timeout`: one loop for all, no timer per socket."""
+        unauthorized ones past their deadline (`auth_timeout` after accept or after losing
+        their authorization), whatever they send: one loop for all, no timer per socket. A
+        deadline is enforced within a quarter of the shorter of the two intervals."""
         heartbeat_window = self.config.heartbeat_interval * self.config.missed_heartbeats
         tick = max(0.02, min(self.config.heartbeat_interval, self.config.auth_timeout) / 4)
+        next_prune = time.monotonic() + LIMITER_PRUNE_INTERVAL
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=tick)
                 return
             now = time.monotonic()
             for connection in list(self.connections.values()):
-                silent = now - connection.last_frame_at
                 try:
-                    if connection.authorized and silent > heartbeat_window:
-                        await connection.expire("heartbeat_timeout")
-                    elif not connection.authorized and silent > self.config.auth_timeout:
-                        await connection.expire("idle_unauthenticated")
+                    if connection.authorized:
+                        if now - connection.last_frame_at > heartbeat_window:
+                            await connection.expire("heartbeat_timeout")
+                    elif now > connection.auth_deadline:
+                        await connection.expire("auth_timeout")
                 except Exception:
                     # One connection failing to expire must not stop liveness for the rest.
                     logger.exception("vmcontrol_expire_failed")
+            if now >= next_prune:
+                next_prune = now + LIMITER_PRUNE_INTERVAL
+                self.limiter.prune()
+
+    # Lease ----------------------------------------------------------------------------------
+
+    async def _lease_call(self, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        # Off the event writer's thread: a long batch (a reconnect storm) must not delay the
+        # renewal that keeps this server's VMs online.
+        def call() -> Any:
+            close_old_connections()
+            try:
+                return fn(**kwargs)
+            finally:
+                close_old_connections()
+
+        return await asyncio.to_thread(call)
+
+    async def lease_acquire(self) -> None:
+        await self._lease_call(
+            services.server_lease_acquire,
+            server_name=self.config.server_name,
+            ttl=self.config.lease_ttl,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+        )
+
+    async def lease_release(self) -> None:
+        await self._lease_call(services.server_lease_release, server_name=self.config.server_name)
+
+    async def lease_keeper(self, stop: asyncio.Event) -> None:
+        """Every third of the lease TTL: renew this server's lease and reap the sessions of
+        servers whose lease expired. A lease found gone (reaped while this process stalled or
+        was cut off from the database) means the database already closed this server's
+        sessions: their connections are dropped (the agents reconnect) and the lease is taken
+        again."""
+        every = max(0.05, self.config.lease_ttl / 3)
+        while not stop.is_set():
+            try:
+                renewed = await self._lease_call(
+                    services.server_lease_renew,
+                    server_name=self.config.server_name,
+                    ttl=self.config.lease_ttl,
+                )
+                if not renewed:
+                    logger.error("vmcontrol_lease_lost", server=self.config.server_name)
+                    for connection in list(self.connections.values()):
+                        if connection.persisted:
+                            await connection.drop("lease_lost")
+                    await self.lease_acquire()
+                _, changes = await self._lease_call(
+                    services.server_leases_reap, keep=self.config.server_name
+                )
+                for change in changes:
+                    await apublish(VMS_TOPIC, change)
+            except Exception:
+                logger.exception("vmcontrol_lease_failed", server=self.config.server_name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=every)
 
     def mark_seen(self, vm_id: int) -> None:
         self.last_seen[vm_id] = timezone.now()
@@ -214,6 +327,10 @@ class _TcpConnection(asyncio.Protocol):
     """Bridges one socket to one application instance (the agent consumer)."""
 
     def __init__(self, app: ASGIApp, state: ServerState, instances: set["_TcpConnection"]):
+        # Made by the server at accept, before a TLS handshake: the authorization deadline
+        # counts from here.
+        self.accepted_at = time.monotonic()
+        self.accepted_wall = timezone.now()
         self.app = app
         self.state = state
         self.instances = instances
@@ -233,6 +350,8 @@ class _TcpConnection(asyncio.Protocol):
             "client": [str(peer[0]), int(peer[1])],
             "server": [str(sockname[0]), int(sockname[1])],
             "vmcontrol.state": self.state,
+            "vmcontrol.accepted_at": self.accepted_at,
+            "vmcontrol.accepted_wall": self.accepted_wall,
         }
         self.queue.put_nowait({"type": "tcp.connect"})
         self.instances.add(self)
@@ -289,11 +408,14 @@ class _TcpConnection(asyncio.Protocol):
             self.transport.close()
 
 
-def _tls_context() -> ssl.SSLContext | None:
-    if not settings.VMCONTROL_TLS_CERT:
+def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context when a certificate is configured (TLS 1.2 or later), else
+    None (plaintext). A missing or unreadable certificate or key fails the start loudly."""
+    if not config.tls_cert:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.VMCONTROL_TLS_CERT, settings.VMCONTROL_TLS_KEY or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key or None)
     return context
 
 
@@ -308,14 +430,18 @@ async def serve(
 ) -> None:
     """Run the agent server until `stop` is set; `started(port)` is called once listening.
 
-    At start, sessions a killed predecessor (same VMCONTROL_SERVER_NAME) left open are closed.
-    On stop every connection ends with reason `server_shutdown` and queued writes are drained.
+    At start, sessions a killed predecessor (same VMCONTROL_SERVER_NAME) left open are closed
+    and the server's lease is taken (then renewed every third of its TTL; see
+    `ServerState.lease_keeper`). On stop every connection ends with reason `server_shutdown`,
+    queued writes are drained and the lease is released. With a TLS certificate the handshake
+    counts against the authorization deadline (`ssl_handshake_timeout` = `auth_timeout`).
     """
     if app is None:
         from config.asgi import application
 
         app = application
     state = ServerState(config or ServerConfig())
+    tls = tls_context(state.config)
     closed, changes = await state.run_sync(
         services.server_sessions_recover, server_name=state.config.server_name
     )
@@ -323,21 +449,25 @@ async def serve(
         logger.info("vmcontrol_sessions_recovered", sessions=closed)
     for change in changes:
         await apublish(VMS_TOPIC, change)
+    await state.lease_acquire()
     instances: set[_TcpConnection] = set()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: _TcpConnection(app, state, instances),
         host=settings.BIND_HOST if host is None else host,
         port=settings.VMCONTROL_PORT if port is None else port,
-        ssl=_tls_context(),
+        ssl=tls,
+        ssl_handshake_timeout=state.config.auth_timeout if tls is not None else None,
         backlog=4096,
         reuse_address=True,
     )
     bound_port = int(server.sockets[0].getsockname()[1])
-    logger.info("vmcontrol_server_listening", port=bound_port)
+    logger.info("vmcontrol_server_listening", port=bound_port, tls=tls is not None)
     writer_stop = asyncio.Event()
     writer = asyncio.create_task(state.writer(writer_stop), name="vmcontrol-writer")
     watchdog = asyncio.create_task(state.watchdog(stop), name="vmcontrol-watchdog")
+    lease_stop = asyncio.Event()
+    lease = asyncio.create_task(state.lease_keeper(lease_stop), name="vmcontrol-lease")
     if started is not None:
         started(bound_port)
     try:
@@ -353,5 +483,12 @@ async def serve(
         writer_stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer, timeout=15)
+        lease_stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(lease, timeout=15)
+        try:
+            await state.lease_release()
+        except Exception:
+            logger.exception("vmcontrol_lease_release_failed")
         state.close()
         logger.info("vmcontrol_server_stopped")

@@ -1,5 +1,6 @@
-"""vmcontrol writes: registration and tokens, operator actions, and the batched agent events the
-TCP server applies (connect, authorize, inventory, logout, disconnect, last seen)."""
+"""vmcontrol writes: registration and tokens, operator actions, the batched agent events the
+TCP server applies (enroll, authorize, inventory, logout, disconnect, last seen) and the TCP
+servers' leases (who owns live sessions; reaping the sessions of a server that died)."""
 
 import asyncio
 import hashlib
@@ -9,7 +10,7 @@ import uuid
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -19,17 +20,21 @@ from channels.layers import InMemoryChannelLayer, channel_layers, get_channel_la
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import DatabaseError, close_old_connections, connection, transaction
-from django.db.models import Q
+from django.db.models import DateTimeField, Exists, ExpressionWrapper, OuterRef, Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from common.exceptions import Conflict, NotAuthenticated, NotFound, UpstreamTimeout
 from realtime.services import TopicAccess, publish, topic_register
+from vmcontrol import selectors
+from vmcontrol.limits import FailureLimiter
 from vmcontrol.models import (
     AgentSession,
     AuditEvent,
     Command,
     CommandStatus,
     Disk,
+    ServerLease,
     SessionEndReason,
     VirtualMachine,
     VmStatus,
@@ -91,9 +96,26 @@ def token_generate() -> tuple[str, str]:
     return raw, token_hash(raw)
 
 
+_NO_HASH = "0" * 64
+"""Stands in for a missing hash so a refusal does the same work as a comparison."""
+
+
 def token_matches(raw: str, stored_hash: str) -> bool:
-    """Constant-time comparison; a revoked VM (empty hash) never matches."""
-    return bool(stored_hash) and hmac.compare_digest(token_hash(raw), stored_hash)
+    """Constant time: the raw token's sha256 hex digest is compared with `hmac.compare_digest`
+    against the stored one, or against a stand-in of the same length when there is none (an
+    unknown VM is passed as "", a revoked one has ""), so every refusal does the same work.
+    An empty `stored_hash` never matches."""
+    matched = hmac.compare_digest(token_hash(raw), stored_hash or _NO_HASH)
+    return matched and bool(stored_hash)
+
+
+def secret_matches(given: str, expected: str) -> bool:
+    """Constant time whatever the lengths: both secrets' sha256 digests (32 bytes each) are
+    compared with `hmac.compare_digest`. An empty `expected` (enrollment off) never matches."""
+    matched = hmac.compare_digest(
+        hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest()
+    )
+    return matched and bool(expected)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -219,14 +241,21 @@ def vm_register(
 
 def vm_enroll(*, secret: str, name: str, inventory: Inventory) -> tuple[VirtualMachine, str]:
     """Agent self-registration with the shared enrollment secret (disabled when unset)."""
-    expected = settings.VMCONTROL_ENROLL_SECRET
-    if not expected or not hmac.compare_digest(secret.encode(), expected.encode()):
+    if not secret_matches(secret, settings.VMCONTROL_ENROLL_SECRET):
         raise AuthFailed("Enrollment refused.", code="enroll_failed")
     vm, raw = vm_register(
         name=name, cpu_cores=inventory.cpu_cores, ram_mb=inventory.ram_mb, disks=inventory.disks
     )
     AuditEvent.objects.create(vm_id=vm.pk, action="vm.enrolled", details={"name": name})
     return vm, raw
+
+
+def _live_authorized(vm: VirtualMachine) -> bool:
+    """Authorized by a session whose server is alive (a killed server's VMs are offline)."""
+    return (
+        vm.status == VmStatus.AUTHORIZED
+        and selectors.vm_live_status(vm_id=vm.pk) == VmStatus.AUTHORIZED
+    )
 
 
 def _kick(vm_id: int, reason: str) -> None:
@@ -240,7 +269,7 @@ def vm_token_rotate(*, vm_id: int, actor: Actor = None) -> str:
     """Issue a new token; the old one stops working and a live session must authorize again."""
     vm = _vm_for_update(vm_id)
     raw, vm.token_hash = token_generate()
-    was_authorized = vm.status == VmStatus.AUTHORIZED
+    was_authorized = _live_authorized(vm)
     if was_authorized:
         vm.status = VmStatus.CONNECTED
     vm.save(update_fields=["token_hash", "status", "updated_at"])
@@ -256,7 +285,7 @@ def vm_token_revoke(*, vm_id: int, actor: Actor = None) -> VirtualMachine:
     """Revoke the token: no agent can authorize as this VM until a rotate."""
     vm = _vm_for_update(vm_id)
     vm.token_hash = ""
-    was_authorized = vm.status == VmStatus.AUTHORIZED
+    was_authorized = _live_authorized(vm)
     if was_authorized:
         vm.status = VmStatus.CONNECTED
     vm.save(update_fields=["token_hash", "status", "updated_at"])
@@ -269,9 +298,10 @@ def vm_token_revoke(*, vm_id: int, actor: Actor = None) -> VirtualMachine:
 
 @transaction.atomic
 def vm_logout(*, vm_id: int, actor: Actor = None) -> VirtualMachine:
-    """Log an authorized VM out: it stays connected and must authorize again. 409 otherwise."""
+    """Log an authorized VM out: it stays connected and must authorize again. 409 otherwise
+    (also when the server holding its session is gone: `selectors.vm_live_status`)."""
     vm = _vm_for_update(vm_id)
-    if vm.status != VmStatus.AUTHORIZED:
+    if not _live_authorized(vm):
         raise VmNotAuthorized()
     vm.status = VmStatus.CONNECTED
     vm.save(update_fields=["status", "updated_at"])
@@ -284,7 +314,7 @@ def vm_logout(*, vm_id: int, actor: Actor = None) -> VirtualMachine:
 def _command_create(*, vm_id: int, name: str, args: dict[str, Any], actor: Actor) -> Command:
     with transaction.atomic():
         vm = _vm_for_update(vm_id)
-        if vm.status != VmStatus.AUTHORIZED:
+        if not _live_authorized(vm):
             raise VmNotAuthorized()
         command = Command.objects.create(
             vm=vm, name=name, args=args, created_by_id=_actor_id(actor)
@@ -467,13 +497,20 @@ def command_complete(
 
 @dataclass
 class AgentEvent:
-    """One thing that happened on an agent connection, in the order it happened."""
+    """One thing that happened on an agent connection, in the order it happened. Nothing a
+    connection does before a successful `auth` or `enroll` becomes an event except the attempt
+    itself: an unauthenticated connection writes no row and changes no VM."""
 
     kind: str
-    """open | bind | enroll | auth | inventory | deauth | end"""
+    """enroll | auth | inventory | deauth | end"""
     session_id: uuid.UUID
     vm_id: int | None = None
     peer: str = ""
+    """`ip:port` as the socket gave it (stored on the session row)"""
+    peer_key: str = ""
+    """the failed-attempt limiter's key for the peer (`limits.peer_key`)"""
+    started_at: datetime | None = None
+    """when the connection was accepted (the session row's start, written at `auth`)"""
     token: str = ""
     secret: str = ""
     name: str = ""
@@ -488,20 +525,33 @@ class AgentEventResult:
     vm_id: int | None = None
     token: str = ""
     error: str = ""
+    retry_after: float = 0.0
+    """seconds, with error `rate_limited`: the peer is locked out and was not checked"""
 
 
-PHASES = ("open", "bind", "enroll", "auth", "inventory", "deauth", "end")
+RATE_LIMITED = "rate_limited"
+PHASES = ("enroll", "auth", "inventory", "deauth", "end")
 
 
 def agent_events_apply(
-    *, server_name: str, events: Sequence[AgentEvent]
+    *,
+    server_name: str,
+    events: Sequence[AgentEvent],
+    limiter: FailureLimiter | None = None,
 ) -> tuple[list[AgentEventResult], list[dict[str, Any]]]:
     """Apply a batch of agent events in one transaction, set-based per kind.
 
-    Kinds are applied in lifecycle order (open, bind, auth, ..., end): a session's later event
-    is only queued after its earlier one, so this keeps each session's order. Status writes are
+    Kinds are applied in lifecycle order (enroll, auth, ..., end): a session's later event is
+    only queued after its earlier one, so this keeps each session's order. Status writes are
     conditional on `current_session_id`, so an old connection closing never touches the VM a
-    newer connection holds. Returns one result per event and the status changes to publish.
+    newer connection holds. A successful `auth` writes the session row (accept time, peer).
+
+    `enroll` and `auth` are judged one after another against `limiter` (when given): a peer
+    that is locked out gets `rate_limited` without its secret or token being looked at, and
+    every refused credential is charged to its peer before the next attempt is judged, so a
+    burst of concurrent guesses from many connections cannot outrun the limit. (A batch that
+    fails and is applied again event by event charges its failures again: the limit errs on
+    the strict side.) Returns one result per event and the status changes to publish.
     """
     results = [AgentEventResult() for _ in events]
     changes: dict[int, dict[str, Any]] = {}
@@ -509,35 +559,10 @@ def agent_events_apply(
     for index, event in enumerate(events):
         by_kind[event.kind].append(index)
     with transaction.atomic():
-        if by_kind["open"]:
-            AgentSession.objects.bulk_create(
-                [
-                    AgentSession(
-                        id=events[i].session_id,
-                        server_name=server_name,
-                        peer=events[i].peer[:128],
-                        started_at=events[i].at,
-                    )
-                    for i in by_kind["open"]
-                ],
-                ignore_conflicts=True,
-            )
-        if by_kind["bind"]:
-            _apply_binds(events, by_kind["bind"], results, changes)
         for i in by_kind["enroll"]:
-            event = events[i]
-            assert event.inventory is not None
-            try:
-                with transaction.atomic():
-                    vm, raw = vm_enroll(
-                        secret=event.secret, name=event.name, inventory=event.inventory
-                    )
-            except AuthFailed as error:
-                results[i] = AgentEventResult(ok=False, error=error.code)
-            else:
-                results[i] = AgentEventResult(vm_id=vm.pk, token=raw)
+            results[i] = _apply_enroll(events[i], limiter)
         if by_kind["auth"]:
-            _apply_auths(events, by_kind["auth"], results, changes)
+            _apply_auths(server_name, events, by_kind["auth"], results, changes, limiter)
         if by_kind["inventory"]:
             _disks_and_specs_apply(
                 {events[i].vm_id: events[i].inventory for i in by_kind["inventory"]}  # type: ignore[misc]
@@ -560,17 +585,22 @@ AgentEventOutcome = AgentEventResult | Exception
 
 
 def agent_events_apply_isolated(
-    *, server_name: str, events: Sequence[AgentEvent]
+    *,
+    server_name: str,
+    events: Sequence[AgentEvent],
+    limiter: FailureLimiter | None = None,
 ) -> tuple[list[AgentEventOutcome], list[dict[str, Any]]]:
     """Apply a batch like `agent_events_apply`, so that a poison event hurts only itself.
 
     The batch is tried in one transaction; if that fails, every event is applied again alone,
     in queue order (which keeps each session's order), each in its own transaction. Returns one
     outcome per event (its result, or the exception that event raised alone) and the status
-    changes of everything that was applied, so every open, end and auth of a failed batch is
-    still applied and answered."""
+    changes of everything that was applied, so every auth and end of a failed batch is still
+    applied and answered."""
     try:
-        results, changes = agent_events_apply(server_name=server_name, events=events)
+        results, changes = agent_events_apply(
+            server_name=server_name, events=events, limiter=limiter
+        )
     except Exception as error:
         if len(events) == 1:
             return [error], []
@@ -581,7 +611,9 @@ def agent_events_apply_isolated(
     merged: dict[int, dict[str, Any]] = {}
     for event in events:
         try:
-            (result,), event_changes = agent_events_apply(server_name=server_name, events=[event])
+            (result,), event_changes = agent_events_apply(
+                server_name=server_name, events=[event], limiter=limiter
+            )
         except Exception as error:
             outcomes.append(error)
             # A connection broken by the failure is replaced rather than failing the rest.
@@ -594,44 +626,35 @@ def agent_events_apply_isolated(
     return outcomes, list(merged.values())
 
 
-def _apply_binds(
-    events: Sequence[AgentEvent],
-    indexes: list[int],
-    results: list[AgentEventResult],
-    changes: dict[int, dict[str, Any]],
-) -> None:
-    """`hello` named a VM: the session belongs to it and an offline VM shows as connected (an
-    unauthenticated claim never displaces a live session). Set-based for the whole batch."""
-    wanted = {events[i].vm_id for i in indexes}
-    known = set(VirtualMachine.objects.filter(pk__in=wanted).values_list("pk", flat=True))
-    claims: dict[int, AgentEvent] = {}
-    for i in indexes:
-        event = events[i]
-        if event.vm_id not in known:
-            results[i] = AgentEventResult(ok=False, error="unknown_vm")
-            continue
-        assert event.vm_id is not None
-        claims[event.vm_id] = event
-        results[i] = AgentEventResult(vm_id=event.vm_id)
-    if not claims:
-        return
-    offline = list(
-        VirtualMachine.objects.select_for_update()
-        .filter(pk__in=claims.keys(), status=VmStatus.OFFLINE)
-        .only("pk", "first_connected_at")
+def _locked_out(event: AgentEvent, limiter: FailureLimiter | None) -> AgentEventResult | None:
+    if limiter is None:
+        return None
+    wait = limiter.retry_after(event.peer_key)
+    if wait <= 0:
+        return None
+    return AgentEventResult(ok=False, error=RATE_LIMITED, retry_after=wait)
+
+
+def _charge(event: AgentEvent, limiter: FailureLimiter | None) -> None:
+    logger.info(
+        "vmcontrol_auth_failed", kind=event.kind, peer=event.peer, vm_id=event.vm_id or None
     )
-    for vm in offline:
-        event = claims[vm.pk]
-        vm.status = VmStatus.CONNECTED
-        vm.current_session_id = event.session_id
-        vm.last_seen_at = event.at
-        vm.first_connected_at = vm.first_connected_at or event.at
-        changes[vm.pk] = {"vm_id": vm.pk, "status": VmStatus.CONNECTED}
-    _bulk_set(
-        VirtualMachine,
-        offline,
-        ["status", "current_session_id", "last_seen_at", "first_connected_at"],
-    )
+    if limiter is not None:
+        limiter.failed(event.peer_key)
+
+
+def _apply_enroll(event: AgentEvent, limiter: FailureLimiter | None) -> AgentEventResult:
+    refused = _locked_out(event, limiter)
+    if refused is not None:
+        return refused
+    assert event.inventory is not None
+    try:
+        with transaction.atomic():
+            vm, raw = vm_enroll(secret=event.secret, name=event.name, inventory=event.inventory)
+    except AuthFailed as error:
+        _charge(event, limiter)
+        return AgentEventResult(ok=False, error=error.code)
+    return AgentEventResult(vm_id=vm.pk, token=raw)
 
 
 def _disks_and_specs_apply(inventories: dict[int, Inventory]) -> None:
@@ -644,23 +667,32 @@ def _disks_and_specs_apply(inventories: dict[int, Inventory]) -> None:
 
 
 def _apply_auths(
+    server_name: str,
     events: Sequence[AgentEvent],
     indexes: list[int],
     results: list[AgentEventResult],
     changes: dict[int, dict[str, Any]],
+    limiter: FailureLimiter | None,
 ) -> None:
-    """Verify tokens (constant time) and make the session the VM's authorized one; the reported
-    inventory replaces the stored facts."""
+    """Verify tokens (constant time, limited per peer) and make the session the VM's
+    authorized one: its row is written (or updated, after a logout) and the reported inventory
+    replaces the stored facts."""
     vms = {
         vm.pk: vm for vm in VirtualMachine.objects.filter(pk__in={events[i].vm_id for i in indexes})
     }
     accepted: dict[int, AgentEvent] = {}
     for i in indexes:
         event = events[i]
+        refused = _locked_out(event, limiter)
+        if refused is not None:
+            results[i] = refused
+            continue
         vm = vms.get(event.vm_id or 0)
-        if vm is None or not token_matches(event.token, vm.token_hash):
+        if not token_matches(event.token, vm.token_hash if vm is not None else ""):
+            _charge(event, limiter)
             results[i] = AgentEventResult(ok=False, error=AuthFailed.code)
             continue
+        assert vm is not None
         # The last of two auths for one VM in a batch wins; the earlier gets replaced.
         accepted[vm.pk] = event
         results[i] = AgentEventResult(vm_id=vm.pk)
@@ -695,33 +727,33 @@ def _apply_auths(
         ],
     )
     _disks_replace(inventories)
-    sessions = [
-        AgentSession(id=event.session_id, vm_id=vm_id, authorized_at=event.at)
-        for vm_id, event in accepted.items()
-    ]
-    _bulk_set(AgentSession, sessions, ["vm_id", "authorized_at"])
+    AgentSession.objects.bulk_create(
+        [
+            AgentSession(
+                id=event.session_id,
+                vm_id=vm_id,
+                server_name=server_name,
+                peer=event.peer[:128],
+                started_at=event.started_at or event.at,
+                authorized_at=event.at,
+            )
+            for vm_id, event in accepted.items()
+        ],
+        update_conflicts=True,
+        unique_fields=["id"],
+        update_fields=["vm_id", "authorized_at"],
+    )
 
 
 def _apply_ends(
     events: Sequence[AgentEvent], indexes: list[int], changes: dict[int, dict[str, Any]]
 ) -> None:
-    # A VM deleted while its agent was connected must not fail the batch.
-    existing = set(
-        VirtualMachine.objects.filter(
-            pk__in={events[i].vm_id for i in indexes if events[i].vm_id is not None}
-        ).values_list("pk", flat=True)
-    )
+    # Only sessions that authorized have a row (the connection sends `end` for those alone).
     ended = [
-        AgentSession(
-            id=e.session_id,
-            vm_id=e.vm_id if e.vm_id in existing else None,
-            ended_at=e.at,
-            end_reason=e.reason,
-        )
+        AgentSession(id=e.session_id, ended_at=e.at, end_reason=e.reason)
         for e in (events[i] for i in indexes)
     ]
-    # vm_id too: a session that only said `hello` learns its VM here.
-    _bulk_set(AgentSession, ended, ["vm_id", "ended_at", "end_reason"])
+    _bulk_set(AgentSession, ended, ["ended_at", "end_reason"])
     session_ids = [events[i].session_id for i in indexes]
     dropped = list(
         VirtualMachine.objects.filter(current_session_id__in=session_ids)
@@ -766,30 +798,127 @@ def last_seen_flush(*, seen: dict[int, datetime]) -> int:
     return updated
 
 
+def _sessions_close(open_ids: list[uuid.UUID], reason: str) -> tuple[int, list[int]]:
+    """End the given open sessions with `reason` and take the VMs they held offline; returns
+    how many were closed and the ids of those VMs."""
+    if not open_ids:
+        return 0, []
+    closed = AgentSession.objects.filter(pk__in=open_ids, ended_at__isnull=True).update(
+        ended_at=timezone.now(), end_reason=reason
+    )
+    stale = Q(current_session_id__in=open_ids) & ~Q(status=VmStatus.OFFLINE)
+    vm_ids = list(VirtualMachine.objects.filter(stale).values_list("pk", flat=True))
+    VirtualMachine.objects.filter(pk__in=vm_ids, current_session_id__in=open_ids).update(
+        status=VmStatus.OFFLINE, current_session_id=None
+    )
+    return closed, vm_ids
+
+
 @transaction.atomic
 def server_sessions_recover(*, server_name: str) -> tuple[int, list[dict[str, Any]]]:
     """At server start: close sessions a killed predecessor left open and take its VMs
     offline. Returns how many sessions were closed and the status changes."""
-    now = timezone.now()
     open_ids = list(
         AgentSession.objects.filter(server_name=server_name, ended_at__isnull=True).values_list(
             "pk", flat=True
         )
     )
-    if not open_ids:
+    closed, vm_ids = _sessions_close(open_ids, SessionEndReason.SERVER_CRASHED)
+    if not closed:
         return 0, []
-    closed = AgentSession.objects.filter(pk__in=open_ids).update(
-        ended_at=now, end_reason=SessionEndReason.SERVER_CRASHED
-    )
-    stale = Q(current_session_id__in=open_ids) & ~Q(status=VmStatus.OFFLINE)
-    vm_ids = list(VirtualMachine.objects.filter(stale).values_list("pk", flat=True))
-    VirtualMachine.objects.filter(pk__in=vm_ids).update(
-        status=VmStatus.OFFLINE, current_session_id=None
-    )
     AuditEvent.objects.create(
         action="server.sessions_recovered", details={"server": server_name, "sessions": closed}
     )
     return closed, [{"vm_id": vm_id, "status": VmStatus.OFFLINE} for vm_id in vm_ids]
+
+
+# --- server leases (who owns live sessions) --------------------------------------------------
+
+
+def _lease_expiry(ttl: float) -> ExpressionWrapper:
+    # The database's clock on both sides (here and in selectors), so hosts' clocks never matter.
+    return ExpressionWrapper(Now() + timedelta(seconds=ttl), output_field=DateTimeField())
+
+
+@transaction.atomic
+def server_lease_acquire(*, server_name: str, ttl: float, host: str = "", pid: int = 0) -> None:
+    """Claim the lease `server_name` for `ttl` seconds (taking over a predecessor's row).
+    Called at server start, after `server_sessions_recover` and before accepting agents."""
+    now = timezone.now()
+    ServerLease.objects.bulk_create(
+        [
+            ServerLease(
+                name=server_name,
+                host=host[:255],
+                pid=pid,
+                started_at=now,
+                renewed_at=now,
+                expires_at=now,
+            )
+        ],
+        ignore_conflicts=True,
+    )
+    ServerLease.objects.filter(name=server_name).update(
+        host=host[:255], pid=pid, started_at=Now(), renewed_at=Now(), expires_at=_lease_expiry(ttl)
+    )
+
+
+def server_lease_renew(*, server_name: str, ttl: float) -> bool:
+    """Extend the lease by `ttl` seconds from now. False when the row is gone: another process
+    reaped it after it expired (this server stalled or lost the database for longer than
+    `ttl`), so the sessions it holds were closed and the caller must drop them."""
+    return bool(
+        ServerLease.objects.filter(name=server_name).update(
+            renewed_at=Now(), expires_at=_lease_expiry(ttl)
+        )
+    )
+
+
+def server_lease_release(*, server_name: str) -> None:
+    """Clean stop: the server ended every session, its lease goes. A lease under which
+    sessions are still open (their end could not be written, or another process runs under
+    the same name) stays, to expire and be reaped."""
+    still_open = AgentSession.objects.filter(server_name=OuterRef("name"), ended_at__isnull=True)
+    ServerLease.objects.filter(name=server_name).exclude(Exists(still_open)).delete()
+
+
+@transaction.atomic
+def server_leases_reap(
+    *, keep: str = "", publish_changes: bool = False
+) -> tuple[int, list[dict[str, Any]]]:
+    """Close the open sessions of every server whose lease expired (killed, frozen or cut off
+    from the database) or that holds no lease at all, take their VMs offline and delete the
+    expired leases. `keep` is the caller's own server name, never reaped. Safe to run from
+    many processes at once (expired leases are claimed with SKIP LOCKED). Returns how many
+    sessions were closed and the status changes (published after commit when
+    `publish_changes`)."""
+    dead = list(
+        ServerLease.objects.select_for_update(skip_locked=True)
+        .filter(expires_at__lte=Now())
+        .exclude(name=keep)
+        .values_list("name", flat=True)
+    )
+    orphaned = ~Q(server_name__in=ServerLease.objects.values("name"))
+    open_sessions = (
+        AgentSession.objects.filter(ended_at__isnull=True)
+        .filter(Q(server_name__in=dead) | orphaned)
+        .exclude(server_name=keep)
+    )
+    servers = sorted(set(open_sessions.values_list("server_name", flat=True)))
+    open_ids = list(open_sessions.values_list("pk", flat=True))
+    if dead:
+        ServerLease.objects.filter(name__in=dead, expires_at__lte=Now()).delete()
+    closed, vm_ids = _sessions_close(open_ids, SessionEndReason.SERVER_LOST)
+    if not closed:
+        return 0, []
+    AuditEvent.objects.create(
+        action="server.sessions_reaped", details={"servers": servers, "sessions": closed}
+    )
+    logger.warning("vmcontrol_sessions_reaped", servers=servers, sessions=closed, vms=len(vm_ids))
+    changes = [{"vm_id": vm_id, "status": VmStatus.OFFLINE} for vm_id in vm_ids]
+    if publish_changes:
+        transaction.on_commit(lambda: status_changes_publish(changes))
+    return closed, changes
 
 
 def status_changes_publish(changes: Iterable[dict[str, Any]]) -> None:

@@ -18,7 +18,6 @@ from channels.layers import get_channel_layer
 from django.db import connection
 from prometheus_client import REGISTRY
 
-from common.parsers import INT64_MAX
 from tests.vmcontrol.conftest import INVENTORY, VmServer, Wire, authorized_wire, eventually
 from tests.vmcontrol.factories import vm_with_token
 from vmcontrol import consumers, server
@@ -77,9 +76,9 @@ async def one_batch(vm: VmServer, state: ServerState) -> AsyncIterator[Callable[
     await asyncio.to_thread(started.wait, 10)
 
     async def occupy_the_writer() -> None:
-        # The writer takes whatever is queued when it wakes; a no-op event (a bind to no VM)
+        # The writer takes whatever is queued when it wakes; a no-op event (a logout of no VM)
         # is taken alone and waits behind `hold`, so everything after it forms one batch.
-        state.submit(AgentEvent(kind="bind", session_id=uuid.uuid4(), vm_id=INT64_MAX))
+        state.submit(AgentEvent(kind="deauth", session_id=uuid.uuid4()))
 
         async def taken() -> bool:
             return state.queued_events == 0
@@ -554,7 +553,8 @@ async def test_a_poison_inventory_leaves_another_agents_auth_and_its_batch_intac
         await good_wire.send({"type": "auth", "id": "g1", "vm_id": good.pk, "token": good_token})
         newcomer = await Wire.open(vmserver.port)
         await leaver.close()
-        await queued(3)  # auth, open, end (the poison never becomes an event)
+        # auth, end (the poison never becomes an event; the newcomer, not authorized, none)
+        await queued(2)
 
     refused = await poisoner.recv()
     assert refused["code"] == "bad_frame" and refused["id"] == "p1"
@@ -569,7 +569,7 @@ async def test_a_poison_inventory_leaves_another_agents_auth_and_its_batch_intac
             )
         )()
 
-    assert await eventually(lambda: _equals(sessions, (4, "closed")))
+    assert await eventually(lambda: _equals(sessions, (3, "closed")))
     await leaving.arefresh_from_db()
     assert leaving.status == "offline"
     assert (await poisoner.request({"type": "ping"}))["type"] == "pong"
@@ -604,7 +604,7 @@ async def test_an_event_the_database_refuses_fails_alone_and_the_rest_of_its_bat
             )
             newcomer = await Wire.open(vmserver.port)
             await leaver.close()
-            await queued(4)  # inventory, auth, open, end
+            await queued(3)  # inventory, auth, end
 
         failed = await poisoner.recv()
         assert failed["type"] == "error" and failed["code"] == "internal" and failed["id"] == "p1"
@@ -619,7 +619,7 @@ async def test_an_event_the_database_refuses_fails_alone_and_the_rest_of_its_bat
             )
         )()
 
-    assert await eventually(lambda: _equals(sessions, (4, "closed")))
+    assert await eventually(lambda: _equals(sessions, (3, "closed")))
     await good.arefresh_from_db()
     await leaving.arefresh_from_db()
     assert (good.status, leaving.status) == ("authorized", "offline")

@@ -1,19 +1,21 @@
 """The VM agent (one, or a simulated fleet with --count)."""
 
+import argparse
 import asyncio
 import contextlib
 import json
 import resource
 import signal
+import ssl
 import time
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from common.parsers import INT64_MAX
-from vmcontrol.agent import AgentFleet, AgentIdentity, FleetStats
+from vmcontrol.agent import AgentFleet, AgentIdentity, FleetStats, client_tls_context
 from vmcontrol.management.options import (
     OptionValuesCommand,
     disk_option,
@@ -84,8 +86,42 @@ class Command(OptionValuesCommand):
         parser.add_argument(
             "--duration", type=seconds_option(), default=0.0, help="stop after N seconds"
         )
+        parser.add_argument(
+            "--tls",
+            action=argparse.BooleanOptionalAction,
+            default=settings.VMCONTROL_AGENT_TLS,
+            help="dial over TLS and verify the server (env VMCONTROL_AGENT_TLS)",
+        )
+        parser.add_argument(
+            "--ca-file",
+            type=Path,
+            default=Path(settings.VMCONTROL_AGENT_CA_FILE)
+            if settings.VMCONTROL_AGENT_CA_FILE
+            else None,
+            help="PEM CA bundle the server certificate must chain to; implies --tls "
+            "(env VMCONTROL_AGENT_CA_FILE; default: the system trust store)",
+        )
+        parser.add_argument(
+            "--tls-server-name",
+            type=identifier_option(max_length=253),
+            default=settings.VMCONTROL_AGENT_TLS_SERVER_NAME or None,
+            help="host name the certificate must carry when it is not --host "
+            "(env VMCONTROL_AGENT_TLS_SERVER_NAME)",
+        )
+
+    def _tls(self, options: dict[str, Any]) -> ssl.SSLContext | None:
+        ca_file: Path | None = options["ca_file"]
+        if not options["tls"] and ca_file is None:
+            return None
+        if ca_file is not None and not ca_file.is_file():
+            raise CommandError(f"--ca-file {ca_file}: no such file")
+        try:
+            return client_tls_context(ca_file)
+        except (OSError, ssl.SSLError) as error:
+            raise CommandError(f"--ca-file {ca_file}: not a PEM CA bundle ({error})") from None
 
     def handle(self, *args: Any, **options: Any) -> None:
+        tls = self._tls(options)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         wanted = min(hard, max(soft, options["count"] + 256))
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
@@ -117,6 +153,8 @@ class Command(OptionValuesCommand):
             answer_commands=not options["ignore_commands"],
             backoff_base=options["backoff_base"],
             backoff_cap=options["backoff_cap"],
+            tls=tls,
+            server_hostname=options["tls_server_name"],
         )
         asyncio.run(self._main(fleet, options))
 

@@ -69,7 +69,7 @@ class Command(OptionValuesCommand):
             table.add_row(
                 str(vm.pk),
                 vm.name,
-                vm.status,
+                vm.live_status,
                 str(vm.cpu_cores),
                 str(vm.ram_mb),
                 disks,
@@ -109,7 +109,8 @@ class Command(OptionValuesCommand):
         self._vms([selectors.vm_get(vm_id=vm_id)], "Updated (acknowledged by the agent)")
 
     def do_logout(self, *, vm_id: int, **options: Any) -> None:
-        self._vms([services.vm_logout(vm_id=vm_id)], "Logged out")
+        services.vm_logout(vm_id=vm_id)
+        self._vms([selectors.vm_get(vm_id=vm_id)], "Logged out")
 
     def do_rotate_token(self, *, vm_id: int, **options: Any) -> None:
         token = services.vm_token_rotate(vm_id=vm_id)
