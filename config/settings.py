@@ -309,6 +309,9 @@ SPECTACULAR_SETTINGS = {
 }
 
 # Realtime hub.
+# Browser origins allowed on /ws/ besides the same origin (an Origin whose scheme, host and port
+# are the request's own Host, that host being in ALLOWED_HOSTS): exact `scheme://host[:port]`
+# entries (default ports may be omitted), or `*`. Checked for shape at start (realtime/apps.py).
 WS_ALLOWED_ORIGINS = env.list("WS_ALLOWED_ORIGINS", default=[])
 REALTIME_TICKET_TTL_SECONDS = env.int("REALTIME_TICKET_TTL_SECONDS", default=30)
 REALTIME_MAX_FRAME_BYTES = env.int("REALTIME_MAX_FRAME_BYTES", default=16 * 1024)
@@ -331,8 +334,21 @@ REALTIME_RATE_PER_SECOND = env.float("REALTIME_RATE_PER_SECOND", default=20.0)
 REALTIME_RATE_BURST = env.int("REALTIME_RATE_BURST", default=40)
 REALTIME_USER_RATE_PER_SECOND = env.float("REALTIME_USER_RATE_PER_SECOND", default=40.0)
 REALTIME_USER_RATE_BURST = env.int("REALTIME_USER_RATE_BURST", default=80)
-REALTIME_RATE_STRIKES = env.int("REALTIME_RATE_STRIKES", default=20)
+# Seconds of continuous rate-limiting (no second without a refused frame) before close 1008.
+REALTIME_RATE_STRIKE_SECONDS = env.float("REALTIME_RATE_STRIKE_SECONDS", default=5.0)
 REALTIME_PRESENCE_FLUSH_MS = env.int("REALTIME_PRESENCE_FLUSH_MS", default=100)
+# With Redis, presence entries of a process expire this long after it last announced them (it
+# re-announces every third of it): a killed process's users are gone within the TTL.
+REALTIME_PRESENCE_TTL_SECONDS = env.float("REALTIME_PRESENCE_TTL_SECONDS", default=30.0)
+# Connect/read timeout of the realtime Redis calls (publish, presence).
+REALTIME_REDIS_TIMEOUT_SECONDS = env.float("REALTIME_REDIS_TIMEOUT_SECONDS", default=2.0)
+for _name in (
+    "REALTIME_RATE_STRIKE_SECONDS",
+    "REALTIME_PRESENCE_TTL_SECONDS",
+    "REALTIME_REDIS_TIMEOUT_SECONDS",
+):
+    if not globals()[_name] > 0:
+        raise ImproperlyConfigured(f"{_name} must be > 0")
 REALTIME_FANOUT_CHANNEL = env.str("REALTIME_FANOUT_CHANNEL", default="quintet:realtime:fanout")
 
 # --- vmcontrol ---
@@ -345,6 +361,36 @@ VMCONTROL_LAST_SEEN_FLUSH_INTERVAL = env.float("VMCONTROL_LAST_SEEN_FLUSH_INTERV
 VMCONTROL_ENROLL_SECRET = env.str("VMCONTROL_ENROLL_SECRET", default="")
 VMCONTROL_TLS_CERT = env.str("VMCONTROL_TLS_CERT", default="")
 VMCONTROL_TLS_KEY = env.str("VMCONTROL_TLS_KEY", default="")
+# Guessing limits: failed auth/enroll per connection, then per peer IP (token bucket + lockout).
+VMCONTROL_AUTH_ATTEMPTS = env.int("VMCONTROL_AUTH_ATTEMPTS", default=3)
+VMCONTROL_AUTH_FAILURE_BURST = env.int("VMCONTROL_AUTH_FAILURE_BURST", default=10)
+VMCONTROL_AUTH_FAILURES_PER_MINUTE = env.float("VMCONTROL_AUTH_FAILURES_PER_MINUTE", default=6.0)
+VMCONTROL_AUTH_LOCKOUT = env.float("VMCONTROL_AUTH_LOCKOUT", default=60.0)
+VMCONTROL_AUTH_LOCKOUT_MAX = env.float("VMCONTROL_AUTH_LOCKOUT_MAX", default=3600.0)
+# A server renews its lease every third of this; its VMs are offline once it has lapsed.
+VMCONTROL_SERVER_LEASE_TTL = env.float("VMCONTROL_SERVER_LEASE_TTL", default=15.0)
+VMCONTROL_REAP_INTERVAL = env.float("VMCONTROL_REAP_INTERVAL", default=30.0)
+# The agent (`run_vm_agent`): TLS with the server certificate checked (hostname included).
+VMCONTROL_AGENT_TLS = env.bool("VMCONTROL_AGENT_TLS", default=False)
+VMCONTROL_AGENT_CA_FILE = env.str("VMCONTROL_AGENT_CA_FILE", default="")
+VMCONTROL_AGENT_TLS_SERVER_NAME = env.str("VMCONTROL_AGENT_TLS_SERVER_NAME", default="")
+for _name in (
+    "VMCONTROL_AUTH_TIMEOUT",
+    "VMCONTROL_AUTH_ATTEMPTS",
+    "VMCONTROL_AUTH_FAILURE_BURST",
+    "VMCONTROL_SERVER_LEASE_TTL",
+    "VMCONTROL_REAP_INTERVAL",
+):
+    if globals()[_name] <= 0:
+        raise ImproperlyConfigured(f"{_name} must be > 0")
+if VMCONTROL_AUTH_FAILURES_PER_MINUTE < 0 or VMCONTROL_AUTH_LOCKOUT < 0:
+    raise ImproperlyConfigured("VMCONTROL_AUTH_FAILURES_PER_MINUTE and _LOCKOUT must be >= 0")
+if VMCONTROL_TLS_KEY and not VMCONTROL_TLS_CERT:
+    raise ImproperlyConfigured("VMCONTROL_TLS_KEY is set without VMCONTROL_TLS_CERT")
+CELERY_BEAT_SCHEDULE["vmcontrol-sessions-reap"] = {
+    "task": "vmcontrol.sessions_reap",
+    "schedule": VMCONTROL_REAP_INTERVAL,
+}
 
 # --- warehouse ---
 # Movement queue: the Celery broker's RabbitMQ when configured, else a kombu filesystem queue
@@ -360,7 +406,19 @@ WAREHOUSE_LINGER_MS = env.int("WAREHOUSE_LINGER_MS", default=50)
 WAREHOUSE_EMBEDDED_CONSUMER = env.bool("WAREHOUSE_EMBEDDED_CONSUMER", default=not CELERY_BROKER_URL)
 WAREHOUSE_STRICT_STOCK = env.bool("WAREHOUSE_STRICT_STOCK", default=False)
 WAREHOUSE_PUBLIC_READS = env.bool("WAREHOUSE_PUBLIC_READS", default=True)
+# Public reads per client (IP, IPv6 per /64; users by id) per fixed window, "N/s|min|hour|day",
+# one budget for the DRF views and the ASGI fast path; empty = no limit.
 WAREHOUSE_READ_THROTTLE = env.str("WAREHOUSE_READ_THROTTLE", default="200000/min")
+_count, _, _period = WAREHOUSE_READ_THROTTLE.partition("/")
+if WAREHOUSE_READ_THROTTLE and not (
+    _count.isascii()
+    and _count.isdigit()
+    and _period[:1] in "smhd"
+    and _period.isalpha()
+    and _period.isascii()
+    and _period.islower()
+):
+    raise ImproperlyConfigured("WAREHOUSE_READ_THROTTLE must look like 600/min (or be empty)")
 WAREHOUSE_READ_FASTPATH = env.bool("WAREHOUSE_READ_FASTPATH", default=True)
 WAREHOUSE_CACHE_SECONDS = env.int("WAREHOUSE_CACHE_SECONDS", default=300)
 WAREHOUSE_HEARTBEAT_SECONDS = env.float("WAREHOUSE_HEARTBEAT_SECONDS", default=2.0)
@@ -382,6 +440,8 @@ TELEGRAM_FILE_BASE_URL = env.str(
     "TELEGRAM_FILE_BASE_URL", default="https://api.telegram.org/file/bot"
 )
 DOCBOT_BACKEND_URL = env.str("DOCBOT_BACKEND_URL", default=f"http://127.0.0.1:{HTTP_PORT}")
+# The service identity is the docbot ServiceAccount row, made by `docbot_service_account` (or
+# by the bot's own process when DOCBOT_SERVICE_TOKEN is empty); the username is only its label.
 DOCBOT_SERVICE_USERNAME = env.str("DOCBOT_SERVICE_USERNAME", default="docbot-service")
 RESERVED_USERNAMES.append(DOCBOT_SERVICE_USERNAME)
 DOCBOT_SERVICE_TOKEN = env.str("DOCBOT_SERVICE_TOKEN", default="")
@@ -407,6 +467,18 @@ BETTING_GRPC_REFLECTION = env.bool("BETTING_GRPC_REFLECTION", default=DEBUG)
 BETTING_WATCH_HEARTBEAT_SECONDS = env.float("BETTING_WATCH_HEARTBEAT_SECONDS", default=5.0)
 BETTING_WATCH_POLL_SECONDS = env.float("BETTING_WATCH_POLL_SECONDS", default=0.05)
 BETTING_RECONCILE_SECONDS = env.float("BETTING_RECONCILE_SECONDS", default=60.0)
+# gRPC transport (betting/grpc/transport.py): TLS with a PEM certificate chain and key; with a
+# client CA as well, clients must present a certificate it signed (mutual TLS). Without TLS a
+# non-debug line provider refuses a non-loopback bind host unless plaintext is explicitly allowed
+# (staff tokens travel in the call metadata).
+BETTING_GRPC_TLS_CERT = env.str("BETTING_GRPC_TLS_CERT", default="")
+BETTING_GRPC_TLS_KEY = env.str("BETTING_GRPC_TLS_KEY", default="")
+BETTING_GRPC_TLS_CLIENT_CA = env.str("BETTING_GRPC_TLS_CLIENT_CA", default="")
+BETTING_GRPC_ALLOW_PLAINTEXT = env.bool("BETTING_GRPC_ALLOW_PLAINTEXT", default=False)
+if bool(BETTING_GRPC_TLS_CERT) != bool(BETTING_GRPC_TLS_KEY):
+    raise ImproperlyConfigured("BETTING_GRPC_TLS_CERT and BETTING_GRPC_TLS_KEY go together")
+if BETTING_GRPC_TLS_CLIENT_CA and not BETTING_GRPC_TLS_CERT:
+    raise ImproperlyConfigured("BETTING_GRPC_TLS_CLIENT_CA needs BETTING_GRPC_TLS_CERT and _KEY")
 CELERY_BEAT_SCHEDULE["betting-reconcile-settlements"] = {
     "task": "betting.reconcile_settlements",
     "schedule": BETTING_RECONCILE_SECONDS,
