@@ -131,7 +131,6 @@ def seed(fake: Any) -> tuple[dict[int, tuple[int, int]], str]:
                 user=t.user,
                 type=t,
                 name=f"Ticket {k}",
-                chat_id=FIRST_TG_ID + i,
                 telegram_file_id=sample.file_id,
                 status=Document.Status.STORED,
                 size=100,
@@ -294,14 +293,18 @@ async def upload_load(fake: Any, port: int, token: str) -> dict[str, Any]:
 
         async def create(i: int) -> None:
             async with semaphore:
-                body = {
-                    "type_id": type_id,
-                    "name": f"Upload {i}",
-                    "chat_id": user_id,
-                    "file_id": files[i].file_id,
-                    "file_unique_id": files[i].file_unique_id,
-                    "size": len(files[i].content),
-                }
+                # As the bot does: record the file as received from this user, then make the
+                # document from that record (the chat is the user's own, chosen by the server).
+                received = await client.post(
+                    "received-files/",
+                    json={
+                        "file_id": files[i].file_id,
+                        "file_unique_id": files[i].file_unique_id,
+                        "size": len(files[i].content),
+                    },
+                )
+                assert received.status_code == 201, received.text
+                body = {"type_id": type_id, "name": f"Upload {i}", "file": received.json()["id"]}
                 response = await client.post("documents/", json=body)
                 assert response.status_code == 202, response.text
 
@@ -359,7 +362,6 @@ def download_memory(port: int, server_pid: int) -> dict[str, Any]:
         user=account.user,
         type=doc_type,
         name="Big file",
-        chat_id=account.telegram_user_id,
         status=Document.Status.STORED,
         size=len(content),
         sha256=digest,

@@ -1,6 +1,44 @@
-from django.contrib import admin
+from typing import Any
 
-from docbot.models import Document, DocumentType, IngestionFailure, TelegramAccount
+from django.contrib import admin
+from django.http import HttpRequest
+
+from docbot.models import (
+    Document,
+    DocumentType,
+    IngestionFailure,
+    ReceivedFile,
+    ServiceAccount,
+    TelegramAccount,
+)
+
+
+@admin.register(ServiceAccount)
+class ServiceAccountAdmin(admin.ModelAdmin):
+    """Shown, never made here: `manage.py docbot_service_account` creates and rotates it."""
+
+    list_display = ["user", "created_at", "rotated_at"]
+    readonly_fields = ["user", "created_at", "rotated_at"]
+    exclude = ["token_salt"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(ReceivedFile)
+class ReceivedFileAdmin(admin.ModelAdmin):
+    list_display = ["file_unique_id", "account", "size", "mime_type", "received_at"]
+    search_fields = ["file_unique_id", "account__telegram_user_id"]
+    raw_id_fields = ["account"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 @admin.register(TelegramAccount)

@@ -1,11 +1,13 @@
 """Backend REST API of docbot (`/api/docbot/`): what the bot reaches data through."""
 
+from collections.abc import Mapping
 from typing import Any
 
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.authentication import SessionAuthentication
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -13,7 +15,11 @@ from rest_framework.views import APIView
 from common import fields
 from common.pagination import CursorPagination
 from docbot import schemas, selectors, services
-from docbot.auth import TELEGRAM_USER_HEADER, ServiceTelegramAuthentication
+from docbot.auth import (
+    TELEGRAM_USER_HEADER,
+    IsBotActingForTelegramUser,
+    ServiceTelegramAuthentication,
+)
 
 TELEGRAM_HEADER_PARAMETER = OpenApiParameter(
     TELEGRAM_USER_HEADER,
@@ -126,22 +132,18 @@ class TypeDetailApi(DocbotApi):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class DocumentListCreateApi(DocbotApi):
+class ReceivedFileCreateApi(DocbotApi):
+    """The bot tells the backend which file a Telegram user just sent it; a document can then
+    be made from that file, by that user only. Nobody else can name a Telegram file id."""
+
+    permission_classes = [IsAuthenticated, IsBotActingForTelegramUser]
+
     class InputSerializer(serializers.Serializer):
-        type_id = fields.IntegerField()
-        name = _document_name()
-        chat_id = fields.IntegerField(
-            min_value=1, max_value=schemas.TELEGRAM_ID_MAX, help_text="the user's private chat"
-        )
         file_id = fields.IdentifierField(
             max_length=schemas.FILE_ID_MAX, pattern=schemas.FILE_ID_PATTERN
         )
         file_unique_id = fields.IdentifierField(
-            max_length=schemas.FILE_UNIQUE_ID_MAX,
-            pattern=schemas.FILE_ID_PATTERN,
-            required=False,
-            default="",
-            allow_blank=True,
+            max_length=schemas.FILE_UNIQUE_ID_MAX, pattern=schemas.FILE_ID_PATTERN
         )
         size = fields.IntegerField(required=False, allow_null=True)
         mime_type = fields.IdentifierField(
@@ -154,6 +156,48 @@ class DocumentListCreateApi(DocbotApi):
         file_name = fields.TextField(
             max_length=schemas.FILE_NAME_MAX, required=False, default="", allow_blank=True
         )
+
+    class OutputSerializer(serializers.Serializer):
+        id = serializers.IntegerField()
+        file_unique_id = serializers.CharField()
+        size = serializers.IntegerField(allow_null=True)
+
+    @extend_schema(
+        operation_id="docbot_received_files_create",
+        parameters=[TELEGRAM_HEADER_PARAMETER],
+        request=InputSerializer,
+        responses={201: OutputSerializer},
+    )
+    def post(self, request: Request) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        received = services.received_file_record(user=request.user, **data.validated_data)
+        return Response(self.OutputSerializer(received).data, status=status.HTTP_201_CREATED)
+
+
+#: Body fields a caller once chose and now may not: the chat is the acting user's own, the file
+#: one they sent the bot (`file`, from `POST received-files/`).
+SERVER_CHOSEN_FIELDS = ("chat_id", "file_id", "file_unique_id", "size", "mime_type", "file_name")
+
+
+class DocumentListCreateApi(DocbotApi):
+    class InputSerializer(serializers.Serializer):
+        type_id = fields.IntegerField()
+        name = _document_name()
+        file = fields.IntegerField(
+            min_value=1, help_text="id of a file this Telegram user sent the bot"
+        )
+
+        def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+            raw = self.initial_data if isinstance(self.initial_data, Mapping) else {}
+            refused = {
+                name: ["is chosen by the server, not the caller"]
+                for name in SERVER_CHOSEN_FIELDS
+                if name in raw
+            }
+            if refused:
+                raise serializers.ValidationError(refused)
+            return attrs
 
     class FilterSerializer(serializers.Serializer):
         type = fields.IntegerField(required=False)

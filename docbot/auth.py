@@ -1,33 +1,52 @@
-"""Authentication of the bot's backend calls: the docbot service user's knox token plus the
-Telegram user id header act as that Telegram user. Any other token acts as its own user."""
+"""Authentication of the bot's backend calls: a token of the docbot service identity plus the
+Telegram user id header act as that Telegram user. Any other token acts as its own user, and
+the header grants it nothing, whatever the account is called."""
 
+from dataclasses import dataclass
 from typing import Any
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from knox.auth import TokenAuthentication
 from rest_framework import exceptions
+from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
+from rest_framework.views import APIView
 
 from common.parsers import InvalidValue
-from docbot import schemas, services
+from docbot import schemas, selectors, services
 
 TELEGRAM_USER_HEADER = "X-Telegram-User-Id"
 _META_KEY = "HTTP_X_TELEGRAM_USER_ID"
 
 
+@dataclass(frozen=True)
+class ActingForTelegramUser:
+    """`request.auth` when the service identity acts for a Telegram user."""
+
+    token: Any
+    telegram_user_id: int
+
+
 class ServiceTelegramAuthentication(TokenAuthentication):
-    """knox token auth; with the docbot service user's token, the `X-Telegram-User-Id` header
-    (ASCII digits within Telegram's id range, else a 400 naming it) selects the user acted for."""
+    """knox token auth. Only for the user marked as the service identity (a `ServiceAccount`
+    row, made by an operator command or the bot's own process, never by registration) does the
+    `X-Telegram-User-Id` header (ASCII digits within Telegram's id range, else a 400 naming it)
+    select the Telegram user acted for, found through the `TelegramAccount` mapping; the
+    identity must have an unusable password (else 403 `service_account_has_password`)."""
 
     def authenticate(self, request: Request) -> tuple[Any, Any] | None:
         result = super().authenticate(request)
         if result is None:
             return None
         user, token = result
-        from django.conf import settings
-
-        if user.get_username() != settings.DOCBOT_SERVICE_USERNAME:
+        if not selectors.is_service_account(user=user):
             return user, token
+        if user.has_usable_password():
+            raise exceptions.PermissionDenied(
+                "The docbot service account has a usable password; it may not act for "
+                "Telegram users until `manage.py docbot_service_account --rotate` removes it.",
+                code="service_account_has_password",
+            )
         raw = request.META.get(_META_KEY)
         if raw is None:
             raise exceptions.AuthenticationFailed(
@@ -39,7 +58,18 @@ class ServiceTelegramAuthentication(TokenAuthentication):
             # A ValidationError (an APIException) so DRF marks the request unauthenticated
             # and the one exception handler answers 400 naming the header.
             raise exceptions.ValidationError(exc.details, code=exc.reason) from None
-        return services.telegram_account_user(telegram_user_id=telegram_user_id), token
+        acting = services.telegram_account_user(telegram_user_id=telegram_user_id)
+        return acting, ActingForTelegramUser(token, telegram_user_id)
+
+
+class IsBotActingForTelegramUser(BasePermission):
+    """Only the bot, acting for a Telegram user, may tell what that user sent it."""
+
+    message = "Only the docbot service acting for a Telegram user may do this."
+    code = "telegram_bot_only"
+
+    def has_permission(self, request: Request, view: APIView) -> bool:
+        return isinstance(request.auth, ActingForTelegramUser)
 
 
 class ServiceTelegramAuthenticationScheme(OpenApiAuthenticationExtension):
@@ -52,7 +82,8 @@ class ServiceTelegramAuthenticationScheme(OpenApiAuthenticationExtension):
             "in": "header",
             "name": "Authorization",
             "description": (
-                "`Token <knox token>`. With the docbot service user's token, the "
-                f"`{TELEGRAM_USER_HEADER}` header names the Telegram user acted for."
+                "`Token <knox token>`. With a token of the docbot service identity (issued by "
+                f"`manage.py docbot_service_account`), the `{TELEGRAM_USER_HEADER}` header "
+                "names the Telegram user acted for."
             ),
         }

@@ -18,6 +18,59 @@ class TelegramAccount(models.Model):
         return f"tg:{self.telegram_user_id}"
 
 
+class ServiceAccount(models.Model):
+    """The docbot service identity: the one account whose token may act for Telegram users.
+
+    Made only by `services.service_account_ensure` (the `docbot_service_account` command, or a
+    bot process on the zero-setup default), never by registration and never found by username;
+    its user has an unusable password. `token_salt` keys the zero-setup token and changes on
+    rotation."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="docbot_service_account"
+    )
+    # At most one row: the identity is "the" service account, never one of several.
+    singleton = models.BooleanField(default=True, unique=True, editable=False)
+    token_salt = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+    rotated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(singleton=True), name="docbot_service_account_single"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"docbot service account (user {self.user_id})"
+
+
+class ReceivedFile(models.Model):
+    """A file a Telegram user sent the bot, recorded by the bot acting for that user: the only
+    files a document can be made from, and only by that same user."""
+
+    account = models.ForeignKey(
+        TelegramAccount, on_delete=models.CASCADE, related_name="received_files"
+    )
+    file_id = models.CharField(max_length=256)
+    file_unique_id = models.CharField(max_length=128)
+    size = models.BigIntegerField(null=True, blank=True)
+    mime_type = models.CharField(max_length=128, blank=True)
+    file_name = models.CharField(max_length=255, blank=True)
+    received_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["account", "file_unique_id"], name="docbot_received_file_unique"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.file_unique_id} from {self.account}"
+
+
 class DocumentType(models.Model):
     """A user's own category (passport, insurance ...), unique per user case-insensitively."""
 
@@ -37,7 +90,9 @@ class DocumentType(models.Model):
 
 
 class Document(models.Model):
-    """One stored file; `pending` until the ingestion task has fetched, hashed and stored it."""
+    """One stored file; `pending` until the ingestion task has fetched, hashed and stored it.
+    Notices about it go to the owner's Telegram chat, looked up from `TelegramAccount` when
+    sent (no chat is stored, so none can be chosen by a caller)."""
 
     class Status(models.TextChoices):
         PENDING = "pending"
@@ -51,7 +106,6 @@ class Document(models.Model):
     type = models.ForeignKey(DocumentType, on_delete=models.RESTRICT, related_name="documents")
     name = models.CharField(max_length=128)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
-    chat_id = models.BigIntegerField()
     telegram_file_id = models.CharField(max_length=256, blank=True)
     telegram_file_unique_id = models.CharField(max_length=128, blank=True)
     mime_type = models.CharField(max_length=128, blank=True)

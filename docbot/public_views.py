@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import IO
 
+import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -23,6 +24,8 @@ from common import parsers
 from common.api import error_body
 from common.exceptions import ApplicationError
 from docbot import runtime, schemas, services
+
+logger = structlog.get_logger(__name__)
 
 SECRET_HEADER = "HTTP_X_TELEGRAM_BOT_API_SECRET_TOKEN"  # noqa: S105 - a header name
 DOWNLOAD_CHUNK = 256 * 1024
@@ -51,7 +54,13 @@ async def webhook(request: HttpRequest) -> HttpResponse:
         return JsonResponse(
             error_body("invalid", "body: is too large", {"body": ["is too large"]}), status=400
         )
-    application = await runtime.webhook_application()
+    try:
+        application = await runtime.webhook_application()
+    except services.ServiceAccountRefused as exc:
+        logger.error("docbot_refused_to_start", code=exc.code, reason=exc.message)
+        return JsonResponse(
+            error_body("bot_unavailable", "docbot cannot start; see the server log."), status=503
+        )
     from docbot.bot.application import process_webhook_body
 
     try:

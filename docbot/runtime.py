@@ -1,9 +1,8 @@
-"""Wiring of the bot into this deployment: the service token, the per-event-loop webhook
-Application, and the embedded polling process for `runall`."""
+"""Wiring of the bot into this deployment: the service token (checked before the bot starts),
+the per-event-loop webhook Application, and the embedded polling process for `runall`."""
 
 import asyncio
 import threading
-from datetime import timedelta
 
 import structlog
 from asgiref.sync import sync_to_async
@@ -42,14 +41,22 @@ def say_off_once() -> None:
 
 
 def service_token_sync() -> str:
-    """DOCBOT_SERVICE_TOKEN when configured; otherwise one token issued per process (expiring
-    after a day, so tokens of dead processes clean themselves up)."""
+    """The token the bot calls the backend with, checked once per process.
+
+    DOCBOT_SERVICE_TOKEN when set: it must be a token of the service identity, whose password
+    must be unusable. Unset (the zero-setup default of `make run`, `runall` and compose): this
+    process is the operator's own, so it makes the identity if missing and uses the
+    installation's derived token (`services.service_token_default`). Raises
+    `services.ServiceAccountRefused`, with the reason and the fix, instead of starting."""
     global _issued_token
-    if settings.DOCBOT_SERVICE_TOKEN:
-        return str(settings.DOCBOT_SERVICE_TOKEN)
     with _lock:
         if _issued_token is None:
-            _issued_token = services.service_token_issue(ttl=timedelta(days=1))
+            configured = str(settings.DOCBOT_SERVICE_TOKEN or "").strip()
+            if configured:
+                services.service_token_check(token=configured)
+                _issued_token = configured
+            else:
+                _issued_token = services.service_token_default()
         return _issued_token
 
 
@@ -108,7 +115,13 @@ async def run_embedded(stop: asyncio.Event) -> None:
     if settings.DOCBOT_MODE != "polling":
         await stop.wait()
         return
-    token = await sync_to_async(_service_token_off_request, thread_sensitive=False)()
+    try:
+        token = await sync_to_async(_service_token_off_request, thread_sensitive=False)()
+    except services.ServiceAccountRefused as exc:
+        # The bot stays off; the rest of the system keeps running.
+        logger.error("docbot_refused_to_start", code=exc.code, reason=exc.message)
+        await stop.wait()
+        return
     await run_polling(settings_from_django(service_token=token, mode="polling"), stop)
 
 

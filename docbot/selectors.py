@@ -5,7 +5,44 @@ from typing import Any
 from django.db.models import Count, Q, QuerySet
 
 from common.exceptions import NotFound
-from docbot.models import Document, DocumentType
+from docbot.models import Document, DocumentType, ServiceAccount, TelegramAccount
+
+
+def service_account() -> ServiceAccount | None:
+    """The docbot service identity (with its user), if one was made."""
+    return ServiceAccount.objects.select_related("user").first()
+
+
+def is_service_account(*, user: Any) -> bool:
+    """True only for the user marked as the service identity; a username proves nothing."""
+    return bool(user.pk) and ServiceAccount.objects.filter(user_id=user.pk).exists()
+
+
+def telegram_account_user(*, telegram_user_id: int) -> Any | None:
+    """The user mapped to a Telegram id, or None (never looked up by username)."""
+    account = (
+        TelegramAccount.objects.select_related("user")
+        .filter(telegram_user_id=telegram_user_id)
+        .first()
+    )
+    return account.user if account is not None else None
+
+
+def telegram_chat_of(*, user_id: int) -> int | None:
+    """The private chat of a user's Telegram identity (its Telegram user id), or None."""
+    chat: int | None = (
+        TelegramAccount.objects.filter(user_id=user_id)
+        .values_list("telegram_user_id", flat=True)
+        .first()
+    )
+    return chat
+
+
+def telegram_account_of(*, user: Any) -> TelegramAccount | None:
+    """The Telegram identity behind a user, or None for accounts that are not Telegram's."""
+    if not user.pk:
+        return None
+    return TelegramAccount.objects.filter(user_id=user.pk).first()
 
 
 def type_list(*, user: Any, non_empty: bool = False) -> QuerySet[DocumentType]:

@@ -2,6 +2,7 @@
 
 import hashlib
 import re
+import secrets
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,18 +17,35 @@ from django.core.files import File
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
+from knox.crypto import hash_token
 from knox.models import AuthToken
+from knox.settings import CONSTANTS as knox_constants
 
-from common.exceptions import Conflict, NotFound, Unprocessable, ValidationFailed
-from docbot import metrics, telegram
+from common.exceptions import (
+    Conflict,
+    NotFound,
+    PermissionDenied,
+    Unprocessable,
+    ValidationFailed,
+)
+from docbot import metrics, selectors, telegram
 from docbot.bot import texts
-from docbot.models import Document, DocumentType, IngestionFailure, TelegramAccount
+from docbot.models import (
+    Document,
+    DocumentType,
+    IngestionFailure,
+    ReceivedFile,
+    ServiceAccount,
+    TelegramAccount,
+)
 
 logger = structlog.get_logger(__name__)
 
 TYPE_NAME_MAX = 64
 DOCUMENT_NAME_MAX = 128
 _SHARE_SALT = "docbot.share"
+_SERVICE_TOKEN_SALT = "docbot.service-token"  # noqa: S105 - an HMAC key salt, not a secret
 _UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 AnyUser = AbstractBaseUser | AnonymousUser
@@ -49,40 +67,226 @@ def _clean_name(value: str, *, limit: int, what: str) -> str:
 # --- accounts and the service identity ---------------------------------------------------
 
 
-def telegram_account_user(*, telegram_user_id: int) -> Any:
-    """The user behind a Telegram id, created on first contact (safe under concurrent calls)."""
-    account = (
-        TelegramAccount.objects.select_related("user")
-        .filter(telegram_user_id=telegram_user_id)
-        .first()
-    )
-    if account is not None:
-        return account.user
+class ServiceAccountRefused(PermissionDenied):
+    """The service identity (or the token offered for it) must not be used: the bot does not
+    start, and the backend refuses to act for Telegram users with it."""
+
+    code = "service_account_refused"
+
+
+def _telegram_user_create(telegram_user_id: int) -> Any:
+    """A fresh account for a Telegram id. The username is only a label: `tg<id>` when free,
+    else a random suffix, so an existing account of that name is neither adopted nor in the
+    way. The password is unusable: this account is reached only through the bot."""
     user_model = get_user_model()
+    base = f"tg{telegram_user_id}"
+    for name in (base, f"{base}-{secrets.token_hex(4)}", f"{base}-{secrets.token_hex(8)}"):
+        if user_model._default_manager.filter(username__iexact=name).exists():
+            continue
+        try:
+            with transaction.atomic():
+                return user_model._default_manager.create_user(username=name)
+        except IntegrityError:
+            continue
+    raise Conflict("Could not name the Telegram account.", code="telegram_account_name")
+
+
+def telegram_account_user(*, telegram_user_id: int) -> Any:
+    """The user behind a Telegram id, found by the `TelegramAccount` mapping (never by a
+    username) and created on first contact; safe under concurrent calls."""
+    found = selectors.telegram_account_user(telegram_user_id=telegram_user_id)
+    if found is not None:
+        return found
     try:
         with transaction.atomic():
-            user = user_model.objects.create_user(username=f"tg{telegram_user_id}")
+            user = _telegram_user_create(telegram_user_id)
             TelegramAccount.objects.create(user=user, telegram_user_id=telegram_user_id)
             return user
     except IntegrityError:
-        return (
-            TelegramAccount.objects.select_related("user")
-            .get(telegram_user_id=telegram_user_id)
-            .user
+        # Another request created the mapping first: use theirs.
+        found = selectors.telegram_account_user(telegram_user_id=telegram_user_id)
+        if found is None:
+            raise
+        return found
+
+
+class _MadeConcurrently(Exception):
+    """Another process made the service identity between our look and our insert."""
+
+
+def _service_user_create() -> Any:
+    """The service identity's user: named DOCBOT_SERVICE_USERNAME when no account has that
+    name (case-insensitively), else that name with a random suffix. An account already holding
+    the name is never adopted: it may be anyone's."""
+    user_model = get_user_model()
+    name = settings.DOCBOT_SERVICE_USERNAME
+    squatter = user_model._default_manager.filter(username__iexact=name).first()
+    if squatter is not None and selectors.is_service_account(user=squatter):
+        raise _MadeConcurrently
+    if squatter is not None:
+        logger.warning(
+            "docbot_service_name_taken",
+            username=name,
+            holder_user_id=squatter.pk,
+            note="that account is not the service identity and gets no power from its name",
         )
+        name = f"{name}-{secrets.token_hex(3)}"
+    return user_model._default_manager.create_user(username=name)
 
 
-def service_user_get_or_create() -> Any:
-    user, _ = get_user_model().objects.get_or_create(
-        username=settings.DOCBOT_SERVICE_USERNAME, defaults={"is_active": True}
-    )
-    return user
+def _service_account_sound(account: ServiceAccount) -> ServiceAccount:
+    user = account.user
+    if user.has_usable_password():
+        raise ServiceAccountRefused(
+            f"The docbot service account {user.get_username()!r} has a usable password, so "
+            "anyone who learns it could act as every Telegram user. Run "
+            "`manage.py docbot_service_account --rotate` (it removes the password and "
+            "revokes the account's tokens).",
+            code="service_account_has_password",
+        )
+    if not user.is_active:
+        raise ServiceAccountRefused(
+            f"The docbot service account {user.get_username()!r} is inactive.",
+            code="service_account_inactive",
+        )
+    return account
 
 
-def service_token_issue(*, ttl: timedelta | None = None) -> str:
-    """A new knox token of the docbot service user (hashed at rest; shown only here)."""
-    _, token = AuthToken.objects.create(user=service_user_get_or_create(), expiry=ttl)
+def service_account_ensure() -> ServiceAccount:
+    """The docbot service identity, created on the first call (safe under concurrent calls).
+
+    Raises `ServiceAccountRefused` when the existing identity has a usable password or is
+    inactive: a service account must not be able to log in."""
+    account = selectors.service_account()
+    if account is None:
+        try:
+            with transaction.atomic():
+                account = ServiceAccount.objects.create(
+                    user=_service_user_create(), token_salt=secrets.token_hex(32)
+                )
+            logger.info("docbot_service_account_created", user_id=account.user_id)
+        except (IntegrityError, _MadeConcurrently):
+            account = selectors.service_account()
+            if account is None:
+                raise
+    return _service_account_sound(account)
+
+
+def service_token_issue() -> str:
+    """A new knox token of the service identity (created if missing), without expiry; hashed
+    at rest, shown only here. Revoked only by `service_account_rotate`."""
+    account = service_account_ensure()
+    _, token = AuthToken.objects.create(user=account.user, expiry=None)
     return str(token)
+
+
+@transaction.atomic
+def service_account_rotate() -> str:
+    """Revoke every token of the service identity (creating the identity if missing), make
+    its password unusable again, change the key of the zero-setup token, and return one new
+    non-expiring token. Processes still holding an old token get 401 until restarted."""
+    if selectors.service_account() is None:
+        service_account_ensure()
+    account = ServiceAccount.objects.select_for_update().select_related("user").get()
+    user = account.user
+    if user.has_usable_password():
+        user.set_unusable_password()
+        user.save(update_fields=["password"])
+    revoked, _ = AuthToken.objects.filter(user=user).delete()
+    account.token_salt = secrets.token_hex(32)
+    account.rotated_at = timezone.now()
+    account.save(update_fields=["token_salt", "rotated_at"])
+    _, token = AuthToken.objects.create(user=user, expiry=None)
+    logger.info("docbot_service_account_rotated", user_id=user.pk, tokens_revoked=revoked)
+    return str(token)
+
+
+def service_token_default() -> str:
+    """The zero-setup service token (DOCBOT_SERVICE_TOKEN unset): derived from SECRET_KEY and
+    the identity's `token_salt`, so every process of the installation computes the same one and
+    a single non-expiring knox row serves them all (created here if missing; idempotent).
+
+    Raises `ServiceAccountRefused` as `service_account_ensure` does."""
+    account = service_account_ensure()
+    token = salted_hmac(_SERVICE_TOKEN_SALT, account.token_salt, algorithm="sha256").hexdigest()
+    AuthToken.objects.get_or_create(
+        digest=hash_token(token),
+        defaults={
+            "user": account.user,
+            "token_key": token[: knox_constants.TOKEN_KEY_LENGTH],
+            "expiry": None,
+        },
+    )
+    return token
+
+
+def service_token_check(*, token: str) -> ServiceAccount:
+    """The service identity a configured token (DOCBOT_SERVICE_TOKEN) belongs to.
+
+    Raises `ServiceAccountRefused` naming the problem: unknown or expired token, a token of an
+    account that is not the service identity (whatever its name), or an identity that has a
+    usable password or is inactive."""
+    found = AuthToken.objects.select_related("user").filter(digest=hash_token(token)).first()
+    if found is None or (found.expiry is not None and found.expiry < timezone.now()):
+        raise ServiceAccountRefused(
+            "DOCBOT_SERVICE_TOKEN is not a valid token. Issue one with "
+            "`manage.py docbot_service_account`.",
+            code="service_token_invalid",
+        )
+    account = selectors.service_account()
+    if account is None or account.user_id != found.user_id:
+        raise ServiceAccountRefused(
+            f"DOCBOT_SERVICE_TOKEN belongs to the account {found.user.get_username()!r}, which "
+            "is not the docbot service identity (a name proves nothing). Issue a token with "
+            "`manage.py docbot_service_account`.",
+            code="service_token_not_service",
+        )
+    return _service_account_sound(account)
+
+
+# --- files received from Telegram users ---------------------------------------------------
+
+
+def received_file_record(
+    *,
+    user: Any,
+    file_id: str,
+    file_unique_id: str,
+    size: int | None = None,
+    mime_type: str = "",
+    file_name: str = "",
+) -> ReceivedFile:
+    """Remember that the Telegram user behind `user` sent the bot this file (the bot calls this
+    for a file message it received from them). Idempotent on (user, `file_unique_id`): the same
+    file sent again refreshes its `file_id` and keeps its id."""
+    account = _telegram_account(user)
+    values = {
+        "file_id": file_id,
+        "size": size,
+        "mime_type": mime_type[:128],
+        "file_name": file_name[:255],
+    }
+    try:
+        with transaction.atomic():
+            received, _ = ReceivedFile.objects.update_or_create(
+                account=account, file_unique_id=file_unique_id, defaults=values
+            )
+    except IntegrityError:
+        # Recorded concurrently by a retried update: the row exists now.
+        ReceivedFile.objects.filter(account=account, file_unique_id=file_unique_id).update(**values)
+        received = ReceivedFile.objects.get(account=account, file_unique_id=file_unique_id)
+    return received
+
+
+def _telegram_account(user: Any) -> TelegramAccount:
+    account = selectors.telegram_account_of(user=user)
+    if account is None:
+        raise PermissionDenied(
+            "Documents come from files sent to the Telegram bot; this account has no Telegram "
+            "chat.",
+            code="telegram_account_required",
+        )
+    return account
 
 
 # --- types --------------------------------------------------------------------------------
@@ -153,25 +357,21 @@ def _enqueue_ingest(document_id: int) -> None:
 
 
 @transaction.atomic
-def document_create(
-    *,
-    user: Any,
-    type_id: int,
-    name: str,
-    chat_id: int,
-    file_id: str,
-    file_unique_id: str = "",
-    size: int | None = None,
-    mime_type: str = "",
-    file_name: str = "",
-) -> Document:
-    """Create a pending document and enqueue its ingestion after commit.
+def document_create(*, user: Any, type_id: int, name: str, file: int) -> Document:
+    """Create a pending document from a file the same Telegram user sent the bot (`file`, a
+    `ReceivedFile` id: another user's is not found) and enqueue its ingestion after commit.
+    The worker's notices go to that user's own private chat; neither the chat nor the Telegram
+    file id is ever the caller's choice.
 
-    A repeat of the same request (same user, type, name and Telegram file) returns the existing
+    A repeat of the same request (same user, type, name and file) returns the existing
     document and enqueues nothing."""
+    account = _telegram_account(user)
+    received = ReceivedFile.objects.filter(account=account, pk=file).first()
+    if received is None:
+        raise NotFound("No such received file.", code="file_not_found")
     doc_type = _own_type(user, type_id)
     clean = _clean_name(name, limit=DOCUMENT_NAME_MAX, what="document")
-    if size is not None and size > settings.DOCBOT_MAX_FILE_BYTES:
+    if received.size is not None and received.size > settings.DOCBOT_MAX_FILE_BYTES:
         raise Unprocessable(
             "The file is larger than 20 MB.",
             code="file_too_large",
@@ -179,7 +379,7 @@ def document_create(
         )
     existing = Document.objects.filter(user=user, type=doc_type, name=clean).first()
     if existing is not None:
-        if file_unique_id and existing.telegram_file_unique_id == file_unique_id:
+        if existing.telegram_file_unique_id == received.file_unique_id:
             return existing
         raise Conflict(f"{clean!r} already exists in {doc_type.name}.", code="name_taken")
     try:
@@ -188,12 +388,11 @@ def document_create(
                 user=user,
                 type=doc_type,
                 name=clean,
-                chat_id=chat_id,
-                telegram_file_id=file_id,
-                telegram_file_unique_id=file_unique_id,
-                size=size,
-                mime_type=mime_type[:128],
-                file_name=file_name[:255],
+                telegram_file_id=received.file_id,
+                telegram_file_unique_id=received.file_unique_id,
+                size=received.size,
+                mime_type=received.mime_type,
+                file_name=received.file_name,
             )
     except IntegrityError as exc:
         raise Conflict(f"{clean!r} already exists in {doc_type.name}.", code="name_taken") from exc
@@ -243,7 +442,13 @@ class IngestOutcome:
     storage_name: str = ""
 
 
-def _notify(chat_id: int, text: str) -> None:
+def _notify(user_id: int, text: str) -> None:
+    """Tell a document's owner, in their own private chat (their Telegram user id; accounts
+    that are not Telegram users have no chat and are not told)."""
+    chat_id = selectors.telegram_chat_of(user_id=user_id)
+    if chat_id is None:
+        logger.info("docbot_notify_skipped", user_id=user_id, reason="no telegram account")
+        return
     try:
         telegram.send_message(chat_id, text)
     except Exception:
@@ -308,12 +513,12 @@ def _store(document_id: int, digest: str, size: int, content: Any) -> IngestOutc
             .exclude(pk=document.pk)
             .first()
         )
-        chat_id = document.chat_id
+        owner_id = document.user_id
         if twin is not None:
             twin_name = twin.name
             document.delete()
             transaction.on_commit(
-                lambda: _notify(chat_id, texts.DUPLICATE.format(existing=twin_name))
+                lambda: _notify(owner_id, texts.DUPLICATE.format(existing=twin_name))
             )
             return IngestOutcome("duplicate")
         storage_name = default_storage.save(_storage_path(document, digest), File(content))
@@ -324,7 +529,7 @@ def _store(document_id: int, digest: str, size: int, content: Any) -> IngestOutc
         document.stored_at = timezone.now()
         document.save(update_fields=["sha256", "size", "storage_name", "status", "stored_at"])
         name = document.name
-        transaction.on_commit(lambda: _notify(chat_id, texts.STORED.format(name=name, size=size)))
+        transaction.on_commit(lambda: _notify(owner_id, texts.STORED.format(name=name, size=size)))
     logger.info("docbot_document_stored", document_id=document_id, size=size, sha256=digest)
     return IngestOutcome("stored", storage_name)
 
@@ -342,8 +547,8 @@ def document_ingest_fail(*, document_id: int, error: str) -> None:
         return
     document.status = Document.Status.FAILED
     document.save(update_fields=["status"])
-    chat_id, name = document.chat_id, document.name
-    transaction.on_commit(lambda: _notify(chat_id, texts.INGEST_FAILED.format(name=name)))
+    owner_id, name = document.user_id, document.name
+    transaction.on_commit(lambda: _notify(owner_id, texts.INGEST_FAILED.format(name=name)))
 
 
 # --- share links --------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The bot's only way to data: the backend REST API `/api/docbot/`, called with the docbot
-service token, the Telegram user id and the update's correlation id."""
+service token, the Telegram user id and the update's correlation id. The user id is always the
+sender of the update being handled, so the backend acts for them and nobody else."""
 
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -110,9 +111,21 @@ class Backend:
         result: dict[str, Any] = await self._call("GET", "documents/", user_id, params=params)
         return result
 
+    @timed_integration("docbot_backend", "received_files_create")
+    async def file_received(self, user_id: int, **fields: Any) -> dict[str, Any]:
+        """Tell the backend that this user sent the bot this file; its `id` names the file in
+        `document_create`."""
+        result: dict[str, Any] = await self._call("POST", "received-files/", user_id, json=fields)
+        return result
+
     @timed_integration("docbot_backend", "documents_create")
-    async def document_create(self, user_id: int, **fields: Any) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("POST", "documents/", user_id, json=fields)
+    async def document_create(
+        self, user_id: int, *, type_id: int, name: str, file: int
+    ) -> dict[str, Any]:
+        """A document from a file `file_received` recorded for the same user; the backend
+        picks the chat to notify (the user's own)."""
+        body = {"type_id": type_id, "name": name, "file": file}
+        result: dict[str, Any] = await self._call("POST", "documents/", user_id, json=body)
         return result
 
     @timed_integration("docbot_backend", "documents_retrieve")

@@ -366,16 +366,18 @@ async def on_file(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     # inside it, and the user may already be on the next dialog when it returns.
     await store.clear(user_id)
     await message.reply_text(texts.ADD_RECEIVED.format(name=state["name"]), reply_markup=MENU)
-    await backend.document_create(
+    # The file is recorded as received from this user, then the document names that record:
+    # the backend never takes a Telegram file id or a chat id in a document request.
+    received = await backend.file_received(
         user_id,
-        type_id=state["type_id"],
-        name=state["name"],
-        chat_id=user_id,
         file_id=attachment.file_id,
         file_unique_id=attachment.file_unique_id,
         size=attachment.file_size,
         mime_type=mime_type,
         file_name=file_name,
+    )
+    await backend.document_create(
+        user_id, type_id=state["type_id"], name=state["name"], file=received["id"]
     )
 
 

@@ -27,7 +27,6 @@ def stored_document(
         user=user,
         type=doc_type,
         name=name,
-        chat_id=1,
         telegram_file_id=f"F-{digest[:8]}",
         status=Document.Status.STORED,
         size=len(content),

@@ -63,6 +63,15 @@ def test_type_names_are_unique_per_user_case_insensitively(http: httpx.Client) -
     assert http.post("/api/docbot/types/", json={"name": "Tickets"}, headers=elsewhere).is_success
 
 
+def received(http: httpx.Client, headers: dict[str, str], file_id: str, **fields: Any) -> int:
+    """Record, as the bot does, that the acting Telegram user sent this file."""
+    body = {"file_id": file_id, "file_unique_id": f"U-{file_id}", **fields}
+    response = http.post("/api/docbot/received-files/", json=body, headers=headers)
+    assert response.status_code == 201, response.text
+    received_id: int = response.json()["id"]
+    return received_id
+
+
 def test_document_create_answers_202_pending_and_rejects_big_files_and_taken_names(
     http: httpx.Client, settings: Any, fake_telegram: FakeTelegram
 ) -> None:
@@ -70,12 +79,15 @@ def test_document_create_answers_202_pending_and_rejects_big_files_and_taken_nam
     settings.TELEGRAM_API_BASE_URL = fake_telegram.base_url
     headers = service_headers(8001)
     type_id = http.post("/api/docbot/types/", json={"name": "Bills"}, headers=headers).json()["id"]
-    body = {"type_id": type_id, "name": "May", "chat_id": 8001, "file_id": "nope"}
+    big = received(http, headers, "big", size=21 * 1024 * 1024)
     too_big = http.post(
-        "/api/docbot/documents/", json={**body, "size": 21 * 1024 * 1024}, headers=headers
+        "/api/docbot/documents/",
+        json={"type_id": type_id, "name": "May", "file": big},
+        headers=headers,
     )
     assert too_big.status_code == 422
     assert too_big.json()["error"]["code"] == "file_too_large"
+    body = {"type_id": type_id, "name": "May", "file": received(http, headers, "nope")}
     created = http.post("/api/docbot/documents/", json=body, headers=headers)
     assert created.status_code == 202
     assert created.json()["name"] == "May"
@@ -84,7 +96,8 @@ def test_document_create_answers_202_pending_and_rejects_big_files_and_taken_nam
     assert document.status == Document.Status.FAILED
     assert IngestionFailure.objects.filter(document_id=document.pk).exists()
     fake_telegram.wait_text(8001, "could not store")
-    taken = http.post("/api/docbot/documents/", json={**body, "file_id": "other"}, headers=headers)
+    other = {**body, "file": received(http, headers, "other")}
+    taken = http.post("/api/docbot/documents/", json=other, headers=headers)
     assert taken.status_code == 409
     assert taken.json()["error"]["code"] == "name_taken"
 

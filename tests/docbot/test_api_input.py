@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from docbot import services
-from docbot.models import Document, DocumentType, TelegramAccount
+from docbot.models import Document, DocumentType, ReceivedFile, TelegramAccount
 from tests.docbot.factories import stored_document, telegram_user
 
 pytestmark = pytest.mark.usefixtures("eager_tasks")
@@ -68,32 +68,36 @@ def test_the_largest_telegram_user_id_is_served(http: httpx.Client, service_toke
 
 
 DOCUMENT_FIELDS: list[tuple[str, Any]] = [
-    ("chat_id", 2**63),
-    ("chat_id", 2**70),
-    ("chat_id", 2**52),
-    ("chat_id", -1),
-    ("chat_id", 0),
-    ("chat_id", 1.5),
-    ("chat_id", True),
-    ("chat_id", "\u0661\u0662"),
-    ("chat_id", "1e3"),
     ("type_id", 2**63),
     ("type_id", -1),
     ("type_id", "x"),
     ("type_id", None),
-    ("size", -1),
-    ("size", 2**63),
-    ("size", 2.5),
     ("name", "a\x00b"),
     ("name", "a\x1bb"),
     ("name", "n" * 401),
     ("name", 5),
+    ("file", 2**63),
+    ("file", 0),
+    ("file", -1),
+    ("file", 1.5),
+    ("file", True),
+    ("file", "\u0661\u0662"),
+    ("file", "1e3"),
+    ("file", None),
+]
+
+RECEIVED_FILE_FIELDS: list[tuple[str, Any]] = [
+    ("size", -1),
+    ("size", 2**63),
+    ("size", 2.5),
     ("file_id", "a b"),
     ("file_id", "a\nb"),
     ("file_id", ""),
     ("file_id", "f" * 257),
     ("file_id", "\u0444"),
     ("file_unique_id", "\u00e9"),
+    ("file_unique_id", ""),
+    ("file_unique_id", "u" * 129),
     ("file_name", "evil\r\nname.pdf"),
     ("file_name", "nul\x00.pdf"),
     ("file_name", "f" * 256),
@@ -104,35 +108,57 @@ DOCUMENT_FIELDS: list[tuple[str, Any]] = [
 ]
 
 
+def _received(http: httpx.Client, token: str) -> int:
+    body = {"file_id": "F1", "file_unique_id": "U1"}
+    response = http.post("/api/docbot/received-files/", json=body, headers=_headers(token))
+    assert response.status_code == 201, response.text
+    received_id: int = response.json()["id"]
+    return received_id
+
+
 @pytest.mark.parametrize(("field", "value"), DOCUMENT_FIELDS)
 def test_document_create_refuses_each_malformed_field(
     http: httpx.Client, service_token: str, field: str, value: Any
 ) -> None:
     headers = _headers(service_token)
     type_id = http.post("/api/docbot/types/", json={"name": "Bills"}, headers=headers).json()["id"]
-    body = {"type_id": type_id, "name": "May", "chat_id": USER, "file_id": "F1", field: value}
+    body = {"type_id": type_id, "name": "May", "file": _received(http, service_token), field: value}
     response = http.post("/api/docbot/documents/", json=body, headers=headers)
     _refused(response, field)
     assert not Document.objects.exists()
 
 
+@pytest.mark.parametrize(("field", "value"), RECEIVED_FILE_FIELDS)
+def test_a_received_file_record_refuses_each_malformed_field(
+    http: httpx.Client, service_token: str, field: str, value: Any
+) -> None:
+    body = {"file_id": "F1", "file_unique_id": "U1", field: value}
+    response = http.post("/api/docbot/received-files/", json=body, headers=_headers(service_token))
+    _refused(response, field)
+    assert not ReceivedFile.objects.exists()
+
+
 @pytest.mark.parametrize(
-    "raw",
+    ("path", "raw"),
     [
-        b'{"type_id": 1, "name": "x\\ud800", "chat_id": 1, "file_id": "F"}',
-        b'{"type_id": 1, "name": "ok", "chat_id": 1, "file_id": "F", "file_name": "\\udc00"}',
+        ("documents/", b'{"type_id": 1, "name": "x\\ud800", "file": 1}'),
+        (
+            "received-files/",
+            b'{"file_id": "F", "file_unique_id": "U", "file_name": "\\udc00"}',
+        ),
     ],
 )
 def test_lone_surrogates_in_a_document_body_are_a_400(
-    http: httpx.Client, service_token: str, raw: bytes
+    http: httpx.Client, service_token: str, path: str, raw: bytes
 ) -> None:
     response = http.post(
-        "/api/docbot/documents/",
+        f"/api/docbot/{path}",
         content=raw,
         headers={**_headers(service_token), "Content-Type": "application/json"},
     )
     assert response.status_code == 400, response.text
     assert not Document.objects.exists()
+    assert not ReceivedFile.objects.exists()
 
 
 @pytest.mark.parametrize(

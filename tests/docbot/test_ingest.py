@@ -1,5 +1,6 @@
 """The ingestion service in-process against the fake Bot API (every database): idempotent on
-redelivery, duplicate content reported, Telegram failures recorded once."""
+redelivery, duplicate content reported, Telegram failures recorded once; every notice goes to
+the owner's own Telegram chat."""
 
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ def pending(owner: Any, file_id: str, name: str = "Doc") -> Document:
     doc_type = services.type_create(user=owner, name=f"T {name}")
     # The row only (not document_create): each test decides when the task runs.
     document = Document.objects.create(
-        user=owner, type=doc_type, name=name, chat_id=11, telegram_file_id=file_id
+        user=owner, type=doc_type, name=name, telegram_file_id=file_id
     )
     return document
 
@@ -69,7 +70,7 @@ def test_duplicate_content_is_reported_and_not_stored_again(telegram: FakeTelegr
     copy = pending(owner, telegram.add_file(b"same bytes").file_id, "Copy")
     ingest_document.delay(original.pk)
     assert ingest_document.delay(copy.pk).get() == "duplicate"
-    assert telegram.sent("sendMessage", 11)[-1].text == texts.DUPLICATE.format(existing="Original")
+    assert telegram.sent("sendMessage", 13)[-1].text == texts.DUPLICATE.format(existing="Original")
     assert list(Document.objects.values_list("name", flat=True)) == ["Original"]
 
 
@@ -81,6 +82,6 @@ def test_a_file_telegram_does_not_know_fails_once_with_a_record(telegram: FakeTe
     document.refresh_from_db()
     assert document.status == Document.Status.FAILED
     assert IngestionFailure.objects.filter(document_id=document.pk).count() == 1
-    assert [c.text for c in telegram.sent("sendMessage", 11)] == [
+    assert [c.text for c in telegram.sent("sendMessage", 14)] == [
         texts.INGEST_FAILED.format(name="Doc")
     ]

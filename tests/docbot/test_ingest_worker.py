@@ -166,13 +166,13 @@ def test_real_worker_reports_duplicate_content(webhook_registered: BotEnv, worke
     doc_type = services.type_create(user=owner, name="Receipts")
     content = os.urandom(50_000)
     first, second = fake.add_file(content, name="a.pdf"), fake.add_file(content, name="b.pdf")
-    services.document_create(
-        user=owner, type_id=doc_type.pk, name="Shop", chat_id=3201, file_id=first.file_id
-    )
-    fake.wait_text(3201, "Stored \u201cShop\u201d", timeout=60)
-    services.document_create(
-        user=owner, type_id=doc_type.pk, name="Shop copy", chat_id=3201, file_id=second.file_id
-    )
+    for name, sent in (("Shop", first), ("Shop copy", second)):
+        received = services.received_file_record(
+            user=owner, file_id=sent.file_id, file_unique_id=sent.file_unique_id
+        )
+        services.document_create(user=owner, type_id=doc_type.pk, name=name, file=received.pk)
+        if name == "Shop":
+            fake.wait_text(3201, "Stored \u201cShop\u201d", timeout=60)
     duplicate = fake.wait_text(3201, "already stored", timeout=60)
     assert duplicate.text == texts.DUPLICATE.format(existing="Shop")
     assert list(Document.objects.values_list("name", flat=True)) == ["Shop"]

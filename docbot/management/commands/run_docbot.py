@@ -5,11 +5,11 @@ import signal
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from telegram import Bot
 
 from common.metrics import metrics_server_start
-from docbot import runtime
+from docbot import runtime, services
 from docbot.bot import texts
 from docbot.bot.application import run_polling, settings_from_django
 from docbot.bot.updates import ALLOWED_UPDATES
@@ -41,6 +41,10 @@ class Command(BaseCommand):
             )
             asyncio.run(self._idle())
             return
+        try:
+            runtime.service_token_sync()
+        except services.ServiceAccountRefused as exc:
+            raise CommandError(f"docbot refuses to start: {exc.message}") from exc
         metrics_server_start(settings.METRICS_PORT, settings.BIND_HOST)
         asyncio.run(self._poll(options["poll_timeout"]))
 
@@ -59,6 +63,7 @@ class Command(BaseCommand):
         stop = self._stop_event()
         from asgiref.sync import sync_to_async
 
+        # Checked in handle() already; this only returns the cached token.
         token = await sync_to_async(runtime.service_token_sync, thread_sensitive=True)()
         self.stdout.write("docbot polling; Ctrl-C stops.")
         await run_polling(
