@@ -29,7 +29,7 @@ import uuid as uuid_module
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from common.exceptions import ValidationFailed
 
@@ -248,6 +248,10 @@ def money(
 # --- enums ----------------------------------------------------------------------------------
 
 
+@overload
+def choice(value: object, *, field: str, choices: Mapping[Any, T]) -> T: ...
+@overload
+def choice(value: object, *, field: str, choices: Iterable[T]) -> T: ...
 def choice(value: object, *, field: str, choices: Mapping[Any, T] | Iterable[T]) -> T:
     """One of the listed values, compared by type and value (`True` is not `1`, `"1"` is not
     `1`), so unknown proto3 enum numbers and near misses are refused with `choice`.

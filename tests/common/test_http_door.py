@@ -99,13 +99,15 @@ def test_json_bodies_that_are_not_valid_unicode_json_are_a_400_naming_the_field(
 def test_page_parameters_outside_ascii_digits_in_range_are_a_400(
     http: httpx.Client, query: str
 ) -> None:
-    response = http.get(f"/api/betting/events?{query}", headers=auth_header(UserFactory()))
+    response = http.get(f"/api/betting/events?{query}", headers=auth_header(UserFactory.create()))
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "invalid"
 
 
 def test_valid_page_parameters_still_page(http: httpx.Client) -> None:
-    response = http.get("/api/betting/events?limit=10&offset=0", headers=auth_header(UserFactory()))
+    response = http.get(
+        "/api/betting/events?limit=10&offset=0", headers=auth_header(UserFactory.create())
+    )
     assert response.status_code == 200
 
 
@@ -119,7 +121,7 @@ def test_valid_page_parameters_still_page(http: httpx.Client) -> None:
     ],
 )
 def test_ids_in_paths_beyond_int64_are_a_json_404(http: httpx.Client, path: str) -> None:
-    user = UserFactory(is_staff=True)
+    user = UserFactory.create(is_staff=True)
     response = http.get(path, headers=auth_header(user))
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
@@ -127,6 +129,8 @@ def test_ids_in_paths_beyond_int64_are_a_json_404(http: httpx.Client, path: str)
 
 @pytest.mark.parametrize("cursor", ["garbage", "cD1hYmM%3D", "cD0lMDA%3D"])
 def test_forged_cursors_are_refused_without_a_server_error(http: httpx.Client, cursor: str) -> None:
-    response = http.get(f"/api/betting/bets?cursor={cursor}", headers=auth_header(UserFactory()))
+    response = http.get(
+        f"/api/betting/bets?cursor={cursor}", headers=auth_header(UserFactory.create())
+    )
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"

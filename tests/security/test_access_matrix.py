@@ -133,7 +133,7 @@ def _request(client: httpx.Client, operation: Operation, headers: dict[str, str]
 @pytest.mark.timeout(120)
 def test_no_door_lets_anyone_through_who_is_not_entitled(asgi_server: LiveServer) -> None:
     owner = telegram_user(OWNER_TELEGRAM_ID)
-    staff, other = StaffFactory(), UserFactory()
+    staff, other = StaffFactory.create(), UserFactory.create()
     objects = _objects(owner)
     identities = {
         "anonymous": {},
@@ -222,7 +222,7 @@ def test_websocket_webhook_share_links_and_admin_refuse_the_unentitled(
 ) -> None:
     from realtime import services as realtime_services
 
-    owner, other = UserFactory(), UserFactory()
+    owner, other = UserFactory.create(), UserFactory.create()
     room = room_create(owner=owner, slug="owners-room", kind="private")
     tally = _Tally()
     ws = f"{asgi_server.ws_url}/ws/"
@@ -301,7 +301,7 @@ def test_grpc_writes_refuse_the_unentitled(asgi_server: LiveServer) -> None:
 
     event = event_create()
     user, squatter = (
-        UserFactory(),
+        UserFactory.create(),
         get_user_model().objects.create_user(
             username=settings.DOCBOT_SERVICE_USERNAME + "-grpc", password="squatted-password-123"
         ),
@@ -387,11 +387,12 @@ def test_the_vm_tcp_door_refuses_the_unentitled(asgi_server: LiveServer) -> None
             reply = await wire.request(frame)
             tally.refused(f"tcp {label}", reply["type"] == "error")
             await wire.close()
-        for kind, frame in {
+        before_auth: dict[str, dict[str, Any]] = {
             "inventory": {"type": "inventory", "inventory": inventory},
             "result": {"type": "result", "command_id": "x", "ok": True},
             "logout": {"type": "logout"},
-        }.items():
+        }
+        for kind, frame in before_auth.items():
             wire = await Wire.open(server.port)
             await wire.request({"type": "hello", "protocol": 1, "vm_id": neighbour.pk})
             reply = await wire.request(frame)

@@ -49,7 +49,7 @@ def test_ordinary_names_stay_free(http: httpx.Client, username: str) -> None:
 
 
 def test_tokens_expire_after_their_ttl(http: httpx.Client) -> None:
-    user = UserFactory()
+    user = UserFactory.create()
     token = http.post(
         "/api/auth/token", json={"username": user.username, "password": TEST_PASSWORD}
     ).json()
@@ -62,7 +62,7 @@ def test_tokens_expire_after_their_ttl(http: httpx.Client) -> None:
 
 
 def test_a_token_in_use_is_refreshed_but_not_past_its_maximum_age(http: httpx.Client) -> None:
-    user = UserFactory()
+    user = UserFactory.create()
     headers = {"Authorization": f"Token {token_for(user)}"}
     soon = timezone.now() + timedelta(minutes=5)
     AuthToken.objects.filter(user=user).update(
@@ -78,7 +78,7 @@ def test_a_token_in_use_is_refreshed_but_not_past_its_maximum_age(http: httpx.Cl
 
 
 def test_logout_all_revokes_every_token_of_the_user_only(http: httpx.Client) -> None:
-    user, other = UserFactory(), UserFactory()
+    user, other = UserFactory.create(), UserFactory.create()
     mine = [{"Authorization": f"Token {token_for(user)}"} for _ in range(3)]
     theirs = {"Authorization": f"Token {token_for(other)}"}
     assert http.post("/api/auth/logout-all", headers=mine[0]).status_code == 204
@@ -138,6 +138,6 @@ def test_a_login_without_a_socket_address_is_recorded_without_one() -> None:
     from django.test import Client
 
     client = Client(REMOTE_ADDR="")
-    user = UserFactory()
+    user = UserFactory.create()
     client.force_login(user)
     assert client.get("/api/auth/me").status_code == 200

@@ -37,7 +37,7 @@ def _admin_login(http: httpx.Client, username: str, password: str) -> httpx.Resp
 def test_api_login_locks_an_account_after_the_limit_even_for_the_right_password(
     http: httpx.Client,
 ) -> None:
-    user = UserFactory()
+    user = UserFactory.create()
     codes = [_api_login(http, user.username, f"wrong-{i}").status_code for i in range(LIMIT)]
     assert codes[: LIMIT - 1] == [401] * (LIMIT - 1)
     locked = _api_login(http, user.username, TEST_PASSWORD)
@@ -50,7 +50,7 @@ def test_api_login_locks_an_account_after_the_limit_even_for_the_right_password(
 def test_api_login_locks_an_ip_that_guesses_across_accounts_whatever_it_forwards(
     http: httpx.Client,
 ) -> None:
-    victim = UserFactory()
+    victim = UserFactory.create()
     for i in range(LIMIT):
         response = _api_login(http, f"nobody{i}", "guess", **{"X-Forwarded-For": f"203.0.113.{i}"})
         assert response.status_code in (401, 429)
@@ -60,7 +60,7 @@ def test_api_login_locks_an_ip_that_guesses_across_accounts_whatever_it_forwards
 
 @override_settings(AXES_FAILURE_LIMIT=LIMIT)
 def test_a_successful_login_resets_the_account_count(http: httpx.Client) -> None:
-    user = UserFactory()
+    user = UserFactory.create()
     for _ in range(2):
         for i in range(LIMIT - 2):
             assert _api_login(http, user.username, f"typo-{i}").status_code == 401
@@ -69,7 +69,7 @@ def test_a_successful_login_resets_the_account_count(http: httpx.Client) -> None
 
 @override_settings(AXES_FAILURE_LIMIT=LIMIT)
 def test_forty_guesses_at_the_api_never_get_in(http: httpx.Client) -> None:
-    user = UserFactory()
+    user = UserFactory.create()
     codes = [_api_login(http, user.username, f"guess-{i}").status_code for i in range(40)]
     assert codes.count(200) == 0
     assert codes[-1] == 429
@@ -80,7 +80,7 @@ def test_forty_guesses_at_the_api_never_get_in(http: httpx.Client) -> None:
 def test_admin_login_locks_after_the_limit_even_for_the_right_password(
     http: httpx.Client,
 ) -> None:
-    staff = StaffFactory()
+    staff = StaffFactory.create()
     for i in range(LIMIT):
         response = _admin_login(http, staff.username, f"wrong-{i}")
         assert response.status_code in (200, 429)
@@ -92,7 +92,7 @@ def test_admin_login_locks_after_the_limit_even_for_the_right_password(
 
 @override_settings(AXES_FAILURE_LIMIT=LIMIT)
 def test_admin_login_still_works_below_the_limit(http: httpx.Client) -> None:
-    staff = StaffFactory()
+    staff = StaffFactory.create()
     assert _admin_login(http, staff.username, "wrong").status_code == 200
     response = _admin_login(http, staff.username, TEST_PASSWORD)
     assert response.status_code == 302
@@ -104,7 +104,7 @@ def test_admin_login_still_works_below_the_limit(http: httpx.Client) -> None:
 def test_a_lockout_of_one_account_leaves_other_clients_and_accounts_alone(
     http: httpx.Client, door: str
 ) -> None:
-    target, bystander = UserFactory(is_staff=True), UserFactory()
+    target, bystander = UserFactory.create(is_staff=True), UserFactory.create()
     login = _api_login if door == "api" else _admin_login
     for i in range(LIMIT):
         login(http, target.username, f"wrong-{i}")

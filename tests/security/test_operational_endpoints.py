@@ -15,7 +15,7 @@ SCRAPER_TOKEN = "scrape-" + "x" * 40
 def test_metrics_refuse_everyone_but_staff_and_the_scraper(http: httpx.Client, who: str) -> None:
     headers = {
         "anonymous": {},
-        "user": auth_header(UserFactory()),
+        "user": auth_header(UserFactory.create()),
         "wrong bearer": {"Authorization": "Bearer nope"},
         "bearer without a configured token": {"Authorization": "Bearer anything"},
     }[who]
@@ -29,14 +29,14 @@ def test_metrics_refuse_everyone_but_staff_and_the_scraper(http: httpx.Client, w
 def test_metrics_serve_staff_and_the_scraper_token(http: httpx.Client) -> None:
     with override_settings(METRICS_BEARER_TOKEN=SCRAPER_TOKEN):
         scraper = http.get("/metrics", headers={"Authorization": f"Bearer {SCRAPER_TOKEN}"})
-        staff = http.get("/metrics", headers=auth_header(StaffFactory()))
+        staff = http.get("/metrics", headers=auth_header(StaffFactory.create()))
     assert scraper.status_code == staff.status_code == 200
     assert "django_http_requests" in scraper.text
 
 
 @pytest.mark.parametrize("who", ["anonymous", "user"])
 def test_readyz_tells_others_only_the_verdict(http: httpx.Client, who: str) -> None:
-    headers = auth_header(UserFactory()) if who == "user" else {}
+    headers = auth_header(UserFactory.create()) if who == "user" else {}
     response = http.get("/readyz", headers=headers)
     assert response.status_code == 200
     assert response.json() == {"status": "ready"}
@@ -45,7 +45,7 @@ def test_readyz_tells_others_only_the_verdict(http: httpx.Client, who: str) -> N
 def test_readyz_detail_for_staff_and_the_scraper(http: httpx.Client) -> None:
     with override_settings(METRICS_BEARER_TOKEN=SCRAPER_TOKEN):
         scraper = http.get("/readyz", headers={"Authorization": f"Bearer {SCRAPER_TOKEN}"})
-    staff = http.get("/readyz", headers=auth_header(StaffFactory()))
+    staff = http.get("/readyz", headers=auth_header(StaffFactory.create()))
     assert "database" in scraper.json()["checks"]
     assert "database" in staff.json()["checks"]
 

@@ -38,7 +38,7 @@ def test_rest_keeps_answering_while_redis_is_down_and_recovers_when_it_returns(
     http: httpx.Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    headers = auth_header(UserFactory())
+    headers = auth_header(UserFactory.create())
     port = free_port()
     with override_settings(CACHES=_cache_settings(port)):
         with redis_server(port):
@@ -58,7 +58,7 @@ def test_a_throttle_fails_open_during_the_outage_and_limits_again_after(
     from rest_framework.throttling import SimpleRateThrottle
 
     monkeypatch.setattr(SimpleRateThrottle, "THROTTLE_RATES", {"user": "2/min", "anon": "2/min"})
-    headers = auth_header(UserFactory())
+    headers = auth_header(UserFactory.create())
     port = free_port()
     with override_settings(CACHES=_cache_settings(port)):
         with redis_server(port):
