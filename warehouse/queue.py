@@ -208,6 +208,9 @@ class MovementConsumer:
             return
         close_old_connections()
         services.consumer_heartbeat_beat(name=self.name, started_at=self.started_at)
+        # Entries an outage kept stale are invalidated once the cache is back, even when no
+        # batch arrives to do it.
+        services.read_cache_resync()
         self._last_beat = time.monotonic()
 
     def _fill(self, conn: Connection, stop: threading.Event) -> None:

@@ -1,5 +1,10 @@
 """Warehouse reads: the movement view, stock, history, dead letters, verification and the
-consumer heartbeat. The two public reads are cached; `services` invalidates after commit."""
+consumer heartbeat. The two public reads are cached; `services` invalidates after commit.
+
+Only what exists is cached: a lookup of an unknown id leaves nothing behind, so anonymous
+callers cannot grow the cache by asking for random ids (they are throttled per client instead,
+`read_limits`). Any cached value that is not a view (an older release's "missing" marker, the
+invalidation tombstone `services` writes) reads as a miss."""
 
 import uuid
 from datetime import datetime, timedelta
@@ -12,7 +17,8 @@ from django.utils import timezone
 
 from warehouse.models import ConsumerHeartbeat, DeadLetter, LedgerEntry, Stock
 
-CACHE_MISSING = "missing"
+MOVEMENT_NOT_FOUND = "No such movement."
+STOCK_NOT_FOUND = "No stock recorded for this warehouse and product."
 
 
 def stock_cache_key(warehouse_id: str, product_id: str) -> str:
@@ -38,11 +44,13 @@ def stock_get(*, warehouse_id: uuid.UUID, product_id: uuid.UUID) -> dict[str, An
     """Current stock of a pair (`quantity = max(balance, 0)`, `short` when negative), or None."""
     key = stock_cache_key(str(warehouse_id), str(product_id))
     cached = cache.get(key)
-    if cached is not None:
-        return None if cached == CACHE_MISSING else dict(cached)
+    if isinstance(cached, dict):
+        return dict(cached)
     stock = Stock.objects.filter(warehouse_id=warehouse_id, product_id=product_id).first()
-    view = stock_view(stock) if stock is not None else None
-    cache.set(key, view if view is not None else CACHE_MISSING, settings.WAREHOUSE_CACHE_SECONDS)
+    if stock is None:
+        return None
+    view = stock_view(stock)
+    cache.set(key, view, settings.WAREHOUSE_CACHE_SECONDS)
     return view
 
 
@@ -99,12 +107,14 @@ def movement_view(entries: list[LedgerEntry]) -> dict[str, Any] | None:
 
 
 def movement_get(*, movement_id: uuid.UUID) -> dict[str, Any] | None:
+    """The movement view (`movement_view`), or None when no event of it is stored."""
     key = movement_cache_key(str(movement_id))
     cached = cache.get(key)
-    if cached is not None:
-        return None if cached == CACHE_MISSING else dict(cached)
+    if isinstance(cached, dict):
+        return dict(cached)
     view = movement_view(list(LedgerEntry.objects.filter(movement_id=movement_id)))
-    cache.set(key, view if view is not None else CACHE_MISSING, settings.WAREHOUSE_CACHE_SECONDS)
+    if view is not None:
+        cache.set(key, view, settings.WAREHOUSE_CACHE_SECONDS)
     return view
 
 

@@ -12,6 +12,7 @@ committed but not acked finds its messages already placed and changes nothing (o
 
 import json
 import re
+import threading
 import uuid
 from collections import Counter as Tally
 from collections import defaultdict
@@ -33,7 +34,7 @@ from realtime.services import publish
 from warehouse.lock_objects import stock_lock
 from warehouse.models import ConsumerHeartbeat, DeadLetter, DuplicateMessage, LedgerEntry, Stock
 from warehouse.schemas import Envelope, EnvelopeInvalid, envelope_parse, envelope_validate
-from warehouse.selectors import movement_cache_key, stock_cache_key
+from warehouse.selectors import movement_cache_key, stock_cache_key, stock_view
 
 logger = structlog.get_logger(__name__)
 
@@ -434,13 +435,71 @@ def _ingest(
     return result
 
 
+# --- read cache write-through -------------------------------------------------------------
+# After a commit, stock entries are replaced by the committed values (the next read is a hit)
+# and movement views are invalidated (recomputed from the ledger on the next read). The cache
+# fails open (common.cache): while Redis is unreachable those writes are dropped, and entries
+# written before the outage would outlive it by up to WAREHOUSE_CACHE_SECONDS if Redis comes
+# back with its data (a partition, a restart from a snapshot). So this process remembers the
+# keys it could not write and invalidates them as soon as the cache takes writes again: on its
+# next write-through or `read_cache_resync` (the consumer calls it with its heartbeat).
+# Invalidation overwrites with a one-second tombstone rather than deleting, because only
+# `set_many` reports whether the fail-open cache took the write.
+_TOMBSTONE = "stale"
+UNSYNCED_MAX = 100_000
+_unsynced: set[str] = set()
+_unsynced_overflowed = False
+_unsynced_lock = threading.Lock()
+
+
+def _cache_write(views: dict[str, dict[str, Any]], stale: set[str]) -> bool:
+    """Write `views`, invalidate `stale`; True when the cache took both."""
+    failed = cache.set_many(views, settings.WAREHOUSE_CACHE_SECONDS) if views else []
+    if not failed and stale:
+        failed = cache.set_many(dict.fromkeys(stale, _TOMBSTONE), 1)
+    return not failed
+
+
+def _cache_sync(views: dict[str, dict[str, Any]], stale: set[str]) -> None:
+    global _unsynced_overflowed
+    with _unsynced_lock:
+        pending = set(_unsynced)
+    try:
+        written = _cache_write(views, (stale | pending) - views.keys())
+    except Exception:
+        logger.exception("warehouse_cache_refresh_failed", keys=len(views) + len(stale))
+        written = False
+    with _unsynced_lock:
+        if written:
+            _unsynced.difference_update(pending)
+            _unsynced_overflowed = _unsynced_overflowed and bool(_unsynced)
+            return
+        room = UNSYNCED_MAX - len(_unsynced)
+        missed = views.keys() | stale
+        if len(missed) > room and not _unsynced_overflowed:
+            _unsynced_overflowed = True
+            logger.warning(
+                "warehouse_cache_resync_incomplete",
+                detail="too many dropped writes to track; cached reads may be stale for up to "
+                "WAREHOUSE_CACHE_SECONDS after the cache returns",
+            )
+        _unsynced.update(list(missed)[: max(room, 0)])
+
+
+def read_cache_resync() -> int:
+    """Invalidate the cache entries this process could not write while the cache was
+    unreachable, if it takes writes now; returns how many remain unsynced. Idempotent; cheap
+    when there is nothing to do."""
+    if _unsynced:
+        _cache_sync({}, set())
+    return len(_unsynced)
+
+
 def _after_commit(
     result: BatchResult, movement_ids: set[uuid.UUID], sent_times: list[datetime]
 ) -> None:
-    # Stock entries are replaced by the committed values (write-through: the next read is a hit),
-    # movement views are dropped (recomputed from the ledger on the next read). With several
-    # consumers on one queue, two batches' writes could land out of order; entries then heal
-    # after WAREHOUSE_CACHE_SECONDS, so run one consumer per queue.
+    # With several consumers on one queue, two batches' writes could land out of order; entries
+    # then heal after WAREHOUSE_CACHE_SECONDS, so run one consumer per queue.
     stock_views = {
         stock_cache_key(c["warehouse_id"], c["product_id"]): {
             key: c[key]
@@ -448,18 +507,8 @@ def _after_commit(
         }
         for c in result.stock_changes
     }
-    movement_keys = [movement_cache_key(str(movement_id)) for movement_id in movement_ids]
-    try:
-        if stock_views:
-            cache.set_many(stock_views, settings.WAREHOUSE_CACHE_SECONDS)
-        if movement_keys:
-            cache.delete_many(movement_keys)
-    except Exception:
-        logger.exception("warehouse_cache_refresh_failed", keys=len(stock_views))
-        try:
-            cache.delete_many(list(stock_views))
-        except Exception:
-            logger.exception("warehouse_cache_invalidation_failed")
+    movement_keys = {movement_cache_key(str(movement_id)) for movement_id in movement_ids}
+    _cache_sync(stock_views, movement_keys)
     tally = Tally(result.outcomes)
     for outcome, count in tally.items():
         if outcome in ("stored", "duplicate", "redelivered"):
@@ -577,8 +626,11 @@ def dead_letter_replay(*, dead_letter_id: int) -> DeadLetter:
 
 @transaction.atomic
 def stock_rebuild() -> int:
-    """Recompute every balance from the ledger (stock == Σ ledger); returns the row count."""
+    """Recompute every balance from the ledger (stock == Σ ledger); returns the row count.
+    After commit the stock cache entries are rewritten (and those of pairs that no longer
+    exist invalidated); nothing else in the cache is touched."""
     now = timezone.now()
+    before = set(Stock.objects.values_list("warehouse_id", "product_id"))
     Stock.objects.all().delete()
     rows = (
         LedgerEntry.objects.values("warehouse_id", "product_id")
@@ -595,8 +647,23 @@ def stock_rebuild() -> int:
         for row in rows
     ]
     Stock.objects.bulk_create(stock, batch_size=5000)
-    transaction.on_commit(cache.clear)
+    views = {
+        stock_cache_key(str(row.warehouse_id), str(row.product_id)): stock_view(row)
+        for row in stock
+    }
+    gone = {
+        stock_cache_key(str(warehouse_id), str(product_id)) for warehouse_id, product_id in before
+    } - views.keys()
+    transaction.on_commit(lambda: _cache_sync_chunked(views, gone))
     return len(stock)
+
+
+def _cache_sync_chunked(
+    views: dict[str, dict[str, Any]], stale: set[str], size: int = 5000
+) -> None:
+    items, stale_keys = list(views.items()), list(stale)
+    for start in range(0, max(len(items), len(stale_keys)), size):
+        _cache_sync(dict(items[start : start + size]), set(stale_keys[start : start + size]))
 
 
 def consumer_heartbeat_beat(*, name: str, started_at: datetime) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from django.test import override_settings
+from django.test import Client, override_settings
 from django.utils import timezone
 
 from tests.factories import StaffFactory, UserFactory, auth_header
@@ -81,7 +81,7 @@ def test_a_committed_change_is_visible_within_one_second(http: httpx.Client) -> 
     warehouse_id, product_id = uuid.uuid4(), uuid.uuid4()
     pair = {"warehouse_id": warehouse_id, "product_id": product_id}
     url = f"/api/warehouses/{warehouse_id}/products/{product_id}"
-    assert http.get(url).status_code == 404  # the miss is cached too
+    assert http.get(url).status_code == 404  # a miss leaves nothing in the cache
     services.movements_ingest(bodies=[body(envelope(event="arrival", quantity=7, **pair))])
     assert http.get(url).json()["quantity"] == 7  # cached now
     services.movements_ingest(bodies=[body(envelope(event="arrival", quantity=5, **pair))])
@@ -150,12 +150,15 @@ def test_openapi_documents_every_endpoint(http: httpx.Client, path: str) -> None
     assert path in schema["paths"]
 
 
-def test_admin_lists_movements_stock_and_dead_letters(http: httpx.Client) -> None:
-    from django.test import Client
-
-    services.movements_ingest(bodies=[body(e) for e in example_pair()] + [b"junk"])
+def _operator() -> Client:
     client = Client()
     client.force_login(StaffFactory.create(is_superuser=True))
+    return client
+
+
+def test_admin_lists_movements_stock_and_dead_letters(http: httpx.Client) -> None:
+    services.movements_ingest(bodies=[body(e) for e in example_pair()] + [b"junk"])
+    client = _operator()
     for model in ("ledgerentry", "stock", "deadletter"):
         assert client.get(f"/admin/warehouse/{model}/").status_code == 200
     letter = DeadLetter.objects.get()
@@ -322,8 +325,6 @@ def test_a_batch_that_fails_unexpectedly_at_the_ingest_endpoint_is_retried_item_
 def test_replaying_dead_letters_from_the_admin_isolates_each_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from django.test import Client
-
     _failing_on(monkeypatch, "WH-BOOM")
     departure, _ = example_pair()
     letters = [
@@ -332,8 +333,7 @@ def test_replaying_dead_letters_from_the_admin_isolates_each_one(
         )
         for document in ({**envelope(), "source": "WH-BOOM"}, departure)
     ]
-    client = Client()
-    client.force_login(StaffFactory.create(is_superuser=True))
+    client = _operator()
     response = client.post(
         "/admin/warehouse/deadletter/",
         {"action": "replay", "_selected_action": [letter.pk for letter in letters]},

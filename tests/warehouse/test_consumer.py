@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,22 +44,6 @@ from warehouse.simulator import POISON_BODIES, Simulation
 
 ROOT = Path(__file__).resolve().parents[2]
 ConsumerT = TypeVar("ConsumerT", bound=queue.MovementConsumer)
-
-
-@pytest.fixture
-def transport(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A fresh queue on the configured transport; yields settings for this process and env
-    for child processes."""
-    name = f"warehouse.test.{uuid.uuid4().hex[:12]}"
-    url = os.environ.get("CELERY_BROKER_URL") or "filesystem://"
-    values = {"url": url, "queue": name, "dir": str(tmp_path / "queue")}
-    with override_settings(
-        WAREHOUSE_BROKER_URL=url, WAREHOUSE_QUEUE=name, WAREHOUSE_QUEUE_DIR=values["dir"]
-    ):
-        yield values
-    if url.startswith("amqp"):
-        with queue.connection_open(url) as conn:
-            queue.movement_queue(name)(conn.channel()).delete()
 
 
 def _child_env(transport: dict[str, str], **extra: str) -> dict[str, str]:

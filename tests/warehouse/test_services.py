@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 import pytest
+from django.core.cache import cache
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import transaction
@@ -13,7 +14,7 @@ from django.test import override_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.warehouse.factories import body, envelope, example_pair
+from tests.warehouse.factories import EPOCH, body, envelope, example_pair
 from warehouse import selectors, services
 from warehouse.models import DeadLetter, LedgerEntry, Stock
 from warehouse.schemas import message_key
@@ -183,6 +184,27 @@ def test_verify_command_reports_stock_equal_to_the_ledger_and_rebuilds_it() -> N
         call_command("warehouse_verify_stock", stdout=io.StringIO(), stderr=io.StringIO())
     call_command("warehouse_verify_stock", "--rebuild", stdout=io.StringIO())
     assert selectors.stock_mismatches() == []
+
+
+def test_rebuilding_stock_rewrites_its_cache_entries_and_leaves_the_rest_of_the_cache(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    kept, gone = (uuid.uuid4(), uuid.uuid4()), (uuid.uuid4(), uuid.uuid4())
+    with django_capture_on_commit_callbacks(execute=True):
+        services.movements_ingest(
+            bodies=[body(envelope(quantity=5, warehouse_id=kept[0], product_id=kept[1]))]
+        )
+    Stock.objects.update(balance=999)  # drifted from the ledger, and cached so
+    Stock.objects.create(warehouse_id=gone[0], product_id=gone[1], balance=3, updated_at=EPOCH)
+    cache.delete(selectors.stock_cache_key(str(kept[0]), str(kept[1])))
+    drifted = [selectors.stock_get(warehouse_id=w, product_id=p) for w, p in (kept, gone)]
+    cache.set("not-the-warehouse's", "kept", 60)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.stock_rebuild()
+    assert [view["quantity"] for view in drifted if view] == [999, 3]
+    assert selectors.stock_get(warehouse_id=kept[0], product_id=kept[1])["quantity"] == 5  # type: ignore[index]
+    assert selectors.stock_get(warehouse_id=gone[0], product_id=gone[1]) is None
+    assert cache.get("not-the-warehouse's") == "kept"
 
 
 # --- property: order and duplicates do not matter ----------------------------------------

@@ -1,0 +1,126 @@
+"""The public reads' rate limit: one budget per client, whichever door answers the read.
+
+`WAREHOUSE_READ_THROTTLE` ("N/period", DRF's notation: `s`, `m`, `h`, `d`) allows N reads per
+client per fixed window of that period. The DRF views (`api.PublicReadThrottle`) and the ASGI
+fast path (`fastpath`) count in the same cache entry, `wh:rl:<window>:<client>:<index>`, an
+integer that expires with its window; so a client never holds more than two entries at once
+(the current window and the one just closing), whatever it asks for. Anonymous clients are
+their IP address (`common.network.client_ip`: the socket's unless TRUSTED_PROXY_HOPS), IPv6
+ones per /64, the smallest block one subscriber gets, so cycling through addresses mints
+neither a fresh budget nor fresh entries; authenticated callers are their user id.
+
+When the cache is unreachable the limit fails open (every read allowed) with a log line, as
+`input-policy.md` asks of throttles.
+"""
+
+import functools
+import ipaddress
+import re
+import time
+from dataclasses import dataclass
+
+import structlog
+from django.conf import settings
+from django.core.cache import cache
+
+from common.cache import OUTAGE_ERRORS
+
+logger = structlog.get_logger(__name__)
+LOG_EVERY_SECONDS = 10.0
+_last_logged = 0.0
+
+_RATE = re.compile(r"^([0-9]+)/([smhd])[a-z]*$")
+_PERIOD_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class Rate:
+    limit: int
+    window: int
+
+
+@functools.lru_cache(maxsize=8)
+def rate_parse(text: str) -> Rate | None:
+    """`"200000/min"` -> Rate(200000, 60); `""` -> None (no limit). Raises ValueError when
+    malformed (settings check the same shape at start)."""
+    if not text:
+        return None
+    found = _RATE.fullmatch(text.strip())
+    if found is None:
+        raise ValueError(f"read throttle must look like 600/min, not {text!r}")
+    return Rate(limit=int(found.group(1)), window=_PERIOD_SECONDS[found.group(2)])
+
+
+def rate() -> Rate | None:
+    return rate_parse(settings.WAREHOUSE_READ_THROTTLE)
+
+
+@functools.lru_cache(maxsize=4096)
+def client_ident(ip: str | None) -> str:
+    """The anonymous client's budget name: its IPv4 address, or the /64 of its IPv6 one
+    (`ip:unknown`, one shared budget, when the socket gave no address)."""
+    try:
+        address = ipaddress.ip_address(ip or "")
+    except ValueError:
+        return "ip:unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"ip:{address.ipv4_mapped}"
+        return f"ip6:{ipaddress.IPv6Network((address, 64), strict=False).network_address}"
+    return f"ip:{address}"
+
+
+def now() -> float:
+    """The clock the windows are cut from (wall time, shared by every process)."""
+    return time.time()
+
+
+def user_ident(user_id: object) -> str:
+    return f"user:{user_id}"
+
+
+def counter_key(ident: str, limit: Rate, at: float) -> str:
+    """The cache key (before the cache's own prefix) counting `ident` in the window of `at`."""
+    return f"wh:rl:{limit.window}:{ident}:{int(at // limit.window)}"
+
+
+def counter_ttl(limit: Rate) -> int:
+    return limit.window + 1
+
+
+def verdict(limit: Rate, count: int, at: float) -> float | None:
+    """None when the `count`-th read of the window is allowed, else the seconds until the
+    window ends (Retry-After)."""
+    if count <= limit.limit:
+        return None
+    return limit.window - (at % limit.window)
+
+
+def hit(ident: str) -> float | None:
+    """Count one read of `ident`: None when allowed, else seconds to wait.
+
+    Atomic on the cache (Redis INCR, the local-memory cache's lock); blocking, so not for the
+    event loop unless the cache is local memory. Fails open when the cache is unreachable."""
+    limit = rate()
+    if limit is None:
+        return None
+    at = now()
+    key = counter_key(ident, limit, at)
+    try:
+        cache.add(key, 0, counter_ttl(limit))
+        count = cache.incr(key)
+    except ValueError:
+        # The entry expired between add and incr: the window turned, this is its first read.
+        return None
+    except OUTAGE_ERRORS as exc:
+        _log_outage(exc)
+        return None
+    return verdict(limit, count, at)
+
+
+def _log_outage(exc: BaseException) -> None:
+    global _last_logged
+    moment = time.monotonic()
+    if moment - _last_logged >= LOG_EVERY_SECONDS:
+        _last_logged = moment
+        logger.warning("warehouse_read_throttle_unavailable", error=str(exc)[:200])
