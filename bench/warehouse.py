@@ -149,10 +149,11 @@ def baseline(bodies: list[bytes]) -> float:
                 env.fingerprint,
                 0,
                 now,
+                "",
             ]
             pair = (env.warehouse_id, env.product_id)
             deltas[pair] = deltas.get(pair, 0) + env.delta
-        values = ", ".join(["(" + ", ".join(["%s"] * 13) + ")"] * len(chunk))
+        values = ", ".join(["(" + ", ".join(["%s"] * 14) + ")"] * len(chunk))
         stock_rows: list[Any] = []
         for (w, p), delta in sorted(deltas.items()):
             stock_rows += [w, p, delta, now]
@@ -162,7 +163,7 @@ def baseline(bodies: list[bytes]) -> float:
             cursor.execute(
                 "INSERT INTO bench_wh_ledger (movement_id, event, warehouse_id, product_id, "
                 "quantity, delta, occurred_at, source, envelope_id, sent_at, fingerprint, "
-                f"duplicates, recorded_at) VALUES {values}",
+                f"duplicates, recorded_at, message_key) VALUES {values}",
                 rows,
             )
             cursor.execute(

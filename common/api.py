@@ -14,11 +14,11 @@ from rest_framework import serializers, status
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from common import exceptions as app_errors
 from common import fields, services
+from common.throttling import ScopedRateThrottle
 
 HTTP_STATUS_BY_ERROR: dict[type[app_errors.ApplicationError], int] = {
     app_errors.ValidationFailed: status.HTTP_400_BAD_REQUEST,

@@ -7,6 +7,7 @@ the outermost trusted proxy recorded; anything to its left was written by the cl
 ignored. DRF's throttles follow the same rule through `NUM_PROXIES` (config/settings.py).
 """
 
+import functools
 import ipaddress
 
 from django.conf import settings
@@ -32,3 +33,19 @@ def client_ip(request: HttpRequest) -> str | None:
     if not chain:
         return remote
     return _address(chain[-min(hops, len(chain))]) or remote
+
+
+@functools.lru_cache(maxsize=4096)
+def client_key(ip: str | None) -> str:
+    """The rate-limit identity of an address: the IPv4 address, or the /64 of an IPv6 one (the
+    smallest block one subscriber gets, so cycling through its addresses mints no new budgets);
+    `ip:unknown`, one shared budget, when the socket gave no address."""
+    try:
+        address = ipaddress.ip_address(ip or "")
+    except ValueError:
+        return "ip:unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"ip:{address.ipv4_mapped}"
+        return f"ip6:{ipaddress.IPv6Network((address, 64), strict=False).network_address}"
+    return f"ip:{address}"

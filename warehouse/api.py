@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 from common import fields, parsers
 from common.exceptions import NotFound, ValidationFailed
 from common.fields import TimestampField
-from common.network import client_ip
+from common.network import client_ip, client_key
 from common.pagination import LimitOffsetPagination
 from warehouse import read_limits, selectors, services
 from warehouse.models import DeadLetter
@@ -41,7 +41,7 @@ class PublicReadThrottle(BaseThrottle):
         if request.user.is_authenticated:
             ident = read_limits.user_ident(request.user.pk)
         else:
-            ident = read_limits.client_ident(client_ip(request._request))
+            ident = client_key(client_ip(request._request))
         self.wait_seconds = read_limits.hit(ident)
         return self.wait_seconds is None
 

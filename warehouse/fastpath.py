@@ -72,7 +72,7 @@ from common import parsers
 from common.api import exception_handler
 from common.cache import OUTAGE_ERRORS
 from common.exceptions import NotFound
-from common.network import client_ip
+from common.network import client_ip, client_key
 from warehouse import read_limits, selectors
 
 logger = structlog.get_logger(__name__)
@@ -262,7 +262,7 @@ def _prepare(scope: Scope) -> _Read | None:
         request=request,
         request_id=request.META["HTTP_X_REQUEST_ID"],
         plan=plan,
-        client=read_limits.client_ident(client_ip(request)),
+        client=client_key(client_ip(request)),
     )
 
 

@@ -14,7 +14,6 @@ When the cache is unreachable the limit fails open (every read allowed) with a l
 """
 
 import functools
-import ipaddress
 import re
 import time
 from dataclasses import dataclass
@@ -53,21 +52,6 @@ def rate_parse(text: str) -> Rate | None:
 
 def rate() -> Rate | None:
     return rate_parse(settings.WAREHOUSE_READ_THROTTLE)
-
-
-@functools.lru_cache(maxsize=4096)
-def client_ident(ip: str | None) -> str:
-    """The anonymous client's budget name: its IPv4 address, or the /64 of its IPv6 one
-    (`ip:unknown`, one shared budget, when the socket gave no address)."""
-    try:
-        address = ipaddress.ip_address(ip or "")
-    except ValueError:
-        return "ip:unknown"
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return f"ip:{address.ipv4_mapped}"
-        return f"ip6:{ipaddress.IPv6Network((address, 64), strict=False).network_address}"
-    return f"ip:{address}"
 
 
 def now() -> float:

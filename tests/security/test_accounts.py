@@ -141,3 +141,52 @@ def test_a_login_without_a_socket_address_is_recorded_without_one() -> None:
     user = UserFactory.create()
     client.force_login(user)
     assert client.get("/api/auth/me").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("addresses", "same"),
+    [
+        (("2001:db8:1:2::1", "2001:db8:1:2:ffff::9"), True),
+        (("2001:db8:1:2::1", "2001:db8:1:3::1"), False),
+        (("::ffff:192.0.2.7", "192.0.2.7"), True),
+        (("192.0.2.7", "192.0.2.8"), False),
+    ],
+)
+def test_rate_limits_group_ipv6_per_64(addresses: tuple[str, str], same: bool) -> None:
+    from common.network import client_key
+
+    assert (client_key(addresses[0]) == client_key(addresses[1])) is same
+
+
+def test_one_ipv6_subscriber_cannot_mint_budgets_by_cycling_addresses(
+    http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rest_framework.throttling import SimpleRateThrottle
+
+    monkeypatch.setattr(
+        SimpleRateThrottle, "THROTTLE_RATES", {"register": "2/min", "anon": "1000/min"}
+    )
+    with override_settings(TRUSTED_PROXY_HOPS=1):
+        codes = [
+            http.post(
+                "/api/auth/register",
+                json={"username": f"six{i}", "password": PASSWORD},
+                headers={"X-Forwarded-For": f"2001:db8:77:1::{i + 1:x}"},
+            ).status_code
+            for i in range(3)
+        ]
+    assert codes == [201, 201, 429]
+
+
+@pytest.mark.parametrize(("hops", "redirected"), [(0, True), (1, False)])
+def test_only_a_trusted_proxy_may_say_the_request_was_https(hops: int, redirected: bool) -> None:
+    from importlib import reload
+
+    import config.settings as project_settings
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRUSTED_PROXY_HOPS", str(hops))
+        reloaded = reload(project_settings)
+        header = reloaded.SECURE_PROXY_SSL_HEADER
+    reload(project_settings)
+    assert (header is None) is redirected

@@ -21,9 +21,10 @@ from django.core.cache import cache
 from django.test import override_settings
 from prometheus_client import REGISTRY
 
+from common.network import client_key
 from tests.conftest import LiveServer, start_live_server
 from tests.warehouse.factories import ARRIVAL, DEPARTURE, body, example_pair
-from warehouse import fastpath, read_limits, services
+from warehouse import fastpath, services
 from warehouse.fastpath import read_fastpath
 
 MOVEMENT = f"/api/movements/{DEPARTURE['data']['movement_id']}"
@@ -124,8 +125,12 @@ def test_the_fast_path_answers_each_read_exactly_as_the_django_stack(
 def test_the_fast_path_sends_the_security_headers_the_settings_configure(
     stored: httpx.Client, path: str, security: dict[str, Any]
 ) -> None:
-    headers = {"X-Forwarded-Proto": "https"}  # SECURE_PROXY_SSL_HEADER: a secure request
-    with _server_with(**security) as client:
+    headers = {"X-Forwarded-Proto": "https"}  # from a trusted proxy: a secure request
+    trusted_proxy = {
+        "TRUSTED_PROXY_HOPS": 1,
+        "SECURE_PROXY_SSL_HEADER": ("HTTP_X_FORWARDED_PROTO", "https"),
+    }
+    with _server_with(**trusted_proxy, **security) as client:
         fast = client.get(path, headers=headers)
         full = _through_django(client, path, headers)
     _assert_same_answer(fast, full, sent=headers, fast_answers=True)
@@ -285,7 +290,7 @@ def test_behind_trusted_proxies_the_read_budget_follows_the_forwarded_client(
     ],
 )
 def test_ipv6_clients_share_one_read_budget_per_64(one: str, other: str, same: bool) -> None:
-    assert (read_limits.client_ident(one) == read_limits.client_ident(other)) is same
+    assert (client_key(one) == client_key(other)) is same
 
 
 @pytest.fixture
