@@ -27,7 +27,9 @@ def orm_call(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         close_old_connections()
 
 
-def orm_async(fn: Callable[P, R], *, executor: ThreadPoolExecutor | None = None) -> Callable[P, Awaitable[R]]:
+def orm_async(
+    fn: Callable[P, R], *, executor: ThreadPoolExecutor | None = None
+) -> Callable[P, Awaitable[R]]:
     """`fn` as a coroutine function running `orm_call(fn, ...)` in a worker thread (not the
     single thread-sensitive one, so calls from many connections run in parallel; `executor`
     bounds them)."""
