@@ -6,17 +6,33 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MANAGE := $(PY) manage.py
 
-.PHONY: run test test-fast lint format bench migrate install clean
+.PHONY: run test lint format bench migrate install clean
 
 $(UV):
 	python$(PYTHON_VERSION) -m venv .bootstrap || python3 -m venv .bootstrap
 	.bootstrap/bin/pip install --quiet --disable-pip-version-check "uv>=0.5,<1"
 
-$(VENV)/.installed: uv.lock pyproject.toml | $(UV)
-	$(UV) sync --frozen --python $(PYTHON_VERSION)
+# Each target installs what it needs and nothing more: `make run` the runtime dependencies only,
+# `make test`/`lint`/`bench` add their groups (pyproject.toml [dependency-groups]).
+SYNC := $(UV) sync --frozen --python $(PYTHON_VERSION) --no-default-groups --inexact
+
+$(VENV)/.runtime: uv.lock pyproject.toml | $(UV)
+	$(SYNC)
 	@touch $@
 
-install: $(VENV)/.installed
+$(VENV)/.test: $(VENV)/.runtime
+	$(SYNC) --group test
+	@touch $@
+
+$(VENV)/.lint: $(VENV)/.test
+	$(SYNC) --group test --group lint
+	@touch $@
+
+$(VENV)/.bench: $(VENV)/.test
+	$(SYNC) --group test --group bench
+	@touch $@
+
+install: $(VENV)/.runtime
 
 migrate: install
 	@mkdir -p var
@@ -26,21 +42,22 @@ run: migrate
 	$(MANAGE) ensure_operator
 	$(MANAGE) runall
 
-test: install
+test: $(VENV)/.test
 	@mkdir -p var
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-lint: install
+lint: $(VENV)/.lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
 	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/vulture
 
-format: install
+format: $(VENV)/.lint
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: install
+bench: $(VENV)/.bench
 	$(PY) bench/run_all.py
 
 clean:

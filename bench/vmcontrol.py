@@ -100,8 +100,8 @@ def _env(**extra: str) -> dict[str, str]:
     return {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
-        "VMCONTROL_HEARTBEAT_INTERVAL": str(HEARTBEAT),
-        "VMCONTROL_AUTH_TIMEOUT": "60",
+        "VMCONTROL_HEARTBEAT_INTERVAL_SECONDS": str(HEARTBEAT),
+        "VMCONTROL_AUTH_TIMEOUT_SECONDS": "60",
         "VMCONTROL_SERVER_NAME": "bench-vmcontrol",
         "LOG_LEVEL": "WARNING",
         **extra,

@@ -97,13 +97,25 @@ class EventListApi(APIView):
 
 
 class BetPlaceApi(APIView):
+    """Place a bet on an open event before its deadline, at the event's current coefficient
+    (frozen on the bet). `amount` is a decimal string or a JSON number read exactly, at most 2
+    places, within the configured stake limits. `expected_coefficient` with `odds_change`
+    (`none`: refuse when the odds moved; `higher`: accept better odds; `any`) guards against a
+    price change between reading and betting. 201 with the bet; a replay with the same
+    `Idempotency-Key` returns the same bet (200, `Idempotent-Replayed: true`). 409 when the
+    event is finished, cancelled or past its deadline, or when the odds moved."""
+
     class InputSerializer(serializers.Serializer):
         event_id = IdentifierField(max_length=schemas.EVENT_ID_MAX_LENGTH)
-        amount = MoneyField(min_value=services.STAKE.minimum, max_value=services.STAKE.maximum)
+        # The assignment's clients send JSON numbers: read exactly, same rules as the string.
+        amount = MoneyField(
+            min_value=services.STAKE.minimum, max_value=services.STAKE.maximum, numbers=True
+        )
         expected_coefficient = MoneyField(
             min_value=services.COEFFICIENT.minimum,
             max_value=services.COEFFICIENT.maximum,
             required=False,
+            numbers=True,
         )
         odds_change = serializers.ChoiceField(choices=services.ODDS_CHANGE_POLICIES, default="none")
 
@@ -137,6 +149,8 @@ class BetPlaceApi(APIView):
 
 
 class BetListApi(APIView):
+    """The caller's bets, newest first, cursor-paginated; filter by `status` or `event_id`."""
+
     class Pagination(CursorPagination):
         ordering = "-id"
         page_size = 50
@@ -165,6 +179,9 @@ class BetListApi(APIView):
 
 
 class BetDetailApi(APIView):
+    """One of the caller's bets with its status and, once settled, its payout. Another user's
+    bet is a 404, like one that does not exist."""
+
     @extend_schema(operation_id="betting_bet_get", responses=BetOutputSerializer)
     def get(self, request: Request, bet_id: int) -> Response:
         bet = selectors.bet_of_user(user_id=_user_id(request), bet_id=bet_id)
@@ -185,6 +202,9 @@ class BetCollectionApi(BetListApi, BetPlaceApi):
 
 
 class EventCreateApi(APIView):
+    """Staff: create an event with its coefficient (decimal, 2 places) and a deadline in the
+    future (RFC 3339 with an offset). Also published to the gRPC line provider's watchers."""
+
     permission_classes = [IsAdminUser]
 
     class InputSerializer(serializers.Serializer):
@@ -216,6 +236,9 @@ class EventCreateApi(APIView):
 
 
 class EventOddsUpdateApi(APIView):
+    """Staff: change the coefficient of an open event. Bets already placed keep the coefficient
+    they were placed at; 409 when the event is no longer open."""
+
     permission_classes = [IsAdminUser]
 
     class InputSerializer(serializers.Serializer):
@@ -241,6 +264,10 @@ class EventOddsUpdateApi(APIView):
 
 
 class EventFinishApi(APIView):
+    """Staff: finish an event with its outcome; every pending bet on it is settled exactly once
+    (won or lost) after commit. Finishing again with the same outcome is a no-op; a different
+    outcome is a 409."""
+
     permission_classes = [IsAdminUser]
 
     class InputSerializer(serializers.Serializer):
@@ -264,6 +291,9 @@ class EventFinishApi(APIView):
 
 
 class EventCancelApi(APIView):
+    """Staff: cancel an open event; its bets become void with the stake refunded, settled
+    exactly once after commit. Cancelling again is a no-op; a finished event is a 409."""
+
     permission_classes = [IsAdminUser]
 
     @extend_schema(

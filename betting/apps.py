@@ -1,3 +1,5 @@
+import asyncio
+
 from django.apps import AppConfig
 
 
@@ -16,7 +18,7 @@ class BettingConfig(AppConfig):
         topic_register("betting.events", access=TopicAccess.AUTHENTICATED)
         topic_register("betting.bets", access=TopicAccess.OWNER)
 
-        async def run(stop: "asyncio.Event") -> None:
+        async def run(stop: asyncio.Event) -> None:
             await serve(stop, host=settings.BIND_HOST, port=settings.GRPC_PORT)
 
         embedded_process_register(
@@ -27,8 +29,6 @@ class BettingConfig(AppConfig):
                     f"{'gRPC betting':<12} {settings.BIND_HOST}:{settings.GRPC_PORT}"
                     f" (betting.v1.LineProvider, {configured_mode()})"
                 ),
+                listens=lambda: [("GRPC_PORT", settings.BIND_HOST, settings.GRPC_PORT)],
             )
         )
-
-
-import asyncio  # noqa: E402

@@ -1,4 +1,4 @@
-"""Betting reads."""
+"""Betting reads. Querysets are lazy and unlocked; ordering is part of each contract."""
 
 from django.db.models import Max, QuerySet
 from django.utils import timezone
@@ -15,11 +15,14 @@ def events_open() -> QuerySet[Event]:
 
 
 def events_list(*, state: str | None = None, open_only: bool = False) -> QuerySet[Event]:
+    """Every event (or only the open ones, as `events_open`), optionally in one `EventState`,
+    soonest deadline first, then by id."""
     events = events_open() if open_only else Event.objects.order_by("deadline", "id")
     return events.filter(state=state) if state else events
 
 
 def event_get(*, event_id: str) -> Event:
+    """One event; raises `NotFound` (`event_not_found`)."""
     event = Event.objects.filter(pk=event_id).first()
     if event is None:
         raise NotFound(f"event {event_id} not found", code="event_not_found")
@@ -29,6 +32,7 @@ def event_get(*, event_id: str) -> Event:
 def bets_of_user(
     *, user_id: int, status: str | None = None, event_id: str | None = None
 ) -> QuerySet[Bet]:
+    """The user's own bets, newest first, optionally of one `BetStatus` and/or one event."""
     bets = Bet.objects.filter(user_id=user_id)
     if status:
         bets = bets.filter(status=status)
@@ -38,7 +42,7 @@ def bets_of_user(
 
 
 def bet_of_user(*, user_id: int, bet_id: int) -> Bet:
-    """Another user's bet is NotFound, never Forbidden (no existence leak)."""
+    """Another user's bet is NotFound (`bet_not_found`), never Forbidden (no existence leak)."""
     bet = Bet.objects.filter(pk=bet_id, user_id=user_id).first()
     if bet is None:
         raise NotFound("bet not found", code="bet_not_found")
@@ -46,6 +50,8 @@ def bet_of_user(*, user_id: int, bet_id: int) -> Bet:
 
 
 def event_changes_after(*, sequence: int, limit: int = 1000) -> list[EventChange]:
+    """Up to `limit` change-log rows numbered after `sequence`, in sequence order (gapless
+    once committed: see `lock_objects.change_sequence_next`)."""
     return list(EventChange.objects.filter(sequence__gt=sequence).order_by("sequence")[:limit])
 
 
@@ -61,9 +67,5 @@ def event_changes_latest_per_event(*, up_to: int) -> list[EventChange]:
 
 
 def change_sequence_current() -> int:
+    """The highest committed change sequence, 0 before the first change."""
     return EventChange.objects.aggregate(m=Max("sequence"))["m"] or 0
-
-
-def bets_pending_count(*, event_id: str | None = None) -> int:
-    bets = Bet.objects.filter(status="pending")
-    return (bets.filter(event_id=event_id) if event_id else bets).count()

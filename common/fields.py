@@ -13,6 +13,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, TypeVar
 
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from rest_framework import serializers
 
 from common import parsers
@@ -128,6 +129,34 @@ class MoneyField(serializers.CharField):
         return str(Decimal(value).quantize(Decimal(1).scaleb(-self.places)))
 
 
+class MoneyFieldSchema(OpenApiSerializerFieldExtension):
+    """OpenAPI for MoneyField: a decimal string (and, where accepted, a JSON number) with its
+    bounds and decimal places."""
+
+    target_class = "common.fields.MoneyField"
+    match_subclasses = True
+
+    def map_serializer_field(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+        field: MoneyField = self.target
+        places = field.places
+        text: dict[str, Any] = {
+            "type": "string",
+            "pattern": rf"^[0-9]+(\.[0-9]{{1,{places}}})?$" if places else r"^[0-9]+$",
+            "example": "10.50" if places else "10",
+        }
+        if direction == "response" or not field.numbers:
+            return text
+        number: dict[str, Any] = {"type": "number", "multipleOf": float(Decimal(1).scaleb(-places))}
+        for key, bound in (("minimum", field.min_money), ("maximum", field.max_money)):
+            if bound is not None:
+                number[key] = float(bound)
+        return {
+            "oneOf": [text, number],
+            "description": "A decimal string, or a JSON number read exactly (never through a "
+            f"float): at most {places} decimal places, no exponent.",
+        }
+
+
 class TimestampField(serializers.DateTimeField):
     """An RFC 3339 timestamp with a UTC offset (`parsers.timestamp`), stored and returned in
     UTC. `naive_is_utc=True` only where the field documents that naive values mean UTC;
@@ -157,12 +186,4 @@ LENIENT_DRF_FIELDS: tuple[type[serializers.Field], ...] = (
     serializers.TimeField,
     serializers.DurationField,
     serializers.UUIDField,
-)
-SHARED_FIELDS: tuple[type[serializers.Field], ...] = (
-    TextField,
-    IdentifierField,
-    IntegerField,
-    MoneyField,
-    TimestampField,
-    UUIDField,
 )

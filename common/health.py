@@ -10,8 +10,6 @@ per-check detail, which names hosts and ports, only staff or the metrics bearer 
 import time
 from collections.abc import Callable
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
@@ -99,12 +97,3 @@ def readyz(request: HttpRequest) -> JsonResponse:
     if ops_access_allowed(request):
         body["checks"] = results
     return JsonResponse(body, status=200 if ready else 503)
-
-
-def channel_layer_roundtrip() -> None:
-    """Used by tests and ops: one message through the configured layer and back."""
-    layer = get_channel_layer()
-    assert layer is not None
-    channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.send)(channel, {"type": "readyz.ping"})
-    async_to_sync(layer.receive)(channel)

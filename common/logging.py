@@ -7,6 +7,7 @@ correlation id bound with `structlog.contextvars` shows up on all of them.
 import json
 import logging
 import queue
+import re
 import threading
 from typing import Any
 
@@ -49,6 +50,28 @@ def structured_formatter(fmt: str = "console") -> structlog.stdlib.ProcessorForm
         ],
         foreign_pre_chain=_SHARED_PROCESSORS,
     )
+
+
+_SECRET_QUERY = re.compile(r"((?:[?&;]|^)(?:ticket|token|secret|password|key)=)[^&;\s\"']*", re.I)
+
+
+def redact_query_secrets(text: str) -> str:
+    """`/ws/?ticket=abc&room=x` → `/ws/?ticket=[redacted]&room=x`: credentials that clients must
+    pass in a URL (the WebSocket ticket; browsers cannot set headers) never reach a log line."""
+    return _SECRET_QUERY.sub(r"\1[redacted]", text)
+
+
+class RedactQuerySecrets(logging.Filter):
+    """Logger filter for the servers' access lines (uvicorn logs the path with its query)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact_query_secrets(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_query_secrets(arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
 
 
 class ErrorQueueHandler(logging.Handler):

@@ -5,7 +5,7 @@ Each app registers its embedded server in `AppConfig.ready()`; runall knows no a
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -16,6 +16,9 @@ class EmbeddedProcess:
     """Runs until the event is set, then finishes its unit of work and returns."""
     describe: Callable[[], str]
     """One line for the startup banner, e.g. the address it serves."""
+    listens: Callable[[], list[tuple[str, str, int]]] = field(default=lambda: [])
+    """The sockets it will bind, as (setting that chooses the port, host, port); runall checks
+    them before starting anything, so a busy port is one clear line instead of a traceback."""
 
 
 _REGISTRY: dict[str, EmbeddedProcess] = {}

@@ -1,4 +1,5 @@
-"""ASGI entry point: Django for HTTP, the realtime hub for WebSocket, VM agents for TCP."""
+"""ASGI entry point: Django for HTTP, the realtime hub for WebSocket. (VM agents' TCP has its own
+server and router: vmcontrol/server.py, vmcontrol.consumers.application.)"""
 
 import os
 
@@ -11,7 +12,6 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from realtime.auth import websocket_auth_stack  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
-from vmcontrol.consumers import AgentConsumer  # noqa: E402
 from warehouse.fastpath import read_fastpath  # noqa: E402
 
 application = ProtocolTypeRouter(
@@ -19,7 +19,5 @@ application = ProtocolTypeRouter(
         # The warehouse's two public reads skip the middleware stack (see warehouse/fastpath.py).
         "http": read_fastpath(django_asgi_app),
         "websocket": websocket_auth_stack(URLRouter(websocket_urlpatterns)),
-        # VM agents: run_vmcontrol_server turns each TCP connection into a `tcp` scope.
-        "tcp": AgentConsumer.as_asgi(),
     }
 )

@@ -5,17 +5,44 @@ eager Celery). Setting DATABASE_URL, REDIS_URL and CELERY_BROKER_URL switches ea
 service. Malformed values fail loudly at import time.
 """
 
+import os
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
+from dotenv import dotenv_values
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
+
+class _SetVariables(Mapping[str, str]):
+    """The process environment without its empty variables: `KEY=` (in `.env`, or exported as
+    compose's `${KEY:-}` does) means "unset, use the default", as `.env.example` says."""
+
+    def __getitem__(self, key: str) -> str:
+        value = os.environ[key]
+        if value == "":
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, value in os.environ.items() if value != "")
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 env = environ.Env()
-if (BASE_DIR / ".env").is_file():
-    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+env.ENVIRON = _SetVariables()
+# `.env` (or the file QUINTET_ENV_FILE names) is parsed by python-dotenv (quotes, `export`,
+# inline ` # comments`), the de facto dotenv syntax `.env.example` is written in; the process
+# environment wins over the file.
+ENV_FILE = Path(os.environ.get("QUINTET_ENV_FILE") or BASE_DIR / ".env")
+for _key, _value in dotenv_values(ENV_FILE).items():
+    if _value and not os.environ.get(_key):
+        os.environ[_key] = _value
 
 DEBUG = env.bool("DJANGO_DEBUG", default=True)
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="embedded-dev-key-never-use-in-production")
@@ -45,7 +72,7 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
-    "whitenoise.runserver_nostatic",
+    "servestatic.runserver_nostatic",
     "django.contrib.staticfiles",
     "rest_framework",
     "knox",
@@ -66,7 +93,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "servestatic.middleware.ServeStaticMiddleware",
     "common.middleware.CorrelationIdMiddleware",
     "common.middleware.JsonErrorMiddleware",
     "django_structlog.middlewares.RequestMiddleware",
@@ -207,13 +234,13 @@ MEDIA_ROOT = env.path("MEDIA_ROOT", default=BASE_DIR / "var" / "media")
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
-        "BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"
+        "BACKEND": "servestatic.storage.CompressedStaticFilesStorage"
         if not DEBUG
         else "django.contrib.staticfiles.storage.StaticFilesStorage"
     },
 }
-WHITENOISE_USE_FINDERS = DEBUG
-WHITENOISE_AUTOREFRESH = DEBUG
+SERVESTATIC_USE_FINDERS = DEBUG
+SERVESTATIC_AUTOREFRESH = DEBUG
 
 # Body and upload caps.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=5 * 1024 * 1024)
@@ -235,7 +262,7 @@ X_FRAME_OPTIONS = "DENY"
 # REST API.
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "knox.auth.TokenAuthentication",
+        "common.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -354,11 +381,15 @@ REALTIME_FANOUT_CHANNEL = env.str("REALTIME_FANOUT_CHANNEL", default="quintet:re
 
 # --- vmcontrol ---
 VMCONTROL_SERVER_NAME = env.str("VMCONTROL_SERVER_NAME", default="vmcontrol-1")
-VMCONTROL_HEARTBEAT_INTERVAL = env.float("VMCONTROL_HEARTBEAT_INTERVAL", default=5.0)
+VMCONTROL_HEARTBEAT_INTERVAL_SECONDS = env.float(
+    "VMCONTROL_HEARTBEAT_INTERVAL_SECONDS", default=5.0
+)
 VMCONTROL_MISSED_HEARTBEATS = env.int("VMCONTROL_MISSED_HEARTBEATS", default=3)
-VMCONTROL_AUTH_TIMEOUT = env.float("VMCONTROL_AUTH_TIMEOUT", default=10.0)
-VMCONTROL_COMMAND_TIMEOUT = env.float("VMCONTROL_COMMAND_TIMEOUT", default=10.0)
-VMCONTROL_LAST_SEEN_FLUSH_INTERVAL = env.float("VMCONTROL_LAST_SEEN_FLUSH_INTERVAL", default=5.0)
+VMCONTROL_AUTH_TIMEOUT_SECONDS = env.float("VMCONTROL_AUTH_TIMEOUT_SECONDS", default=10.0)
+VMCONTROL_COMMAND_TIMEOUT_SECONDS = env.float("VMCONTROL_COMMAND_TIMEOUT_SECONDS", default=10.0)
+VMCONTROL_LAST_SEEN_FLUSH_INTERVAL_SECONDS = env.float(
+    "VMCONTROL_LAST_SEEN_FLUSH_INTERVAL_SECONDS", default=5.0
+)
 VMCONTROL_ENROLL_SECRET = env.str("VMCONTROL_ENROLL_SECRET", default="")
 VMCONTROL_TLS_CERT = env.str("VMCONTROL_TLS_CERT", default="")
 VMCONTROL_TLS_KEY = env.str("VMCONTROL_TLS_KEY", default="")
@@ -366,31 +397,33 @@ VMCONTROL_TLS_KEY = env.str("VMCONTROL_TLS_KEY", default="")
 VMCONTROL_AUTH_ATTEMPTS = env.int("VMCONTROL_AUTH_ATTEMPTS", default=3)
 VMCONTROL_AUTH_FAILURE_BURST = env.int("VMCONTROL_AUTH_FAILURE_BURST", default=10)
 VMCONTROL_AUTH_FAILURES_PER_MINUTE = env.float("VMCONTROL_AUTH_FAILURES_PER_MINUTE", default=6.0)
-VMCONTROL_AUTH_LOCKOUT = env.float("VMCONTROL_AUTH_LOCKOUT", default=60.0)
-VMCONTROL_AUTH_LOCKOUT_MAX = env.float("VMCONTROL_AUTH_LOCKOUT_MAX", default=3600.0)
+VMCONTROL_AUTH_LOCKOUT_SECONDS = env.float("VMCONTROL_AUTH_LOCKOUT_SECONDS", default=60.0)
+VMCONTROL_AUTH_LOCKOUT_MAX_SECONDS = env.float("VMCONTROL_AUTH_LOCKOUT_MAX_SECONDS", default=3600.0)
 # A server renews its lease every third of this; its VMs are offline once it has lapsed.
-VMCONTROL_SERVER_LEASE_TTL = env.float("VMCONTROL_SERVER_LEASE_TTL", default=15.0)
-VMCONTROL_REAP_INTERVAL = env.float("VMCONTROL_REAP_INTERVAL", default=30.0)
+VMCONTROL_SERVER_LEASE_TTL_SECONDS = env.float("VMCONTROL_SERVER_LEASE_TTL_SECONDS", default=15.0)
+VMCONTROL_REAP_INTERVAL_SECONDS = env.float("VMCONTROL_REAP_INTERVAL_SECONDS", default=30.0)
 # The agent (`run_vm_agent`): TLS with the server certificate checked (hostname included).
 VMCONTROL_AGENT_TLS = env.bool("VMCONTROL_AGENT_TLS", default=False)
 VMCONTROL_AGENT_CA_FILE = env.str("VMCONTROL_AGENT_CA_FILE", default="")
 VMCONTROL_AGENT_TLS_SERVER_NAME = env.str("VMCONTROL_AGENT_TLS_SERVER_NAME", default="")
 for _name in (
-    "VMCONTROL_AUTH_TIMEOUT",
+    "VMCONTROL_AUTH_TIMEOUT_SECONDS",
     "VMCONTROL_AUTH_ATTEMPTS",
     "VMCONTROL_AUTH_FAILURE_BURST",
-    "VMCONTROL_SERVER_LEASE_TTL",
-    "VMCONTROL_REAP_INTERVAL",
+    "VMCONTROL_SERVER_LEASE_TTL_SECONDS",
+    "VMCONTROL_REAP_INTERVAL_SECONDS",
 ):
     if globals()[_name] <= 0:
         raise ImproperlyConfigured(f"{_name} must be > 0")
-if VMCONTROL_AUTH_FAILURES_PER_MINUTE < 0 or VMCONTROL_AUTH_LOCKOUT < 0:
-    raise ImproperlyConfigured("VMCONTROL_AUTH_FAILURES_PER_MINUTE and _LOCKOUT must be >= 0")
+if VMCONTROL_AUTH_FAILURES_PER_MINUTE < 0 or VMCONTROL_AUTH_LOCKOUT_SECONDS < 0:
+    raise ImproperlyConfigured(
+        "VMCONTROL_AUTH_FAILURES_PER_MINUTE and _LOCKOUT_SECONDS must be >= 0"
+    )
 if VMCONTROL_TLS_KEY and not VMCONTROL_TLS_CERT:
     raise ImproperlyConfigured("VMCONTROL_TLS_KEY is set without VMCONTROL_TLS_CERT")
 CELERY_BEAT_SCHEDULE["vmcontrol-sessions-reap"] = {
     "task": "vmcontrol.sessions_reap",
-    "schedule": VMCONTROL_REAP_INTERVAL,
+    "schedule": VMCONTROL_REAP_INTERVAL_SECONDS,
 }
 
 # --- warehouse ---
@@ -410,6 +443,8 @@ WAREHOUSE_PUBLIC_READS = env.bool("WAREHOUSE_PUBLIC_READS", default=True)
 # Public reads per client (IP, IPv6 per /64; users by id) per fixed window, "N/s|min|hour|day",
 # one budget for the DRF views and the ASGI fast path; empty = no limit.
 WAREHOUSE_READ_THROTTLE = env.str("WAREHOUSE_READ_THROTTLE", default="200000/min")
+if WAREHOUSE_READ_THROTTLE == "off":
+    WAREHOUSE_READ_THROTTLE = ""
 _count, _, _period = WAREHOUSE_READ_THROTTLE.partition("/")
 if WAREHOUSE_READ_THROTTLE and not (
     _count.isascii()
@@ -419,14 +454,12 @@ if WAREHOUSE_READ_THROTTLE and not (
     and _period.isascii()
     and _period.islower()
 ):
-    raise ImproperlyConfigured("WAREHOUSE_READ_THROTTLE must look like 600/min (or be empty)")
+    raise ImproperlyConfigured("WAREHOUSE_READ_THROTTLE must look like 600/min (or be off)")
 WAREHOUSE_READ_FASTPATH = env.bool("WAREHOUSE_READ_FASTPATH", default=True)
 WAREHOUSE_CACHE_SECONDS = env.int("WAREHOUSE_CACHE_SECONDS", default=300)
 WAREHOUSE_HEARTBEAT_SECONDS = env.float("WAREHOUSE_HEARTBEAT_SECONDS", default=2.0)
 WAREHOUSE_HEARTBEAT_STALE_SECONDS = env.float("WAREHOUSE_HEARTBEAT_STALE_SECONDS", default=30.0)
 WAREHOUSE_READYZ_REQUIRE_CONSUMER = env.bool("WAREHOUSE_READYZ_REQUIRE_CONSUMER", default=False)
-# Test-only: after committing a batch, touch this file and wait before acking (crash tests).
-WAREHOUSE_TEST_PAUSE_AFTER_COMMIT = env.str("WAREHOUSE_TEST_PAUSE_AFTER_COMMIT", default="")
 if WAREHOUSE_BATCH_SIZE < 1 or WAREHOUSE_PREFETCH < WAREHOUSE_BATCH_SIZE:
     raise ImproperlyConfigured("WAREHOUSE_PREFETCH must be >= WAREHOUSE_BATCH_SIZE >= 1")
 
@@ -507,6 +540,7 @@ LOGGING = {
     "formatters": {
         "structured": {"()": "common.logging.structured_formatter", "fmt": LOG_FORMAT},
     },
+    "filters": {"redact_query_secrets": {"()": "common.logging.RedactQuerySecrets"}},
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "structured"},
         "error_queue": {
@@ -520,9 +554,14 @@ LOGGING = {
         "level": LOG_LEVEL,
     },
     "loggers": {
+        # One line per request: django_structlog's `request_finished` (its level follows the
+        # status) replaces Django's own "Not Found: /x" lines and their DEBUG console handler.
+        "django": {"handlers": [], "level": "INFO", "propagate": True},
+        "django.request": {"level": "ERROR"},
         "django.db.backends": {"level": "INFO"},
         "django_structlog": {"level": env.str("LOG_LEVEL_REQUESTS", default="WARNING")},
-        "uvicorn.access": {"level": "WARNING"},
+        "uvicorn.access": {"level": "WARNING", "filters": ["redact_query_secrets"]},
+        "uvicorn.error": {"filters": ["redact_query_secrets"]},
         "httpx": {"level": "WARNING"},
         "celery": {"level": "INFO"},
     },

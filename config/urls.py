@@ -5,8 +5,10 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from common import api as common_api
 from common import health
 from common.metrics_view import metrics
+from common.views import landing
 
 urlpatterns = [
+    path("", landing, name="landing"),
     path("admin/", admin.site.urls),
     path("health", health.health, name="health"),
     path("readyz", health.readyz, name="readyz"),

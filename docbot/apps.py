@@ -8,7 +8,15 @@ class DocbotConfig(AppConfig):
     def ready(self) -> None:
         from common.processes import EmbeddedProcess, embedded_process_register
         from docbot import runtime
+        from docbot.bot import application
 
+        # The wiring hands the bot down to the per-process state below it (runtime may not
+        # import the bot package, an inbound edge).
+        runtime.bot_install(
+            runtime.BotEntry(
+                webhook_start=application.webhook_start, polling_run=application.polling_run
+            )
+        )
         embedded_process_register(
             EmbeddedProcess(name="docbot", run=runtime.run_embedded, describe=runtime.describe)
         )

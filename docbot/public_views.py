@@ -55,16 +55,12 @@ async def webhook(request: HttpRequest) -> HttpResponse:
             error_body("invalid", "body: is too large", {"body": ["is too large"]}), status=400
         )
     try:
-        application = await runtime.webhook_application()
+        await runtime.webhook_deliver(body)
     except services.ServiceAccountRefused as exc:
         logger.error("docbot_refused_to_start", code=exc.code, reason=exc.message)
         return JsonResponse(
             error_body("bot_unavailable", "docbot cannot start; see the server log."), status=503
         )
-    from docbot.bot.application import process_webhook_body
-
-    try:
-        await process_webhook_body(application, body)
     except parsers.InvalidValue as exc:
         return JsonResponse(error_body(exc.code, exc.message, exc.details), status=400)
     return HttpResponse(status=200)

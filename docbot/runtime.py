@@ -1,30 +1,53 @@
-"""Wiring of the bot into this deployment: the service token (checked before the bot starts),
-the per-event-loop webhook Application, and the embedded polling process for `runall`."""
+"""Per-process state of docbot: whether the bot is on, the service token it calls the backend
+with (checked once per process), the webhook bot of each event loop, and runall's embedded
+polling process.
+
+The bot package (`docbot/bot/`) is an inbound edge, a floor above this module, so it is not
+imported here: `DocbotConfig.ready` hands its two entry points down once (`bot_install`)."""
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import structlog
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connections
 
-from docbot import services
-from docbot.bot import texts
-from docbot.bot.application import (
-    DocbotApplication,
-    application_close,
-    build_application,
-    run_polling,
-    settings_from_django,
-)
+from common.db import orm_async
+from docbot import services, texts
 
 logger = structlog.get_logger(__name__)
 
+#: Hands one webhook body to an initialized bot; raises `InvalidValue` for a body that is not
+#: an Update.
+WebhookDeliver = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class BotEntry:
+    """How this process starts the bot, given the service token (`docbot.bot.application`)."""
+
+    webhook_start: Callable[[str], Awaitable[WebhookDeliver]]
+    polling_run: Callable[[str, asyncio.Event], Awaitable[None]]
+
+
 _lock = threading.Lock()
+_bot: BotEntry | None = None
 _issued_token: str | None = None
-_webhook_apps: dict[asyncio.AbstractEventLoop, asyncio.Task[DocbotApplication]] = {}
+_webhook_bots: dict[asyncio.AbstractEventLoop, asyncio.Task[WebhookDeliver]] = {}
 _off_said = False
+
+
+def bot_install(entry: BotEntry) -> None:
+    """Called once by `DocbotConfig.ready`, the wiring that may import the bot package."""
+    global _bot
+    _bot = entry
+
+
+def _bot_entry() -> BotEntry:
+    if _bot is None:
+        raise RuntimeError("docbot's bot is installed by DocbotConfig.ready (bot_install)")
+    return _bot
 
 
 def bot_enabled() -> bool:
@@ -60,50 +83,45 @@ def service_token_sync() -> str:
         return _issued_token
 
 
-def _service_token_off_request() -> str:
-    """For event-loop callers: runs in a pool thread, which must not keep a DB connection."""
-    try:
-        return service_token_sync()
-    finally:
-        connections.close_all()
+async def service_token() -> str:
+    """`service_token_sync` for event-loop callers: in a worker thread, through `orm_call`."""
+    return await orm_async(service_token_sync)()
 
 
 def reset_for_tests() -> None:
     global _issued_token
     with _lock:
         _issued_token = None
-    _webhook_apps.clear()
+    _webhook_bots.clear()
 
 
-async def _webhook_application_create() -> DocbotApplication:
-    token = await sync_to_async(_service_token_off_request, thread_sensitive=False)()
-    application = build_application(settings_from_django(service_token=token, mode="webhook"))
-    await application.initialize()
-    return application
-
-
-async def webhook_application() -> DocbotApplication:
-    """The Application serving webhook updates on the running event loop (one per loop).
-
-    Concurrent first requests all await the same creation task, so none sees an Application
-    that is not initialized yet."""
+async def _webhook_bot() -> WebhookDeliver:
+    """The bot serving webhook updates on the running event loop (one per loop), started on
+    first use. Concurrent first requests all await the same start, so none sees a bot that is
+    not initialized yet; a failed start is forgotten, so the next request tries again."""
     loop = asyncio.get_running_loop()
-    creation = _webhook_apps.get(loop)
+    creation = _webhook_bots.get(loop)
     if creation is None:
-        creation = loop.create_task(_webhook_application_create())
-        _webhook_apps[loop] = creation
+        creation = loop.create_task(_webhook_bot_start())
+        _webhook_bots[loop] = creation
     try:
         return await asyncio.shield(creation)
     except Exception:
-        _webhook_apps.pop(loop, None)
+        _webhook_bots.pop(loop, None)
         raise
 
 
-async def webhook_applications_close() -> None:
-    loop = asyncio.get_running_loop()
-    creation = _webhook_apps.pop(loop, None)
-    if creation is not None:
-        await application_close(await creation)
+async def _webhook_bot_start() -> WebhookDeliver:
+    return await _bot_entry().webhook_start(await service_token())
+
+
+async def webhook_deliver(body: bytes) -> None:
+    """Hand one webhook body to this event loop's bot (dedupe, the update policy and flood
+    control happen inside). Raises `services.ServiceAccountRefused` when the bot may not start
+    (the service token is refused) and `InvalidValue` when the body is not clean JSON or not
+    an Update; handler failures never leave the bot (its catch-all answers them)."""
+    deliver = await _webhook_bot()
+    await deliver(body)
 
 
 async def run_embedded(stop: asyncio.Event) -> None:
@@ -116,13 +134,13 @@ async def run_embedded(stop: asyncio.Event) -> None:
         await stop.wait()
         return
     try:
-        token = await sync_to_async(_service_token_off_request, thread_sensitive=False)()
+        token = await service_token()
     except services.ServiceAccountRefused as exc:
         # The bot stays off; the rest of the system keeps running.
         logger.error("docbot_refused_to_start", code=exc.code, reason=exc.message)
         await stop.wait()
         return
-    await run_polling(settings_from_django(service_token=token, mode="polling"), stop)
+    await _bot_entry().polling_run(token, stop)
 
 
 def describe() -> str:

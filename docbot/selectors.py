@@ -1,4 +1,5 @@
-"""Reads of the document vault."""
+"""Reads of the document vault. Querysets are lazy and unlocked; users are the auth user model
+(`Any`: the vault never names the concrete class)."""
 
 from typing import Any
 
@@ -46,7 +47,8 @@ def telegram_account_of(*, user: Any) -> TelegramAccount | None:
 
 
 def type_list(*, user: Any, non_empty: bool = False) -> QuerySet[DocumentType]:
-    """The user's types with `document_count` (failed uploads not counted), by name."""
+    """The user's types, each annotated with `document_count` (an int; failed uploads not
+    counted), by name then id; `non_empty` keeps only types with a document."""
     queryset = DocumentType.objects.filter(user=user).annotate(
         document_count=Count("documents", filter=~Q(documents__status=Document.Status.FAILED))
     )
@@ -58,7 +60,9 @@ def type_list(*, user: Any, non_empty: bool = False) -> QuerySet[DocumentType]:
 def document_list(
     *, user: Any, type_id: int | None = None, query: str = "", name: str = ""
 ) -> QuerySet[Document]:
-    """Newest first; `query` matches names case-insensitively, `name` exactly."""
+    """The user's documents that did not fail (pending and stored), with their type, newest
+    first; `type_id` keeps one type, `query` matches names case-insensitively (a substring),
+    `name` exactly once its whitespace is collapsed."""
     queryset = (
         Document.objects.filter(user=user)
         .exclude(status=Document.Status.FAILED)
@@ -74,7 +78,8 @@ def document_list(
 
 
 def document_get(*, user: Any, document_id: int) -> Document:
-    """The user's own document; another user's id is simply not found."""
+    """The user's own document with its type; another user's id is simply not found:
+    raises `NotFound` (`document_not_found`)."""
     found = Document.objects.select_related("type").filter(user=user, pk=document_id).first()
     if found is None:
         raise NotFound("No such document.", code="document_not_found")

@@ -3,7 +3,7 @@ python-telegram-bot instead): getFile, the streamed file download, sendMessage."
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import IO, Any, ParamSpec, TypeVar
 
 import httpx
@@ -97,8 +97,3 @@ def download_into(file_path: str, sink: IO[bytes], *, max_bytes: int) -> None:
 @_timed("sendMessage")
 def send_message(chat_id: int, text: str) -> None:
     _call("sendMessage", {"chat_id": chat_id, "text": text})
-
-
-def iter_chunks(stream: IO[bytes]) -> Iterator[bytes]:
-    while chunk := stream.read(CHUNK_BYTES):
-        yield chunk

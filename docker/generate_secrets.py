@@ -20,6 +20,7 @@ NAMES = {
     "metrics_bearer_token": "METRICS_BEARER_TOKEN",
     "telegram_webhook_secret": "TELEGRAM_WEBHOOK_SECRET",
     "vmcontrol_enroll_secret": "VMCONTROL_ENROLL_SECRET",
+    "flower_password": "FLOWER_PASSWORD",
 }
 
 

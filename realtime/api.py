@@ -72,7 +72,7 @@ class RoomDetailApi(APIView):
 
     @extend_schema(responses={200: OutputSerializer})
     def get(self, request: Request, slug: str) -> Response:
-        room = selectors.room_get_visible(user=request.user, slug=slug)
+        room = services.room_resolve(user=request.user, slug=slug)
         members = [
             {"id": m.user_id, "username": m.user.username, "role": m.role}
             for m in selectors.room_members(room=room)
@@ -91,7 +91,7 @@ class MembershipAddApi(APIView):
     def post(self, request: Request, slug: str) -> Response:
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        room = selectors.room_get_visible(user=request.user, slug=slug)
+        room = services.room_resolve(user=request.user, slug=slug)
         services.membership_add(
             actor=request.user,  # type: ignore[arg-type]
             room=room,
@@ -105,7 +105,7 @@ class MembershipRemoveApi(APIView):
 
     @extend_schema(request=None, responses={204: None})
     def delete(self, request: Request, slug: str, user_id: int) -> Response:
-        room = selectors.room_get_visible(user=request.user, slug=slug)
+        room = services.room_resolve(user=request.user, slug=slug)
         services.membership_remove(actor=request.user, room=room, user_id=user_id)  # type: ignore[arg-type]
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -148,7 +148,7 @@ class MessageListApi(APIView):
     def get(self, request: Request, slug: str) -> Response:
         filters = self.FilterSerializer(data=request.query_params)
         filters.is_valid(raise_exception=True)
-        room = selectors.room_get_visible(user=request.user, slug=slug)
+        room = services.room_resolve(user=request.user, slug=slug)
         limit = min(filters.validated_data.get("limit", 100), settings.REALTIME_HISTORY_LIMIT)
         messages = selectors.messages_page(
             room=room,
@@ -165,7 +165,7 @@ class MessageListApi(APIView):
     def post(self, request: Request, slug: str) -> Response:
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        room = selectors.room_get_visible(user=request.user, slug=slug)
+        room = services.room_resolve(user=request.user, slug=slug)
         message, created = services.message_send(
             user=request.user,  # type: ignore[arg-type]
             room=room,
@@ -187,6 +187,6 @@ class RoomPresenceApi(APIView):
 
     @extend_schema(responses={200: OutputSerializer})
     def get(self, request: Request, slug: str) -> Response:
-        room = selectors.room_get_visible(user=request.user, slug=slug)
+        room = services.room_resolve(user=request.user, slug=slug)
         online = selectors.room_online(room=room)
         return Response(self.OutputSerializer({"room": room.slug, "online": online}).data)

@@ -40,9 +40,16 @@ from prometheus_client import Gauge
 from common.exceptions import ApplicationError, RateLimited, ValidationFailed
 from common.parsers import InvalidValue
 from realtime import protocol, selectors, services
-from realtime.fanout import SLOW_CLIENTS, FanoutHub, Outbox, dumps, hub, member_parse
+from realtime.fanout import (
+    SLOW_CLIENTS,
+    FanoutHub,
+    Outbox,
+    dumps,
+    dumps_with_encoded,
+    hub,
+    presence_snapshot_frame,
+)
 from realtime.models import Room
-from realtime.services import hub_loop_remember
 from realtime.topics import topic_authorize
 
 logger = structlog.get_logger(__name__)
@@ -80,27 +87,6 @@ def _transport_of(send: Any) -> Any:
             return transport
         target = getattr(owner, "real_send", None) or getattr(owner, "send", None)
     return None
-
-
-def _room_and_history(user: Any, slug: str, before_seq: int | None, limit: int) -> dict[str, Any]:
-    room = selectors.room_get_visible(user=user, slug=slug)
-    return {
-        "room": room.slug,
-        "messages": selectors.messages_page(room=room, before_seq=before_seq, limit=limit),
-    }
-
-
-def _room_and_send(
-    user: Any, slug: str | None, text: str, client_id: str | None
-) -> tuple[str, int, int, bool]:
-    room = selectors.room_get_visible(user=user, slug=slug)
-    message, created = services.message_send(user=user, room=room, text=text, client_id=client_id)
-    return room.slug, message.pk, message.seq, created
-
-
-def _room_and_read(user: Any, slug: str, seq: int) -> int:
-    room = selectors.room_get_visible(user=user, slug=slug)
-    return services.membership_read_mark(user=user, room=room, seq=seq)
 
 
 # Frame type -> handler method; a class-level table keeps per-connection memory down.
@@ -172,7 +158,6 @@ class HubConsumer(AsyncWebsocketConsumer):
         await handler(message)
 
     async def connect(self) -> None:
-        hub_loop_remember(asyncio.get_running_loop())
         self.user = self.scope.get("user")
         await self.accept()
         if self.user is None or not self.user.is_authenticated:
@@ -212,14 +197,9 @@ class HubConsumer(AsyncWebsocketConsumer):
             CONNECTIONS.dec()
         self.outbox.close()
         room_ids = list(self.rooms.values())
-        topics = list(self.topics)
+        self.hub.release(self, room_ids, self.topics)
         self.rooms.clear()
         self.topics.clear()
-        self.hub.detach(self)
-        for topic in topics:
-            self.hub.topic_remove(topic, self)
-        for room_id in room_ids:
-            self.hub.room_stop_delivery(room_id, self)
         return room_ids
 
     async def _presence_release(self, room_ids: list[int]) -> None:
@@ -376,11 +356,11 @@ class HubConsumer(AsyncWebsocketConsumer):
         slug = protocol.room_field(frame, required=False)
         text = protocol.text_field(frame, max_chars=settings.REALTIME_MAX_MESSAGE_CHARS)
         client_id = protocol.client_id_field(frame)
-        room_slug, message_id, seq, created = await database_sync_to_async(_room_and_send)(
-            self.user, slug, text, client_id
+        room, message, created = await database_sync_to_async(services.room_message_send)(
+            user=self.user, slug=slug, text=text, client_id=client_id
         )
-        ack = {"type": "ack", "ref": ref, "room": room_slug, "id": message_id}
-        await self.send_frame({**ack, "seq": seq, "duplicate": not created})
+        ack = {"type": "ack", "ref": ref, "room": room.slug, "id": message.pk}
+        await self.send_frame({**ack, "seq": message.seq, "duplicate": not created})
 
     async def on_join(self, frame: Frame, ref: Ref) -> None:
         slug = protocol.room_field(frame)
@@ -390,7 +370,7 @@ class HubConsumer(AsyncWebsocketConsumer):
     async def _join(self, slug: str, *, ref: Ref, announce: bool = True) -> None:
         """Start delivering the room. The automatic join of Sparq's default room on connect is
         silent (`announce=False`): no frames and no presence until the client joins it."""
-        room: Room = await read_db(selectors.room_get_visible)(user=self.user, slug=slug)
+        room: Room = await read_db(services.room_resolve)(user=self.user, slug=slug)
         if room.slug not in self.rooms:
             if len(self.rooms) >= settings.REALTIME_MAX_ROOMS_PER_CONNECTION:
                 raise ValidationFailed("too many rooms", code="too_many_rooms")
@@ -401,17 +381,8 @@ class HubConsumer(AsyncWebsocketConsumer):
         await self.send_frame(
             {"type": "joined", "room": room.slug, "last_seq": room.last_seq, "ref": ref}
         )
-        snapshot: Frame = {
-            "type": "presence",
-            "room": room.slug,
-            "snapshot": True,
-            "online": sorted((member_parse(m) for m in online), key=lambda u: u["id"]),
-            "joined": [],
-            "left": [],
-        }
-        if partial:
-            snapshot["partial"] = True  # Redis is unreachable: this server's users only
-        await self.send_frame(snapshot)
+        # `partial`: Redis is unreachable, the snapshot has this server's users only.
+        await self.send_frame(presence_snapshot_frame(room.slug, online, partial=partial))
 
     def _joined_room(self, frame: Frame) -> tuple[str, int]:
         slug = protocol.room_field(frame)
@@ -431,22 +402,24 @@ class HubConsumer(AsyncWebsocketConsumer):
         slug = protocol.room_field(frame)
         before_seq = protocol.seq_field(frame, "before_seq", required=False)
         limit = protocol.limit_field(frame, maximum=settings.REALTIME_HISTORY_LIMIT)
-        batch = await read_db(_room_and_history)(self.user, slug, before_seq, limit)
+        assert slug is not None
+        batch = await read_db(services.room_history)(
+            user=self.user, slug=slug, before_seq=before_seq, limit=limit
+        )
         await self.send_frame({"type": "history", **batch, "ref": ref})
 
     async def on_sync(self, frame: Frame, ref: Ref) -> None:
         slug = protocol.room_field(frame)
         after_seq = protocol.seq_field(frame, "after_seq", required=True)
         assert slug is not None and after_seq is not None
-        room: Room = await read_db(selectors.room_get_visible)(user=self.user, slug=slug)
+        room: Room = await read_db(services.room_resolve)(user=self.user, slug=slug)
         missed = room.last_seq - after_seq
         if missed <= settings.REALTIME_SYNC_LIMIT:
             cached = self.hub.recent_range(room.pk, after_seq + 1, room.last_seq)
             if cached is not None:
                 head = {"type": "sync", "room": room.slug, "last_seq": room.last_seq}
                 head |= {"reset_required": False, "ref": ref}
-                # The frames are already encoded: splice them in rather than re-encode.
-                self.outbox.push(f'{dumps(head)[:-1]},"messages":[{",".join(cached)}]}}')
+                self.outbox.push(dumps_with_encoded(head, "messages", cached))
                 return
         batch = await read_db(selectors.messages_sync)(
             room=room, after_seq=after_seq, bound=settings.REALTIME_SYNC_LIMIT
@@ -464,7 +437,9 @@ class HubConsumer(AsyncWebsocketConsumer):
         slug = protocol.room_field(frame)
         seq = protocol.seq_field(frame, "seq", required=True)
         assert slug is not None and seq is not None
-        marker = await database_sync_to_async(_room_and_read)(self.user, slug, seq)
+        marker = await database_sync_to_async(services.room_read_mark)(
+            user=self.user, slug=slug, seq=seq
+        )
         await self.send_frame({"type": "read", "room": slug, "seq": marker, "ref": ref})
 
     # --- live-event hub -----------------------------------------------------------------------

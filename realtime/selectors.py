@@ -1,8 +1,8 @@
-"""Messenger reads: room visibility, message pages and their wire form."""
+"""Messenger reads: room visibility, message pages and their wire form, presence. Pure reads:
+nothing here writes (the default room is created by `services.room_resolve`)."""
 
-from typing import Any
+from typing import TypedDict
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
@@ -10,12 +10,41 @@ from django.db.models import Exists, OuterRef, Q, QuerySet
 
 from common.exceptions import NotFound, Unavailable
 from common.services import username_is_reserved
-from realtime.fanout import PresenceUnavailable, hub
+from realtime.fanout import OnlineUser, PresenceUnavailable, hub
 from realtime.models import Membership, Message, Room
 
 
-def message_frame(message: Message, *, room_slug: str, username: str) -> dict[str, Any]:
-    """The `message` frame (also the REST representation); `display` is Sparq's line."""
+class MessageFrame(TypedDict):
+    """A message as the `/ws/` `message` frame and the REST API show it: `seq` is its gap-free
+    position in the room, `ts` the ISO 8601 creation time, `display` Sparq's `user: text` line;
+    a message deleted by moderation has `deleted` and an empty text."""
+
+    type: str
+    room: str
+    id: int
+    seq: int
+    user: str
+    user_id: int
+    text: str
+    ts: str
+    client_id: str | None
+    display: str
+    deleted: bool
+
+
+class SyncPage(TypedDict):
+    """What a client missed: every message after its `after_seq` in order, or none and
+    `reset_required` when more were missed than the bound."""
+
+    room: str
+    last_seq: int
+    reset_required: bool
+    messages: list[MessageFrame]
+
+
+def message_frame(message: Message, *, room_slug: str, username: str) -> MessageFrame:
+    """The `message` frame of a stored message (no query: the caller passes the room's slug
+    and the sender's username)."""
     return {
         "type": "message",
         "room": room_slug,
@@ -32,19 +61,18 @@ def message_frame(message: Message, *, room_slug: str, username: str) -> dict[st
 
 
 def rooms_visible_to(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Room]:
-    """Public rooms and the private/direct rooms `user` is a member of."""
+    """Public rooms and the private/direct rooms `user` is a member of, ordered by slug (an
+    anonymous user sees the public ones). Lazy queryset, no lock."""
     member_of = Membership.objects.filter(user_id=int(user.pk or 0)).values("room_id")
     return Room.objects.filter(Q(kind=Room.Kind.PUBLIC) | Q(pk__in=member_of)).order_by("slug")
 
 
-def room_get_visible(*, user: AbstractBaseUser | AnonymousUser, slug: str | None) -> Room:
-    """The room if `user` may see it; NotFound otherwise, so private rooms are not revealed.
-    `None` is the default public room (created on first use). One query whether the room is
-    missing or hidden, so neither answer nor timing tells them apart (`dm-<a>-<b>` slugs)."""
-    if slug is None:
-        from realtime.services import room_default
-
-        return room_default()
+def room_get_visible(*, user: AbstractBaseUser | AnonymousUser, slug: str) -> Room:
+    """The room `slug` if `user` may see it (public, or they are a member). Raises `NotFound`
+    (`room_not_found`) otherwise, so private rooms are not revealed: one query whether the room
+    is missing or hidden, so neither answer nor timing tells them apart (`dm-<a>-<b>` slugs).
+    A pure read: a missing default room is `NotFound` here; the doors call
+    `services.room_resolve`, which creates it."""
     member_of = Membership.objects.filter(user_id=int(user.pk or 0)).values("room_id")
     room = (
         Room.objects.filter(slug=slug)
@@ -52,21 +80,21 @@ def room_get_visible(*, user: AbstractBaseUser | AnonymousUser, slug: str | None
         .first()
     )
     if room is None:
-        if slug == settings.REALTIME_DEFAULT_ROOM:
-            from realtime.services import room_default
-
-            return room_default()
         raise NotFound("no such room", code="room_not_found")
     return room
 
 
 def room_members(*, room: Room) -> QuerySet[Membership]:
+    """The room's memberships with their users, ordered by username. Lazy queryset, no lock;
+    the caller has checked that the room is visible."""
     return Membership.objects.filter(room=room).select_related("user").order_by("user__username")
 
 
-def room_online(*, room: Room) -> list[dict[str, Any]]:
-    """Users online in `room` now, by id (on any server process when Redis is configured);
-    `Unavailable` (`presence_unavailable`, HTTP 503) while Redis cannot be reached."""
+def room_online(*, room: Room) -> list[OnlineUser]:
+    """Users online in `room` now, `{id, username}` sorted by id (on any server process when
+    Redis is configured; one Redis round trip, blocking, bounded by
+    REALTIME_REDIS_TIMEOUT_SECONDS). Raises `Unavailable` (`presence_unavailable`, HTTP 503)
+    while Redis cannot be reached."""
     try:
         online = hub().presence_online(room.pk)
     except PresenceUnavailable as error:
@@ -112,9 +140,10 @@ def messages_page(
     after_seq: int | None = None,
     before_seq: int | None = None,
     limit: int = 100,
-) -> list[dict[str, Any]]:
-    """Messages in ascending seq: the first `limit` after `after_seq`, or else the last `limit`
-    before `before_seq` (the newest when neither is given)."""
+) -> list[MessageFrame]:
+    """Message frames in ascending seq: the first `limit` after `after_seq`, or else the last
+    `limit` before `before_seq` (the newest when neither is given). One query, no lock; the
+    caller bounds `limit` (REALTIME_HISTORY_LIMIT) and has checked visibility."""
     query = Message.objects.filter(room=room).select_related("sender")
     if after_seq is not None:
         query = query.filter(seq__gt=after_seq)
@@ -128,10 +157,10 @@ def messages_page(
     return [message_frame(m, room_slug=room.slug, username=m.sender.username) for m in rows]
 
 
-def messages_sync(*, room: Room, after_seq: int, bound: int) -> dict[str, Any]:
+def messages_sync(*, room: Room, after_seq: int, bound: int) -> SyncPage:
     """What a client missed after `after_seq`: every message in order, or `reset_required`
     when more than `bound` were missed (the client then reloads history). `room` must be
-    freshly read: its `last_seq` bounds the replay."""
+    freshly read: its `last_seq` bounds the replay. At most one query, no lock."""
     missed = room.last_seq - after_seq
     if missed > bound:
         return {

@@ -35,11 +35,6 @@ def topic_validate(topic: object) -> str:
     return topic_parse(topic)
 
 
-def topic_group(topic: str) -> str:
-    """The channel-layer group carrying a topic (group names allow letters, digits, -_.)."""
-    return f"hub.{topic}"
-
-
 def topic_authorize(*, user: AbstractUser | AnonymousUser, topic: str) -> None:
     """Raise unless `user` may subscribe to `topic`."""
     topic_validate(topic)

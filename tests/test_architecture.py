@@ -87,3 +87,48 @@ def test_rest_input_serializers_use_the_shared_parsers() -> None:
             ):
                 lenient += _lenient_fields(candidate(), f"{view.__qualname__}.{attribute}")
     assert sorted(set(lenient)) == []
+
+
+_WRITE_HOOKS = {
+    "add": ("save_model",),
+    "change": ("save_model",),
+    "delete": ("delete_model", "delete_queryset"),
+}
+
+
+def test_every_admin_write_goes_through_a_service_or_is_refused() -> None:
+    """An admin may add/change/delete a row only where its ModelAdmin overrides the matching
+    write hooks (which call the app's service); everything else is read-only. Inlines too."""
+    from django.contrib import admin
+    from django.contrib.auth.models import User
+    from django.test import RequestFactory
+
+    request = RequestFactory().get("/admin/")
+    request.user = User(username="root", is_staff=True, is_superuser=True)
+    apps = {"vmcontrol", "realtime", "warehouse", "docbot", "betting"}
+    problems = []
+    for model, model_admin in admin.site._registry.items():
+        if model._meta.app_label not in apps:
+            continue
+        checks = {
+            "add": model_admin.has_add_permission(request),
+            "change": model_admin.has_change_permission(request),
+            "delete": model_admin.has_delete_permission(request),
+        }
+        for kind, allowed in checks.items():
+            overridden = any(
+                getattr(type(model_admin), hook) is not getattr(admin.ModelAdmin, hook)
+                for hook in _WRITE_HOOKS[kind]
+            )
+            if allowed and not overridden:
+                problems.append(f"{model.__name__} admin: {kind} writes without a service")
+        for inline in model_admin.get_inline_instances(request):
+            writable = (
+                inline.has_add_permission(request, None)
+                or inline.has_change_permission(request, None)
+                or inline.has_delete_permission(request, None)
+            )
+            routed = type(model_admin).save_related is not admin.ModelAdmin.save_related
+            if writable and not routed:
+                problems.append(f"{model.__name__} admin: inline {inline.model.__name__} writes")
+    assert problems == [], "\n".join(problems)

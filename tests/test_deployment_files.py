@@ -1,6 +1,7 @@
 """The operator-facing files agree with the code: every env var is documented, every Procfile
 process has a compose service."""
 
+import json
 import os
 import re
 import shutil
@@ -96,7 +97,7 @@ def test_secrets_are_generated_once_and_the_environment_wins(tmp_path: Path) -> 
     }
     subprocess.run(run, check=True, env=env, capture_output=True)
     first = {path.name: path.read_text() for path in folder.iterdir()}
-    assert len(first) == 7 and all(len(value) >= 40 for value in first.values())
+    assert len(first) == 8 and all(len(value) >= 40 for value in first.values())
     subprocess.run(run, check=True, env=env, capture_output=True)
     assert {path.name: path.read_text() for path in folder.iterdir()} == first
     subprocess.run(run, check=True, env={**env, "POSTGRES_PASSWORD": "chosen"}, capture_output=True)
@@ -136,3 +137,105 @@ def test_every_app_service_gets_the_shared_environment() -> None:
         assert {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "DJANGO_SECRET_KEY"} <= set(
             environment
         ), name
+
+
+_SETTINGS_DUMP = """
+import json, os, sys
+import django
+django.setup()
+from django.conf import settings
+json.dump({k: repr(getattr(settings, k)) for k in dir(settings)
+           if k.isupper() and k not in {"ENV_FILE", "AXES_USERNAME_FORM_FIELD"}}, sys.stdout)
+"""
+
+
+def _settings_with_env_file(env_file: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    environment = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/"),
+        "PYTHONPATH": str(ROOT),
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "QUINTET_ENV_FILE": str(env_file),
+        **extra,
+    }
+    return subprocess.run(
+        [sys.executable, "-c", _SETTINGS_DUMP],
+        env=environment,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_copying_env_example_to_env_gives_exactly_the_embedded_defaults(tmp_path: Path) -> None:
+    """`cp .env.example .env`, as the file says: inline comments, aligned spacing and empty
+    values must not leak into the settings (DEBUG silently off, the secret-key guard bypassed)."""
+    bare = _settings_with_env_file(tmp_path / "absent.env")
+    copied = _settings_with_env_file(ROOT / ".env.example")
+    assert bare.returncode == 0, bare.stderr
+    assert copied.returncode == 0, copied.stderr
+    assert copied.stdout == bare.stdout
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "DJANGO_DEBUG=false   # production\nDJANGO_SECRET_KEY=   # required\n",
+        "export DJANGO_DEBUG='false'\nDJANGO_SECRET_KEY=\"\"\n",
+        'DJANGO_DEBUG="false"  # quoted, commented\n',
+    ],
+    ids=["inline-comments", "export-and-quotes", "quoted-with-comment"],
+)
+def test_env_file_syntax_is_parsed_before_the_secret_key_guard(tmp_path: Path, text: str) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(text)
+    result = _settings_with_env_file(env_file)
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is false" in result.stderr
+
+
+def test_the_process_environment_wins_over_the_env_file_and_empty_means_default(
+    tmp_path: Path,
+) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("HTTP_PORT=8123  # from the file\nGRPC_PORT=50999\n")
+    result = _settings_with_env_file(env_file, HTTP_PORT="8200", GRPC_PORT="")
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout)
+    assert values["HTTP_PORT"] == "8200"
+    assert values["GRPC_PORT"] == "50999"
+    defaults = json.loads(_settings_with_env_file(tmp_path / "absent", VMCONTROL_PORT="").stdout)
+    assert defaults["VMCONTROL_PORT"] == "9100"
+
+
+def test_make_run_installs_the_runtime_dependencies_only() -> None:
+    uv = shutil.which("uv") or str(ROOT / ".bootstrap" / "bin" / "uv")
+    exported = subprocess.run(
+        [uv, "export", "--frozen", "--no-default-groups", "--no-hashes"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    runtime = {line.split("==", 1)[0].lower() for line in exported.splitlines() if "==" in line}
+    tools = {"pytest", "ruff", "mypy", "matplotlib", "grpcio-tools", "honcho", "vulture"}
+    assert runtime & tools == set()
+    assert {"django", "channels", "celery", "uvicorn"} <= runtime
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--no-default-groups" in makefile
+    assert re.search(r"^run: migrate$", makefile, re.M)
+    assert re.search(r"^install: \$\(VENV\)/\.runtime$", makefile, re.M)
+
+
+def test_compose_publishes_the_broker_ui_and_an_authenticated_flower() -> None:
+    services = _compose()["services"]
+    assert any(port.endswith(":15672") for port in services["rabbitmq"]["ports"])
+    flower = services["flower"]
+    assert any(port.endswith(":5555") for port in flower["ports"])
+    command = " ".join(flower["command"])
+    assert "FLOWER_BASIC_AUTH" in command
+    assert "flower_password" in command
+    names = (ROOT / "docker" / "generate_secrets.py").read_text()
+    assert '"flower_password"' in names

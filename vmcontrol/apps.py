@@ -16,9 +16,10 @@ class VmcontrolConfig(AppConfig):
         services.topics_register()
 
         async def run(stop: asyncio.Event) -> None:
+            from vmcontrol.consumers import application
             from vmcontrol.server import serve
 
-            await serve(stop)
+            await serve(stop, app=application)
 
         embedded_process_register(
             EmbeddedProcess(
@@ -28,5 +29,6 @@ class VmcontrolConfig(AppConfig):
                     f"VM agents   tcp://{settings.BIND_HOST}:{settings.VMCONTROL_PORT} "
                     "(line-delimited JSON, vmcontrol/PROTOCOL.md)"
                 ),
+                listens=lambda: [("VMCONTROL_PORT", settings.BIND_HOST, settings.VMCONTROL_PORT)],
             )
         )

@@ -22,15 +22,16 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from asgiref.sync import sync_to_async
 from channels.consumer import AsyncConsumer, get_handler_name
 from channels.exceptions import StopConsumer
-from django.db import close_old_connections
+from channels.routing import ProtocolTypeRouter
 from django.utils import timezone
 
+from common.db import orm_async
 from common.exceptions import ApplicationError
-from vmcontrol import services
+from vmcontrol import bus, services
 from vmcontrol.limits import peer_key
+from vmcontrol.metrics import AUTH_REFUSED, AUTHORIZED, FRAMES, UNAUTHENTICATED
 from vmcontrol.protocol import (
     ALREADY_AUTHORIZED,
     AUTH_FAILED,
@@ -50,21 +51,13 @@ from vmcontrol.protocol import (
     error_frame,
     protocol_error_frame,
 )
-from vmcontrol.server import AUTH_REFUSED, AUTHORIZED, FRAMES, UNAUTHENTICATED, ServerState
 from vmcontrol.services import AgentEvent, AgentEventResult
+from vmcontrol.sessions import ServerState
 
 logger = structlog.get_logger(__name__)
 
 PRE_AUTH_TYPES = frozenset({"hello", "enroll", "auth", "bye"})
 INTERNAL_MESSAGE = "the server could not handle the frame; quote the session id when reporting it"
-
-
-def _command_complete(**kwargs: Any) -> str:
-    close_old_connections()
-    try:
-        return services.command_complete(**kwargs)
-    finally:
-        close_old_connections()
 
 
 class AgentConsumer(AsyncConsumer):
@@ -114,7 +107,7 @@ class AgentConsumer(AsyncConsumer):
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels' dispatch runs close_old_connections through a thread hop before every
         # message; here that would be one hop per ping. This consumer's ORM work runs in
-        # executor threads that close their own connections (server.ServerState.run_sync).
+        # executor threads that close their own connections (sessions.ServerState.run_sync).
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             logger.warning("vmcontrol_message_unknown", message_type=message.get("type"))
@@ -287,17 +280,11 @@ class AgentConsumer(AsyncConsumer):
         )
 
     async def _attempt(self, event: AgentEvent, frame: Frame) -> AgentEventResult | None:
-        """Judge one `auth`/`enroll`: refused at once while the peer is locked out, else by the
-        event writer (which checks the limit again, in order with every other attempt).
-        Returns the result when it succeeded; a refusal is answered here (`rate_limited` with
-        `retry_after`, or `auth_failed`) and counted, and the last allowed one closes the
-        connection with `too_many_attempts`."""
-        wait = self.state.limiter.retry_after(self.peer_key)
-        result = (
-            AgentEventResult(ok=False, error=RATE_LIMITED, retry_after=wait)
-            if wait > 0
-            else await self.state.apply(event)
-        )
+        """Judge one `auth`/`enroll` (`ServerState.attempt`). Returns the result when it
+        succeeded; a refusal is answered here (`rate_limited` with `retry_after`, or
+        `auth_failed`) and counted, and the last allowed one closes the connection with
+        `too_many_attempts`."""
+        result = await self.state.attempt(event)
         if result.ok and result.vm_id is not None:
             return result
         self.failures += 1
@@ -370,11 +357,9 @@ class AgentConsumer(AsyncConsumer):
         structlog.contextvars.bind_contextvars(vm_id=vm_id)
         self.authorized = True
         AUTHORIZED.inc()
-        self.group = services.vm_group(vm_id)
+        self.group = bus.vm_group(vm_id)
         # Older connections of this VM (a reconnect the server has not noticed) step aside.
-        await self.channel_layer.group_send(
-            self.group, {"type": "vm.replaced", "session_id": str(self.session_id)}
-        )
+        await bus.vm_replaced_send(self.channel_layer, vm_id=vm_id, session_id=str(self.session_id))
         await self.channel_layer.group_add(self.group, self.channel_name)
         self.state.mark_seen(vm_id)
         await self._write(self._reply("auth_ok", frame, vm_id=vm_id))
@@ -470,7 +455,7 @@ class AgentConsumer(AsyncConsumer):
         args: dict[str, Any] | None = None,
         sent_at: datetime | None = None,
     ) -> None:
-        status = await sync_to_async(_command_complete, thread_sensitive=False)(
+        status = await orm_async(services.command_complete)(
             command_id=str(command_id),
             vm_id=self.vm_id,
             ok=ok,
@@ -480,7 +465,12 @@ class AgentConsumer(AsyncConsumer):
             args=args,
             sent_at=sent_at,
         )
-        await self.channel_layer.send(
-            reply_to,
-            {"type": "vm.command.done", "command_id": command_id, "status": status, "error": error},
+        await bus.command_done_send(
+            self.channel_layer, reply_to, command_id=command_id, status=status, error=error
         )
+
+
+application = ProtocolTypeRouter({"tcp": AgentConsumer.as_asgi()})
+"""The agent TCP server's ASGI application: every connection (a `tcp` scope made by
+`vmcontrol.server`) is one AgentConsumer. The wiring (`run_vmcontrol_server`, the embedded
+process `runall` starts) hands it to `server.serve`."""

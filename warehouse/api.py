@@ -1,5 +1,6 @@
 import json
 import uuid
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -16,7 +17,7 @@ from common.exceptions import NotFound, ValidationFailed
 from common.fields import TimestampField
 from common.network import client_ip, client_key
 from common.pagination import LimitOffsetPagination
-from warehouse import read_limits, selectors, services
+from warehouse import read_cache, read_limits, selectors, services
 from warehouse.models import DeadLetter
 
 MAX_INGEST_ITEMS = 5000
@@ -127,7 +128,7 @@ class StockListApi(APIView):
         rows = selectors.stock_list(warehouse_id=_uuid(warehouse_id, "warehouse_id"))
         paginator = LimitOffsetPagination()
         page = paginator.paginate_queryset(rows, request, view=self) or []
-        return paginator.get_paginated_response([selectors.stock_view(row) for row in page])
+        return paginator.get_paginated_response([read_cache.stock_view_of(row) for row in page])
 
 
 class MovementHistoryApi(APIView):
@@ -193,8 +194,9 @@ class MovementIngestApi(APIView):
             )
         # Each item goes through the pipeline as its own JSON text, so it is judged exactly as
         # a queue message (size, depth, shape; anything but an object is `malformed`) and its
-        # dead letter keeps what was sent.
-        bodies = [json.dumps(item) for item in items]
+        # dead letter keeps what was sent. Fractions arrive exact (`parsers.JsonNumber`) and go
+        # back out as the JSON numbers they were.
+        bodies = [json.dumps(item, default=_json_number) for item in items]
         result = services.movements_ingest_isolated(bodies=bodies)
         return Response(
             self.OutputSerializer(
@@ -207,6 +209,14 @@ class MovementIngestApi(APIView):
                 }
             ).data
         )
+
+
+def _json_number(value: object) -> float:
+    """A fraction the shared JSON parser decoded exactly, as the JSON number it was (JSON has
+    one number type: the envelope's own validation judges it, as it judges a queue message's)."""
+    if isinstance(value, Decimal):
+        return float(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 class DeadLetterOutputSerializer(serializers.ModelSerializer):

@@ -41,7 +41,7 @@ import re
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from timeit import default_timer
 from typing import Any
@@ -49,14 +49,12 @@ from typing import Any
 import redis.asyncio
 import redis.exceptions
 import structlog
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
 from django.core.cache.backends.redis import RedisCache, RedisSerializer
 from django.core.exceptions import PermissionDenied, SuspiciousOperation
 from django.core.handlers.asgi import ASGIRequest
 from django.core.signals import setting_changed
-from django.db import close_old_connections
 from django.dispatch import receiver
 from django.http import HttpResponse
 from django.http.response import HttpResponseBase
@@ -71,9 +69,10 @@ from rest_framework.renderers import JSONRenderer
 from common import parsers
 from common.api import exception_handler
 from common.cache import OUTAGE_ERRORS
+from common.db import orm_async
 from common.exceptions import NotFound
 from common.network import client_ip, client_key
-from warehouse import read_limits, selectors
+from warehouse import read_cache, read_limits, selectors
 
 logger = structlog.get_logger(__name__)
 
@@ -95,7 +94,7 @@ MIDDLEWARE_ON_FASTPATH: dict[str, frozenset[str]] = {
     "django_prometheus.middleware.PrometheusBeforeMiddleware": frozenset({METRICS}),
     "django.middleware.security.SecurityMiddleware": frozenset({CHECK, RESPONSE}),
     # Serves static files only.
-    "whitenoise.middleware.WhiteNoiseMiddleware": frozenset(),
+    "servestatic.middleware.ServeStaticMiddleware": frozenset(),
     "common.middleware.CorrelationIdMiddleware": frozenset({CORRELATION}),
     # The fast path's catch-all answers the same envelope.
     "common.middleware.JsonErrorMiddleware": frozenset(),
@@ -272,28 +271,24 @@ def _no_view(request: Any) -> None:
 
 def _cache_key(read: _Read) -> str:
     if read.kind == "stock":
-        return selectors.stock_cache_key(str(read.ids[0]), str(read.ids[1]))
-    return selectors.movement_cache_key(str(read.ids[0]))
+        return read_cache.stock_cache_key(read.ids[0], read.ids[1])
+    return read_cache.movement_cache_key(read.ids[0])
 
 
 def _read_sync(
     kind: str, ids: tuple[uuid.UUID, ...], client: str | None
-) -> tuple[float | None, dict[str, Any] | None]:
-    # As Django does around a request: the connection goes back (to the pool, when there is
-    # one) as soon as the read is done, rather than staying with an idle worker thread.
-    close_old_connections()
-    try:
-        wait = read_limits.hit(client) if client is not None else None
-        if wait is not None:
-            return wait, None
-        if kind == "stock":
-            return None, selectors.stock_get(warehouse_id=ids[0], product_id=ids[1])
-        return None, selectors.movement_get(movement_id=ids[0])
-    finally:
-        close_old_connections()
+) -> tuple[float | None, Mapping[str, Any] | None]:
+    wait = read_limits.hit(client) if client is not None else None
+    if wait is not None:
+        return wait, None
+    if kind == "stock":
+        return None, selectors.stock_get(warehouse_id=ids[0], product_id=ids[1])
+    return None, selectors.movement_get(movement_id=ids[0])
 
 
-_read_in_thread = sync_to_async(_read_sync, thread_sensitive=False)
+# As Django does around a request: the connection goes back (to the pool, when there is one) as
+# soon as the read is done, rather than staying with an idle worker thread.
+_read_in_thread = orm_async(_read_sync)
 
 
 @functools.lru_cache(maxsize=4)
@@ -357,12 +352,12 @@ async def _from_redis(script: Any, read: _Read) -> tuple[float | None, Any]:
         wait = read_limits.verdict(limit, int(count), now)
         if wait is not None:
             return wait, None
-    value = _serializer.loads(raw) if raw is not None else None
+    view = read_cache.view_or_miss(_serializer.loads(raw) if raw is not None else None)
     # Anything but a view (the invalidation tombstone, an older "missing" marker) is a miss.
-    return None, value if isinstance(value, dict) else _MISS
+    return None, _MISS if view is None else view
 
 
-async def _lookup(read: _Read) -> tuple[float | None, dict[str, Any] | None]:
+async def _lookup(read: _Read) -> tuple[float | None, Mapping[str, Any] | None]:
     global _redis_retry_at
     script = _redis_script()
     if script is None:
@@ -384,7 +379,7 @@ async def _lookup(read: _Read) -> tuple[float | None, dict[str, Any] | None]:
     return await _read_in_thread(read.kind, read.ids, None)
 
 
-def _answer(read: _Read, wait: float | None, view: dict[str, Any] | None) -> HttpResponse:
+def _answer(read: _Read, wait: float | None, view: Mapping[str, Any] | None) -> HttpResponse:
     """The DRF view's response for this outcome: the same status, body (its JSON renderer,
     its exception handler's envelope) and view headers."""
     status, data, headers = 200, view, {}

@@ -25,14 +25,14 @@ from typing import Any
 import structlog
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
 from django.utils import timezone
 from kombu import Connection, Consumer, Exchange, Message, Queue
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
 from kombu.utils.json import dumps
 
-from warehouse import services
+from common.db import orm_call
+from warehouse import read_cache, services
 from warehouse.schemas import message_key
 
 logger = structlog.get_logger(__name__)
@@ -206,11 +206,10 @@ class MovementConsumer:
     def _beat(self) -> None:
         if time.monotonic() - self._last_beat < settings.WAREHOUSE_HEARTBEAT_SECONDS:
             return
-        close_old_connections()
-        services.consumer_heartbeat_beat(name=self.name, started_at=self.started_at)
+        orm_call(services.consumer_heartbeat_beat, name=self.name, started_at=self.started_at)
         # Entries an outage kept stale are invalidated once the cache is back, even when no
         # batch arrives to do it.
-        services.read_cache_resync()
+        read_cache.write_through_resync()
         self._last_beat = time.monotonic()
 
     def _fill(self, conn: Connection, stop: threading.Event) -> None:
@@ -236,12 +235,7 @@ class MovementConsumer:
         keys = [
             message_key(message.body, message.properties.get("message_id")) for message in batch
         ]
-        close_old_connections()
-        services.movements_ingest_isolated(bodies=bodies, keys=keys)
-        pause_marker = settings.WAREHOUSE_TEST_PAUSE_AFTER_COMMIT
-        if pause_marker:
-            Path(pause_marker).write_text(str(os.getpid()))
-            time.sleep(60)
+        orm_call(services.movements_ingest_isolated, bodies=bodies, keys=keys)
         self._ack(batch)
         self.batches += 1
 
@@ -269,12 +263,10 @@ class MovementConsumer:
                     self.pending.clear()
                     stop.wait(1.0)
         finally:
-            close_old_connections()
             try:
-                services.consumer_heartbeat_clear(name=self.name)
+                orm_call(services.consumer_heartbeat_clear, name=self.name)
             except Exception:
                 logger.warning("warehouse_heartbeat_clear_failed")
-            close_old_connections()
             logger.info("warehouse_consumer_stopped", batches=self.batches)
 
     def _session(self, stop: threading.Event) -> None:

@@ -1,74 +1,72 @@
 """Warehouse reads: the movement view, stock, history, dead letters, verification and the
-consumer heartbeat. The two public reads are cached; `services` invalidates after commit.
+consumer heartbeat. The two public reads are cached through `read_cache` (keys, view shapes,
+read-through fill); `services` writes through after commit.
 
 Only what exists is cached: a lookup of an unknown id leaves nothing behind, so anonymous
 callers cannot grow the cache by asking for random ids (they are throttled per client instead,
 `read_limits`). Any cached value that is not a view (an older release's "missing" marker, the
-invalidation tombstone `services` writes) reads as a miss."""
+invalidation tombstone) reads as a miss."""
 
 import uuid
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TypedDict, cast
 
 from django.conf import settings
-from django.core.cache import cache
 from django.db.models import QuerySet, Sum
 from django.utils import timezone
 
+from warehouse import read_cache
 from warehouse.models import ConsumerHeartbeat, DeadLetter, LedgerEntry, Stock
+from warehouse.read_cache import MovementView, Party, StockView
 
 MOVEMENT_NOT_FOUND = "No such movement."
 STOCK_NOT_FOUND = "No stock recorded for this warehouse and product."
 
 
-def stock_cache_key(warehouse_id: str, product_id: str) -> str:
-    return f"wh:stock:{warehouse_id}:{product_id}"
+class StockMismatch(TypedDict):
+    """A pair whose stored balance (`stock`) differs from the sum of its ledger deltas
+    (`ledger`), both in units of product."""
+
+    warehouse_id: str
+    product_id: str
+    ledger: int
+    stock: int
 
 
-def movement_cache_key(movement_id: str) -> str:
-    return f"wh:mv:{movement_id}"
-
-
-def stock_view(stock: Stock) -> dict[str, Any]:
-    return {
-        "warehouse_id": str(stock.warehouse_id),
-        "product_id": str(stock.product_id),
-        "quantity": max(stock.balance, 0),
-        "balance": stock.balance,
-        "short": stock.balance < 0,
-        "updated_at": stock.updated_at.isoformat(),
-    }
-
-
-def stock_get(*, warehouse_id: uuid.UUID, product_id: uuid.UUID) -> dict[str, Any] | None:
-    """Current stock of a pair (`quantity = max(balance, 0)`, `short` when negative), or None."""
-    key = stock_cache_key(str(warehouse_id), str(product_id))
-    cached = cache.get(key)
-    if isinstance(cached, dict):
-        return dict(cached)
+def stock_get(*, warehouse_id: uuid.UUID, product_id: uuid.UUID) -> StockView | None:
+    """The pair's `StockView` (`quantity = max(balance, 0)`, `short` when negative), or None
+    when no stock row exists. From the cache, else one query that fills the cache (only when
+    the row exists). No lock; never raises for a missing pair; a cache outage reads the
+    database."""
+    key = read_cache.stock_cache_key(warehouse_id, product_id)
+    cached = read_cache.view_get(key)
+    if cached is not None:
+        return cast(StockView, cached)
     stock = Stock.objects.filter(warehouse_id=warehouse_id, product_id=product_id).first()
     if stock is None:
         return None
-    view = stock_view(stock)
-    cache.set(key, view, settings.WAREHOUSE_CACHE_SECONDS)
+    view = read_cache.stock_view_of(stock)
+    read_cache.view_fill(key, view)
     return view
 
 
 def stock_list(*, warehouse_id: uuid.UUID) -> QuerySet[Stock]:
+    """Every stock row of a warehouse, ordered by product id (uncached; `read_cache.stock_view_of`
+    gives each row's view). Lazy queryset, no lock."""
     return Stock.objects.filter(warehouse_id=warehouse_id).order_by("product_id")
 
 
-def _party(entry: LedgerEntry | None) -> dict[str, str] | None:
+def _party(entry: LedgerEntry | None) -> Party | None:
     if entry is None:
         return None
     return {"warehouse_id": str(entry.warehouse_id), "source": entry.source}
 
 
-def movement_view(entries: list[LedgerEntry]) -> dict[str, Any] | None:
+def movement_view(entries: list[LedgerEntry]) -> MovementView | None:
     """The movement read model from its (at most two) ledger rows; independent of the order in
-    which they arrived. Status: `in_transit` (departure only), `arrived` (arrival only),
-    `completed` (both, consistent), `anomaly` (both, but quantity or product differ, the same
-    warehouse on both ends, or arrival before departure)."""
+    which they arrived; None for no rows. Status: `in_transit` (departure only), `arrived`
+    (arrival only), `completed` (both, consistent), `anomaly` (both, but quantity or product
+    differ, the same warehouse on both ends, or arrival before departure). Pure: no query."""
     if not entries:
         return None
     departure = next((e for e in entries if e.event == LedgerEntry.Event.DEPARTURE), None)
@@ -106,15 +104,17 @@ def movement_view(entries: list[LedgerEntry]) -> dict[str, Any] | None:
     }
 
 
-def movement_get(*, movement_id: uuid.UUID) -> dict[str, Any] | None:
-    """The movement view (`movement_view`), or None when no event of it is stored."""
-    key = movement_cache_key(str(movement_id))
-    cached = cache.get(key)
-    if isinstance(cached, dict):
-        return dict(cached)
+def movement_get(*, movement_id: uuid.UUID) -> MovementView | None:
+    """The `MovementView` (`movement_view`), or None when no event of it is stored. From the
+    cache, else one query that fills the cache (only when the movement exists). No lock; a
+    cache outage reads the database."""
+    key = read_cache.movement_cache_key(movement_id)
+    cached = read_cache.view_get(key)
+    if cached is not None:
+        return cast(MovementView, cached)
     view = movement_view(list(LedgerEntry.objects.filter(movement_id=movement_id)))
     if view is not None:
-        cache.set(key, view, settings.WAREHOUSE_CACHE_SECONDS)
+        read_cache.view_fill(key, view)
     return view
 
 
@@ -125,7 +125,9 @@ def ledger_list(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> QuerySet[LedgerEntry]:
-    """Movement history, newest first, filtered by warehouse, product and occurrence time."""
+    """Movement history (ledger rows), newest first (`occurred_at`, then pk), filtered by
+    warehouse, product and occurrence time (`since` inclusive, `until` exclusive, aware
+    datetimes). Lazy queryset, uncached, no lock."""
     entries = LedgerEntry.objects.all()
     if warehouse_id is not None:
         entries = entries.filter(warehouse_id=warehouse_id)
@@ -139,14 +141,18 @@ def ledger_list(
 
 
 def dead_letter_list(*, reason: str | None = None) -> QuerySet[DeadLetter]:
+    """Dead letters, newest first, of one `DeadLetter.Reason` when `reason` is given. Lazy
+    queryset, uncached, no lock."""
     letters = DeadLetter.objects.all()
     if reason:
         letters = letters.filter(reason=reason)
     return letters.order_by("-received_at", "-pk")
 
 
-def stock_mismatches() -> list[dict[str, Any]]:
-    """Pairs where stock != Σ ledger deltas (empty when the invariant holds)."""
+def stock_mismatches() -> list[StockMismatch]:
+    """Pairs where stock != Σ ledger deltas (empty when the invariant holds). Two aggregate
+    queries over the whole ledger and stock tables, no lock: run it when ingest is quiet, or
+    accept that a batch committing in between shows up as a transient mismatch."""
     ledger = {
         (row["warehouse_id"], row["product_id"]): row["total"]
         for row in LedgerEntry.objects.values("warehouse_id", "product_id")
@@ -157,7 +163,7 @@ def stock_mismatches() -> list[dict[str, Any]]:
         (w, p): balance
         for w, p, balance in Stock.objects.values_list("warehouse_id", "product_id", "balance")
     }
-    mismatches = []
+    mismatches: list[StockMismatch] = []
     for pair in ledger.keys() | stock.keys():
         expected, actual = ledger.get(pair, 0), stock.get(pair, 0)
         if expected != actual:
@@ -173,8 +179,10 @@ def stock_mismatches() -> list[dict[str, Any]]:
 
 
 def consumer_heartbeat_check() -> None:
-    """Readiness: raise when a registered consumer's heartbeat is older than the stale limit
-    (or, with WAREHOUSE_READYZ_REQUIRE_CONSUMER, when no consumer runs at all)."""
+    """Readiness check (`common.health`): returns None when healthy; raises RuntimeError (not an
+    `ApplicationError`: the readiness endpoint reports its message) when a registered
+    consumer's heartbeat is older than WAREHOUSE_HEARTBEAT_STALE_SECONDS, or, with
+    WAREHOUSE_READYZ_REQUIRE_CONSUMER, when no consumer runs at all. One query, no lock."""
     limit = timezone.now() - timedelta(seconds=settings.WAREHOUSE_HEARTBEAT_STALE_SECONDS)
     beats = list(ConsumerHeartbeat.objects.values_list("name", "beat_at"))
     if not beats and settings.WAREHOUSE_READYZ_REQUIRE_CONSUMER:

@@ -5,10 +5,13 @@ the tolerant `Poller` (docbot/bot/polling.py)."""
 
 import asyncio
 import contextlib
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from django.conf import settings
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder
 from telegram.request import BaseRequest
 
@@ -42,8 +45,6 @@ class BotSettings:
 
 
 def settings_from_django(*, service_token: str, mode: str | None = None) -> BotSettings:
-    from django.conf import settings
-
     return BotSettings(
         token=settings.TELEGRAM_BOT_TOKEN,
         base_url=settings.TELEGRAM_API_BASE_URL,
@@ -101,6 +102,21 @@ async def application_close(application: DocbotApplication) -> None:
     with contextlib.suppress(Exception):
         await application.shutdown()
     await application.bot_data["backend"].aclose()
+
+
+async def webhook_start(service_token: str) -> Callable[[bytes], Awaitable[None]]:
+    """This deployment's webhook bot (Django settings, mode `webhook`), initialized. Returns
+    the function that hands it one webhook body (`process_webhook_body`)."""
+    application = build_application(
+        settings_from_django(service_token=service_token, mode="webhook")
+    )
+    await application.initialize()
+    return functools.partial(process_webhook_body, application)
+
+
+async def polling_run(service_token: str, stop: asyncio.Event) -> None:
+    """This deployment's bot long-polling (Django settings, mode `polling`) until `stop`."""
+    await run_polling(settings_from_django(service_token=service_token, mode="polling"), stop)
 
 
 async def process_webhook_body(application: DocbotApplication, body: bytes) -> None:

@@ -2,13 +2,56 @@
 service token, the Telegram user id and the update's correlation id. The user id is always the
 sender of the update being handled, so the backend acts for them and nobody else."""
 
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 from urllib.parse import parse_qs, urlparse
 
 import httpx
 import structlog
 
 from common.metrics import timed_integration
+
+
+class TypeRow(TypedDict):
+    """A document type (`TypeOutput` of docbot/api.py)."""
+
+    id: int
+    name: str
+    document_count: NotRequired[int]  # in lists only; failed uploads not counted
+
+
+class DocumentRow(TypedDict):
+    """A document (`DocumentOutput` of docbot/api.py)."""
+
+    id: int
+    name: str
+    type_id: int
+    type_name: str
+    status: str  # pending | stored | failed
+    size: int | None  # bytes
+    sha256: str  # hex, empty until stored
+    mime_type: str
+    file_name: str
+    telegram_file_id: str
+    created_at: str  # ISO 8601
+
+
+class DocumentPage(TypedDict):
+    """One page of documents (DRF cursor pagination): `next`/`previous` are URLs or None."""
+
+    next: str | None
+    previous: str | None
+    results: list[DocumentRow]
+
+
+class ReceivedFileRow(TypedDict):
+    id: int
+    file_unique_id: str
+    size: int | None  # bytes
+
+
+class ShareRow(TypedDict):
+    url: str
+    expires_at: str  # ISO 8601
 
 
 class BackendError(Exception):
@@ -78,14 +121,14 @@ class Backend:
         return body
 
     @timed_integration("docbot_backend", "types_list")
-    async def types(self, user_id: int, *, non_empty: bool) -> list[dict[str, Any]]:
+    async def types(self, user_id: int, *, non_empty: bool) -> list[TypeRow]:
         params = {"non_empty": "1"} if non_empty else None
-        result: list[dict[str, Any]] = await self._call("GET", "types/", user_id, params=params)
+        result: list[TypeRow] = await self._call("GET", "types/", user_id, params=params)
         return result
 
     @timed_integration("docbot_backend", "types_create")
-    async def type_create(self, user_id: int, *, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("POST", "types/", user_id, json={"name": name})
+    async def type_create(self, user_id: int, *, name: str) -> TypeRow:
+        result: TypeRow = await self._call("POST", "types/", user_id, json={"name": name})
         return result
 
     @timed_integration("docbot_backend", "documents_list")
@@ -98,7 +141,7 @@ class Backend:
         name: str = "",
         cursor: str | None = None,
         limit: int = 8,
-    ) -> dict[str, Any]:
+    ) -> DocumentPage:
         params: dict[str, Any] = {"limit": limit}
         if type_id is not None:
             params["type"] = type_id
@@ -108,36 +151,34 @@ class Backend:
             params["name"] = name
         if cursor:
             params["cursor"] = cursor
-        result: dict[str, Any] = await self._call("GET", "documents/", user_id, params=params)
+        result: DocumentPage = await self._call("GET", "documents/", user_id, params=params)
         return result
 
     @timed_integration("docbot_backend", "received_files_create")
-    async def file_received(self, user_id: int, **fields: Any) -> dict[str, Any]:
+    async def file_received(self, user_id: int, **fields: Any) -> ReceivedFileRow:
         """Tell the backend that this user sent the bot this file; its `id` names the file in
         `document_create`."""
-        result: dict[str, Any] = await self._call("POST", "received-files/", user_id, json=fields)
+        result: ReceivedFileRow = await self._call("POST", "received-files/", user_id, json=fields)
         return result
 
     @timed_integration("docbot_backend", "documents_create")
     async def document_create(
         self, user_id: int, *, type_id: int, name: str, file: int
-    ) -> dict[str, Any]:
+    ) -> DocumentRow:
         """A document from a file `file_received` recorded for the same user; the backend
         picks the chat to notify (the user's own)."""
         body = {"type_id": type_id, "name": name, "file": file}
-        result: dict[str, Any] = await self._call("POST", "documents/", user_id, json=body)
+        result: DocumentRow = await self._call("POST", "documents/", user_id, json=body)
         return result
 
     @timed_integration("docbot_backend", "documents_retrieve")
-    async def document(self, user_id: int, document_id: int) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("GET", f"documents/{document_id}", user_id)
+    async def document(self, user_id: int, document_id: int) -> DocumentRow:
+        result: DocumentRow = await self._call("GET", f"documents/{document_id}", user_id)
         return result
 
     @timed_integration("docbot_backend", "documents_update")
-    async def document_update(
-        self, user_id: int, document_id: int, **fields: Any
-    ) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(
+    async def document_update(self, user_id: int, document_id: int, **fields: Any) -> DocumentRow:
+        result: DocumentRow = await self._call(
             "PATCH", f"documents/{document_id}", user_id, json=fields
         )
         return result
@@ -147,8 +188,8 @@ class Backend:
         await self._call("DELETE", f"documents/{document_id}", user_id)
 
     @timed_integration("docbot_backend", "documents_share")
-    async def share(self, user_id: int, document_id: int) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("POST", f"documents/{document_id}/share", user_id)
+    async def share(self, user_id: int, document_id: int) -> ShareRow:
+        result: ShareRow = await self._call("POST", f"documents/{document_id}/share", user_id)
         return result
 
     @timed_integration("docbot_backend", "file_download")

@@ -18,8 +18,7 @@ from telegram.error import BadRequest
 from telegram.ext import ContextTypes
 
 from common.parsers import InvalidValue
-from docbot import schemas
-from docbot.bot import texts
+from docbot import schemas, texts
 from docbot.bot.backend import cursor_of
 from docbot.bot.turn import answer, deps
 
@@ -147,7 +146,7 @@ async def on_callback(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Non
         logger.info("docbot_button_refused", field=exc.field, reason=exc.reason)
         await answer(query, texts.STALE_BUTTON)
         return
-    note = await _BUTTONS[button.kind](query, context, user.id, *button.args)
+    note = await BUTTON_ACTIONS[button.kind](query, context, user.id, *button.args)
     await answer(query, note)
 
 
@@ -290,7 +289,9 @@ async def _button_share(
     return None
 
 
-_BUTTONS: dict[str, ButtonAction] = {
+#: The named action of each button kind (`schemas.CALLBACK_FIELDS` is the grammar of the same
+#: codes: how many integer fields follow each one).
+BUTTON_ACTIONS: dict[str, ButtonAction] = {
     "an": _button_new_type,
     "at": _button_pick_type,
     "bt": _button_browse_type,

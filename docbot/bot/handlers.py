@@ -32,8 +32,7 @@ from telegram.ext import (
 
 from common import parsers
 from common.parsers import InvalidValue
-from docbot import metrics, schemas
-from docbot.bot import texts
+from docbot import metrics, schemas, texts
 from docbot.bot.backend import Backend, BackendError
 from docbot.bot.buttons import PAGE_SIZE, on_callback
 from docbot.bot.state import DialogStore

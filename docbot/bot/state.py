@@ -36,9 +36,6 @@ class DialogStore:
         added: bool = await self._cache.aadd(f"{_PREFIX}:group-told:{chat_id}", 1, ttl_seconds)
         return added
 
-    async def forget_delivery(self, update_id: int) -> None:
-        await self._cache.adelete(f"{_PREFIX}:update:{update_id}")
-
     async def flood_check(self, user_id: int, max_per_second: int) -> str:
         """`ok`, `warn` (first excess in a burst: reply once) or `drop`."""
         window = int(time.time())

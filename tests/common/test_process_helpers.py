@@ -12,6 +12,7 @@ import pytest
 from django.db import connection
 
 from common.db import orm_async, orm_call
+from common.signals import FORCE_AFTER_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAM = textwrap.dedent(
@@ -37,6 +38,7 @@ def _start(finish_seconds: float) -> subprocess.Popen[str]:
         [sys.executable, "-c", PROGRAM, str(finish_seconds)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -64,15 +66,27 @@ def test_the_first_signal_lets_the_unit_of_work_finish(signum: int) -> None:
     assert child.returncode == 0
 
 
-def test_a_second_signal_stops_at_once() -> None:
+def test_a_second_signal_stops_at_once_with_status_1_and_no_traceback() -> None:
     child = _start(30)
     child.send_signal(signal.SIGTERM)
     _wait_for_line(child, "finishing")
+    time.sleep(FORCE_AFTER_SECONDS)
     started = time.monotonic()
     child.send_signal(signal.SIGTERM)
-    child.wait(timeout=10)
+    out, _ = child.communicate(timeout=10)
     assert time.monotonic() - started < 5
-    assert child.returncode != 0
+    assert child.returncode == 1
+    assert "Traceback" not in out
+
+
+def test_the_same_signal_delivered_twice_at_once_is_one_request() -> None:
+    """`timeout`, or a kill of the process group, delivers the signal twice in a row."""
+    child = _start(0.5)
+    child.send_signal(signal.SIGTERM)
+    child.send_signal(signal.SIGTERM)
+    out, _ = child.communicate(timeout=10)
+    assert _program_lines(out) == ["finishing", "finished"]
+    assert child.returncode == 0
 
 
 @pytest.mark.django_db(transaction=True)

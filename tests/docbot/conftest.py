@@ -13,8 +13,7 @@ import pytest
 from django.core.management import call_command
 
 from config.celery import app as celery_app
-from docbot import runtime
-from docbot.bot import texts
+from docbot import runtime, texts
 from docbot.bot.application import BotSettings, run_polling, settings_from_django
 from tests.conftest import LiveServer
 from tests.docbot.fake_telegram import Call, FakeTelegram

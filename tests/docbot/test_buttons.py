@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from docbot.bot import texts
+from docbot import texts
 from docbot.bot.backend import Backend
 from docbot.models import Document
 from tests.docbot.conftest import BotEnv, Dialog, PollingBot, outgoing

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from docbot.bot import texts
+from docbot import texts
 from docbot.bot.backend import Backend
 from docbot.bot.state import DialogStore
 from tests.docbot.conftest import CHANNEL_CHAT, GROUP_CHAT, Dialog, outgoing

@@ -6,7 +6,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from docbot.bot import texts
+from docbot import texts
 from docbot.models import Document
 from tests.docbot.conftest import BotEnv, Dialog
 

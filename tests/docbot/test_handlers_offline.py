@@ -8,7 +8,7 @@ import httpx
 import pytest
 from telegram.request import BaseRequest, RequestData
 
-from docbot.bot import texts
+from docbot import texts
 from docbot.bot.application import BotSettings, build_application, process_webhook_body
 from docbot.bot.state import DialogStore
 

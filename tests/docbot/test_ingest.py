@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from docbot import services
-from docbot.bot import texts
+from docbot import services, texts
 from docbot.models import Document, IngestionFailure
 from docbot.tasks import ingest_document
 from tests.docbot.fake_telegram import FakeTelegram

@@ -16,8 +16,7 @@ import pytest
 from django.db import connection
 
 from bench.harness import celery_worker_args
-from docbot import services
-from docbot.bot import texts
+from docbot import services, texts
 from docbot.models import Document
 from docbot.tasks import ingest_document
 from tests.docbot.conftest import BotEnv, Dialog

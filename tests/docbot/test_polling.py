@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from docbot.bot import texts
+from docbot import texts
 from tests.docbot.conftest import BotEnv, Dialog, PollingBot, outgoing
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("eager_tasks")]

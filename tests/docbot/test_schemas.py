@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from common.parsers import INT64_MAX, InvalidValue
 from docbot import schemas
+from docbot.bot.buttons import BUTTON_ACTIONS
 
 
 @settings(derandomize=True, max_examples=300)
@@ -70,3 +71,7 @@ def test_callback_data_refusals_name_the_field_and_reason(
 )
 def test_file_names_are_cleaned_for_headers(raw: str, clean: str) -> None:
     assert schemas.file_name_clean(raw) == clean
+
+
+def test_every_button_kind_has_one_named_action() -> None:
+    assert set(BUTTON_ACTIONS) == set(schemas.CALLBACK_FIELDS)

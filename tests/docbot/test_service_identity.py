@@ -15,8 +15,7 @@ from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from knox.models import AuthToken
 
-from docbot import runtime, selectors, services
-from docbot.bot import texts
+from docbot import runtime, selectors, services, texts
 from docbot.models import Document, ServiceAccount, TelegramAccount
 from tests.docbot.conftest import BotEnv, Dialog
 from tests.docbot.factories import stored_document, telegram_user

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from docbot.bot import texts
+from docbot import texts
 from docbot.bot.application import (
     BotSettings,
     application_close,

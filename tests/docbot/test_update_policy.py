@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from docbot.bot import texts
+from docbot import texts
 from docbot.models import DocumentType, TelegramAccount
 from tests.docbot.conftest import Dialog, outgoing
 from tests.docbot.factories import stored_document, telegram_user

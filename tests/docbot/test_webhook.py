@@ -9,8 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from docbot import runtime
-from docbot.bot import texts
+from docbot import runtime, texts
 from tests.docbot.conftest import WEBHOOK_SECRET, BotEnv
 from tests.factories import StaffFactory, auth_header
 

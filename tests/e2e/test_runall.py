@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,3 +92,28 @@ def test_runall_serves_every_platform_address_and_stops_on_sigint(tmp_path: Path
     assert f"{base}/admin/" in output
     assert f"ws://127.0.0.1:{port}/ws/" in output
     assert "Stopped." in output
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PORT", "VMCONTROL_PORT", "GRPC_PORT"])
+def test_a_busy_port_is_one_line_naming_its_variable_and_a_nonzero_exit(
+    tmp_path: Path, variable: str
+) -> None:
+    env = _embedded_env(tmp_path, free_port())
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        env[variable] = str(busy)
+        result = subprocess.run(
+            [sys.executable, "manage.py", "runall"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode != 0
+    assert "Quintet is running" not in result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert f"Port {busy} on 127.0.0.1 is in use: set {variable}" in lines[0]

@@ -32,7 +32,7 @@ from tests.vmcontrol.conftest import VmServer, eventually
 from tests.vmcontrol.factories import vm_with_token
 from vmcontrol.models import AgentSession, VirtualMachine
 from vmcontrol.protocol import ProtocolError, decode_frame
-from vmcontrol.server import ServerConfig
+from vmcontrol.sessions import ServerConfig
 
 pytestmark = pytest.mark.timeout(120)
 

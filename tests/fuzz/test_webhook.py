@@ -26,8 +26,7 @@ from django.core.management import call_command
 
 from common import parsers
 from config.celery import app as celery_app
-from docbot import runtime
-from docbot.bot import texts
+from docbot import runtime, texts
 from docbot.models import Document, DocumentType, TelegramAccount
 from tests.conftest import LiveServer
 from tests.docbot.conftest import WEBHOOK_SECRET, point_settings_at

@@ -233,7 +233,7 @@ def _stored() -> list[tuple[int, str, str | None]]:
     return list(Message.objects.values_list("pk", "text", "client_id"))
 
 
-def _online() -> dict[str, list[dict[str, Any]]]:
+def _online() -> dict[str, list[fanout.OnlineUser]]:
     hub = fanout.hub()
     return {room.slug: hub.presence_online(room.pk) for room in Room.objects.all()}
 

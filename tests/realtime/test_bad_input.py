@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from common import parsers
 from realtime import consumers, fanout, selectors, services
 from realtime.models import Message, Room
-from realtime.services import TopicAccess
+from realtime.services import TopicAccess, messages
 from tests.conftest import LiveServer
 from tests.factories import UserFactory, auth_header
 from tests.realtime.client import Client
@@ -434,7 +434,7 @@ async def test_a_frame_that_crashes_is_answered_internal_logged_once_and_the_soc
     def explode(**kwargs: Any) -> Any:
         raise RuntimeError("database password is hunter2")
 
-    monkeypatch.setattr(services, "message_send", explode)
+    monkeypatch.setattr(messages, "message_send", explode)
     caplog.set_level(logging.ERROR, logger="realtime.consumers")
     error = await a.request({"type": "sendMessage", "room": "lobby", "text": "boom"}, "ack")
     assert (error["type"], error["code"]) == ("error", "internal")

@@ -360,7 +360,7 @@ def test_the_vm_tcp_door_refuses_the_unentitled(asgi_server: LiveServer) -> None
     import asyncio
 
     from tests.vmcontrol.conftest import VmServer, Wire
-    from vmcontrol.server import ServerConfig
+    from vmcontrol.sessions import ServerConfig
 
     target, _ = vm_with_token(name="target-vm")
     neighbour, neighbour_token = vm_with_token(name="neighbour-vm")

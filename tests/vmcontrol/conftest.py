@@ -18,7 +18,9 @@ import pytest
 from django.db import connection
 
 from tests.conftest import LiveServer
-from vmcontrol.server import ServerConfig, serve
+from vmcontrol.consumers import application
+from vmcontrol.server import serve
+from vmcontrol.sessions import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,6 +40,7 @@ class VmServer:
             self.stop_event = asyncio.Event()
             await serve(
                 self.stop_event,
+                app=application,
                 host="127.0.0.1",
                 port=port,
                 config=self.config,

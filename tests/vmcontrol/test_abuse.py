@@ -19,6 +19,7 @@ from tests.vmcontrol.conftest import INVENTORY, VmServer, Wire, authorized_wire,
 from tests.vmcontrol.factories import vm_with_token
 from vmcontrol import selectors, services
 from vmcontrol.models import AgentSession, AuditEvent, VirtualMachine
+from vmcontrol.services import tokens
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -340,13 +341,13 @@ async def test_secrets_and_tokens_are_compared_in_constant_time(
     if case == "revoked":
         await sync_to_async(services.vm_token_revoke)(vm_id=vm.pk)
     calls: list[tuple[int, int]] = []
-    real = services.hmac.compare_digest
+    real = tokens.hmac.compare_digest
 
     def spy(a: Any, b: Any) -> bool:
         calls.append((len(a), len(b)))
         return bool(real(a, b))
 
-    monkeypatch.setattr(services, "hmac", SimpleNamespace(compare_digest=spy))
+    monkeypatch.setattr(tokens, "hmac", SimpleNamespace(compare_digest=spy))
     frames: dict[str, dict[str, Any]] = {
         "shorter": {"type": "enroll", "secret": "s3", "inventory": INVENTORY},
         "longer": {"type": "enroll", "secret": secret + "x" * 100, "inventory": INVENTORY},

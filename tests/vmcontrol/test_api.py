@@ -5,6 +5,7 @@ the in-memory layer in the embedded run and on Redis in CI)."""
 import asyncio
 import hashlib
 import itertools
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -139,6 +140,36 @@ async def test_patch_reaches_the_agent_and_is_stored_after_it_acknowledges(
         await finish()
 
 
+async def test_under_a_stress_loop_every_finished_command_was_sent_before_it_finished(
+    api: httpx.AsyncClient, vmserver: VmServer
+) -> None:
+    """Issue 13 item 1: the agent answers as fast as it can, so its answer often lands before
+    the operator's side has marked the command `sent`; every finished command must still say
+    when it was sent, and not after it finished. Bounded in rounds and in time."""
+    vm, token = await sync_to_async(vm_with_token)("stress")
+    agent, finish = await running_agent(vmserver.port, vm.pk, token)
+    rounds, deadline = 0, time.monotonic() + 25
+    try:
+        while rounds < 120 and time.monotonic() < deadline:
+            cpu = 1 + rounds % 8
+            response = await api.patch(f"/vms/{vm.pk}", json={"cpu_cores": cpu})
+            assert response.status_code == 200, response.text
+            assert agent.identity.inventory["cpu_cores"] == cpu
+            rounds += 1
+    finally:
+        await finish()
+    commands = await sync_to_async(list)(
+        Command.objects.filter(vm=vm).values_list("status", "sent_at", "finished_at")
+    )
+    assert rounds >= 20 and len(commands) == rounds, (rounds, len(commands))
+    broken = [
+        (status, sent_at, finished_at)
+        for status, sent_at, finished_at in commands
+        if status != "succeeded" or sent_at is None or finished_at is None or sent_at > finished_at
+    ]
+    assert broken == [], f"{len(broken)} of {rounds} commands: {broken[:5]}"
+
+
 async def test_patch_of_a_vm_that_is_not_authorized_is_409(
     api: httpx.AsyncClient, vmserver: VmServer
 ) -> None:
@@ -157,7 +188,7 @@ async def test_patch_of_a_vm_that_is_not_authorized_is_409(
 async def test_patch_is_504_when_the_agent_does_not_answer_and_nothing_is_stored(
     api: httpx.AsyncClient, vmserver: VmServer, settings: Any
 ) -> None:
-    settings.VMCONTROL_COMMAND_TIMEOUT = 1.0
+    settings.VMCONTROL_COMMAND_TIMEOUT_SECONDS = 1.0
     vm, token = await sync_to_async(vm_with_token)("mute")
     wire = await authorized_wire(vmserver.port, vm.pk, token)
     patch = asyncio.create_task(api.patch(f"/vms/{vm.pk}", json={"ram_mb": 999}))

@@ -21,9 +21,10 @@ from prometheus_client import REGISTRY
 from tests.vmcontrol.conftest import INVENTORY, VmServer, Wire, authorized_wire, eventually
 from tests.vmcontrol.factories import vm_with_token
 from vmcontrol import consumers, server
+from vmcontrol.bus import vm_group
 from vmcontrol.models import AgentSession, Disk, VirtualMachine
-from vmcontrol.server import ServerState
-from vmcontrol.services import AgentEvent, vm_group
+from vmcontrol.services import AgentEvent
+from vmcontrol.sessions import ServerState
 
 pytestmark = pytest.mark.timeout(90)
 

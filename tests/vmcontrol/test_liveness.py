@@ -1,6 +1,6 @@
 """Issue 11 item 12 (vmcontrol): a VM's status is owned by its live session. A TCP server
 renews a lease row; when the server process is SIGKILLed its VMs show offline on REST, the
-console and the admin within VMCONTROL_SERVER_LEASE_TTL, commands to them are refused (409)
+console and the admin within VMCONTROL_SERVER_LEASE_TTL_SECONDS, commands to them are refused (409)
 instead of timing out, and a reaper (any other server, or the beat task) closes the rows and
 publishes the change. A live server's VMs never flicker offline, even with its event writer
 stalled; a server whose lease was reaped drops its sessions and the agents come back."""
@@ -38,7 +38,7 @@ from tests.vmcontrol.factories import vm_with_token
 from vmcontrol import selectors, server, services, tasks
 from vmcontrol.agent import Agent, AgentIdentity
 from vmcontrol.models import AgentSession, ServerLease, VirtualMachine
-from vmcontrol.server import ServerState
+from vmcontrol.sessions import ServerState
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,7 +72,7 @@ def killable_server(asgi_server: LiveServer) -> Iterator[Callable[[], Any]]:
             {
                 "DATABASE_URL": test_database_url(),
                 "VMCONTROL_SERVER_NAME": "doomed-1",
-                "VMCONTROL_SERVER_LEASE_TTL": str(LEASE_TTL),
+                "VMCONTROL_SERVER_LEASE_TTL_SECONDS": str(LEASE_TTL),
             },
         )
         children.append(child)

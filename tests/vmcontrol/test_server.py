@@ -201,9 +201,10 @@ async def test_reported_inventory_replaces_stale_facts_and_disk_ids_are_the_serv
     )
     from vmcontrol import services
     from vmcontrol.protocol import Disk as WireDisk
+    from vmcontrol.protocol import Inventory
 
-    await sync_to_async(services._disks_replace)(
-        {vm.pk: services.Inventory(1, 256, (WireDisk("old", 5), WireDisk("root", 1)))}
+    await sync_to_async(services.disks_replace)(
+        {vm.pk: Inventory(1, 256, (WireDisk("old", 5), WireDisk("root", 1)))}
     )
     root_id = await sync_to_async(lambda: Disk.objects.get(vm=vm, name="root").pk)()
     reported = {

@@ -244,7 +244,8 @@ def test_an_agent_with_a_missing_or_bad_ca_file_fails_at_start(tmp_path: Path) -
 
 
 def test_the_server_refuses_to_start_with_an_unreadable_certificate(tmp_path: Path) -> None:
-    from vmcontrol.server import ServerConfig, tls_context
+    from vmcontrol.server import tls_context
+    from vmcontrol.sessions import ServerConfig
 
     assert tls_context(ServerConfig(tls_cert="", tls_key="")) is None
     with pytest.raises((OSError, ssl.SSLError)):
@@ -252,7 +253,8 @@ def test_the_server_refuses_to_start_with_an_unreadable_certificate(tmp_path: Pa
 
 
 def test_tls_contexts_verify_and_require_tls_1_2(pki: Pki) -> None:
-    from vmcontrol.server import ServerConfig, tls_context
+    from vmcontrol.server import tls_context
+    from vmcontrol.sessions import ServerConfig
 
     client = client_tls_context(pki.ca)
     assert client.check_hostname and client.verify_mode == ssl.CERT_REQUIRED

@@ -35,7 +35,7 @@ def web_process(transactional_db: None) -> Iterator[str]:
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
         "DATABASE_URL": test_database_url(),
-        "VMCONTROL_COMMAND_TIMEOUT": "1.5",
+        "VMCONTROL_COMMAND_TIMEOUT_SECONDS": "1.5",
     }
     child = subprocess.Popen(
         [

@@ -25,6 +25,7 @@ from tests.warehouse.factories import (
 )
 from warehouse import selectors, services
 from warehouse.models import DeadLetter, LedgerEntry
+from warehouse.services import ingest
 
 MOVEMENT = f"/api/movements/{DEPARTURE['data']['movement_id']}"
 SENDER = DEPARTURE["data"]["warehouse_id"]
@@ -293,7 +294,7 @@ def test_an_ingest_body_that_is_not_an_array_of_documents_is_a_400(
 
 def _failing_on(monkeypatch: pytest.MonkeyPatch, source: str) -> None:
     """Make the pipeline raise unexpectedly on envelopes from `source` (a bug's stand-in)."""
-    parse = services._parse
+    parse = ingest._parse
 
     def failing(body: Any) -> Any:
         envelope = parse(body)
@@ -301,7 +302,7 @@ def _failing_on(monkeypatch: pytest.MonkeyPatch, source: str) -> None:
             raise RuntimeError("internal detail that must stay internal")
         return envelope
 
-    monkeypatch.setattr(services, "_parse", failing)
+    monkeypatch.setattr(ingest, "_parse", failing)
 
 
 def test_a_batch_that_fails_unexpectedly_at_the_ingest_endpoint_is_retried_item_by_item(

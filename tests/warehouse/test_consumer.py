@@ -38,8 +38,9 @@ from tests.warehouse.factories import (
     mutated,
     subprocess_env,
 )
-from warehouse import queue, selectors, services
+from warehouse import queue, selectors
 from warehouse.models import ConsumerHeartbeat, DeadLetter, LedgerEntry, Stock
+from warehouse.services import ingest
 from warehouse.simulator import POISON_BODIES, Simulation
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -225,18 +226,10 @@ def test_sigkill_between_commit_and_ack_redelivers_without_effect(
     assert poison and real_duplicates
     queue.envelopes_publish(bodies)
     marker = tmp_path / "committed"
-    command = [
-        sys.executable,
-        "manage.py",
-        "run_warehouse_consumer",
-        "--batch-size",
-        "500",
-        "--linger-ms",
-        "500",
-    ]
-    first = subprocess.Popen(
-        command, cwd=ROOT, env=_child_env(transport, WAREHOUSE_TEST_PAUSE_AFTER_COMMIT=str(marker))
-    )
+    options = ["--batch-size", "500", "--linger-ms", "500"]
+    command = [sys.executable, "manage.py", "run_warehouse_consumer", *options]
+    pausing = [sys.executable, "-m", "tests.warehouse.pause_after_commit", str(marker), *options]
+    first = subprocess.Popen(pausing, cwd=ROOT, env=_child_env(transport))
     try:
         _wait_for(marker.exists, 60)
         first.send_signal(signal.SIGKILL)
@@ -367,7 +360,7 @@ def test_envelopes_that_can_never_be_stored_are_dead_lettered_as_malformed_on_th
 
 def _failing_on(monkeypatch: pytest.MonkeyPatch, source: str) -> None:
     """Make the pipeline raise unexpectedly on envelopes from `source` (a bug's stand-in)."""
-    parse = services._parse
+    parse = ingest._parse
 
     def failing(raw: Any) -> Any:
         parsed = parse(raw)
@@ -375,7 +368,7 @@ def _failing_on(monkeypatch: pytest.MonkeyPatch, source: str) -> None:
             raise RuntimeError("a bug in the pipeline")
         return parsed
 
-    monkeypatch.setattr(services, "_parse", failing)
+    monkeypatch.setattr(ingest, "_parse", failing)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -24,9 +24,9 @@ from bench.harness import free_port
 from tests.throwaway import redis_server
 from tests.warehouse.factories import body, envelope
 from tests.warehouse.relay import Relay
-from warehouse import fastpath, queue, services
+from warehouse import fastpath, queue, read_cache, services
 from warehouse.models import LedgerEntry
-from warehouse.selectors import stock_cache_key
+from warehouse.read_cache import stock_cache_key
 
 pytestmark = [pytest.mark.needs_redis, pytest.mark.timeout(120)]
 
@@ -46,7 +46,7 @@ def _cache_on(port: int) -> dict[str, dict[str, Any]]:
 def _fresh_outage_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fastpath, "_last_logged", {})
     monkeypatch.setattr(fastpath, "_redis_retry_at", 0.0)
-    monkeypatch.setattr(services, "_unsynced", set())
+    monkeypatch.setattr(read_cache, "_unsynced", set())
 
 
 def _through_django(http: httpx.Client, path: str) -> httpx.Response:

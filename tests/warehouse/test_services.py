@@ -14,8 +14,9 @@ from django.test import override_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.exceptions import PreconditionFailed
 from tests.warehouse.factories import EPOCH, body, envelope, example_pair
-from warehouse import selectors, services
+from warehouse import read_cache, selectors, services
 from warehouse.models import DeadLetter, LedgerEntry, Stock
 from warehouse.schemas import message_key
 from warehouse.simulator import Simulation
@@ -170,7 +171,7 @@ def test_replaying_a_fixed_dead_letter_stores_it_once() -> None:
     replayed = services.dead_letter_replay(dead_letter_id=letter.pk)
     assert replayed.replay_outcome == "stored"
     assert Stock.objects.get().balance == -50
-    with pytest.raises(services.PreconditionFailed):
+    with pytest.raises(PreconditionFailed):
         services.dead_letter_replay(dead_letter_id=letter.pk)
 
 
@@ -196,7 +197,7 @@ def test_rebuilding_stock_rewrites_its_cache_entries_and_leaves_the_rest_of_the_
         )
     Stock.objects.update(balance=999)  # drifted from the ledger, and cached so
     Stock.objects.create(warehouse_id=gone[0], product_id=gone[1], balance=3, updated_at=EPOCH)
-    cache.delete(selectors.stock_cache_key(str(kept[0]), str(kept[1])))
+    cache.delete(read_cache.stock_cache_key(str(kept[0]), str(kept[1])))
     drifted = [selectors.stock_get(warehouse_id=w, product_id=p) for w, p in (kept, gone)]
     cache.set("not-the-warehouse's", "kept", 60)
     with django_capture_on_commit_callbacks(execute=True):

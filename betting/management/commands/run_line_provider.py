@@ -1,7 +1,9 @@
-"""Serve the betting line provider over gRPC until SIGINT/SIGTERM."""
+"""Serve the betting line provider over gRPC until SIGINT/SIGTERM.
+
+The first signal stops taking calls and gives the ones in flight a grace period
+(`serve`: `server.stop(grace=2)`); a second one cancels at once (`run_until_signal`)."""
 
 import asyncio
-import signal
 from typing import Any
 
 from django.conf import settings
@@ -10,6 +12,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from betting.grpc.server import serve
 from betting.grpc.transport import configured_mode
+from common.signals import run_until_signal
 
 
 class Command(BaseCommand):
@@ -20,17 +23,6 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=settings.GRPC_PORT)
 
     def handle(self, *args: Any, host: str, port: int, **options: Any) -> None:
-        try:
-            asyncio.run(self._main(host, port))
-        except ImproperlyConfigured as error:
-            raise CommandError(str(error)) from None
-
-    async def _main(self, host: str, port: int) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-
         def bound(actual: int) -> None:
             self.stdout.write(
                 f"betting line provider serving gRPC on {host}:{actual} ({configured_mode()})",
@@ -38,4 +30,10 @@ class Command(BaseCommand):
             )
             self.stdout.flush()
 
-        await serve(stop, host=host, port=port, on_bound=bound)
+        async def main(stop: asyncio.Event) -> None:
+            await serve(stop, host=host, port=port, on_bound=bound)
+
+        try:
+            run_until_signal(main)
+        except ImproperlyConfigured as error:
+            raise CommandError(str(error)) from None

@@ -4,19 +4,20 @@ runner for the Celery beat schedule when tasks run in-process. Ctrl-C stops ever
 
 import asyncio
 import contextlib
-import signal
+import errno
+import socket
 from collections.abc import Generator
 from typing import Any
 
 import structlog
 import uvicorn
-from asgiref.sync import sync_to_async
 from celery import current_app as current_celery_app
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
-from django.db import close_old_connections
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from common.db import orm_async
 from common.processes import embedded_processes
+from common.signals import run_until_signal
 
 logger = structlog.get_logger(__name__)
 
@@ -29,23 +30,36 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
-def _run_task_now(task_name: str) -> None:
-    close_old_connections()
-    try:
-        current_celery_app.tasks[task_name].apply()
-    finally:
-        close_old_connections()
+def _run_task_now(task: Any) -> None:
+    task.apply()
 
 
-async def _beat(stop: asyncio.Event, task_name: str, every: float) -> None:
+async def _beat(stop: asyncio.Event, task: Any, every: float) -> None:
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=every)
             return
         try:
-            await sync_to_async(_run_task_now, thread_sensitive=False)(task_name)
+            await orm_async(_run_task_now)(task)
         except Exception:
-            logger.exception("embedded_beat_task_failed", task=task_name)
+            logger.exception("embedded_beat_task_failed", task=task.name)
+
+
+def _check_free(variable: str, host: str, port: int) -> None:
+    """Raise CommandError (one line naming the setting) when (host, port) cannot be bound."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            reason = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc})"
+            raise CommandError(
+                f"Port {port} on {host} {reason}: set {variable} to a free port "
+                f"(e.g. {variable}={port + 1} make run) or stop what holds it."
+            ) from None
 
 
 def _seconds(schedule: Any) -> float:
@@ -60,14 +74,13 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=settings.HTTP_PORT)
 
     def handle(self, *args: Any, host: str, port: int, **options: Any) -> None:
-        asyncio.run(self._main(host, port))
+        _check_free("HTTP_PORT", host, port)
+        for process in embedded_processes():
+            for variable, process_host, process_port in process.listens():
+                _check_free(variable, process_host, process_port)
+        run_until_signal(lambda stop: self._main(stop, host, port))
 
-    async def _main(self, host: str, port: int) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-
+    async def _main(self, stop: asyncio.Event, host: str, port: int) -> None:
         config = uvicorn.Config(
             "config.asgi:application",
             host=host,
@@ -85,8 +98,12 @@ class Command(BaseCommand):
         for process in processes:
             tasks.append(asyncio.create_task(process.run(stop), name=process.name))
         if settings.CELERY_TASK_ALWAYS_EAGER:
+            # What a worker does at start: import every app's tasks module, so a schedule entry
+            # names a registered task before any request has imported its app's tasks.
+            current_celery_app.loader.import_default_modules()
             for entry in settings.CELERY_BEAT_SCHEDULE.values():
-                beat = _beat(stop, str(entry["task"]), _seconds(entry["schedule"]))
+                task = current_celery_app.tasks[str(entry["task"])]
+                beat = _beat(stop, task, _seconds(entry["schedule"]))
                 tasks.append(asyncio.create_task(beat, name=f"beat:{entry['task']}"))
 
         self._banner(host, port, [p.describe() for p in processes])

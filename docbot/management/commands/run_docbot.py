@@ -1,7 +1,6 @@
 """The bot as its own process: long polling, or webhook registration."""
 
 import asyncio
-import signal
 from typing import Any
 
 from django.conf import settings
@@ -9,8 +8,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from telegram import Bot
 
 from common.metrics import metrics_server_start
-from docbot import runtime, services
-from docbot.bot import texts
+from common.signals import run_until_signal
+from docbot import runtime, services, texts
 from docbot.bot.application import run_polling, settings_from_django
 from docbot.bot.updates import ALLOWED_UPDATES
 
@@ -28,7 +27,7 @@ class Command(BaseCommand):
             self.stdout.write(texts.BOT_OFF)
             # Idle instead of exiting: a process manager (honcho, compose) would otherwise
             # stop or restart its siblings.
-            asyncio.run(self._idle())
+            run_until_signal(self._idle)
             return
         if options["set_webhook"]:
             asyncio.run(self._set_webhook(options["set_webhook"]))
@@ -39,38 +38,25 @@ class Command(BaseCommand):
                 "Webhook mode: updates arrive at POST /docbot/webhook on the web process; "
                 "register it with --set-webhook URL. Nothing to poll."
             )
-            asyncio.run(self._idle())
+            run_until_signal(self._idle)
             return
         try:
-            runtime.service_token_sync()
+            token = runtime.service_token_sync()
         except services.ServiceAccountRefused as exc:
             raise CommandError(f"docbot refuses to start: {exc.message}") from exc
         metrics_server_start(settings.METRICS_PORT, settings.BIND_HOST)
-        asyncio.run(self._poll(options["poll_timeout"]))
+        config = settings_from_django(service_token=token, mode="polling")
+        poll_timeout = options["poll_timeout"]
+
+        async def poll(stop: asyncio.Event) -> None:
+            self.stdout.write("docbot polling; Ctrl-C stops.")
+            await run_polling(config, stop, poll_timeout=poll_timeout)
+
+        run_until_signal(poll)
 
     @staticmethod
-    def _stop_event() -> asyncio.Event:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        return stop
-
-    async def _idle(self) -> None:
-        await self._stop_event().wait()
-
-    async def _poll(self, poll_timeout: int) -> None:
-        stop = self._stop_event()
-        from asgiref.sync import sync_to_async
-
-        # Checked in handle() already; this only returns the cached token.
-        token = await sync_to_async(runtime.service_token_sync, thread_sensitive=True)()
-        self.stdout.write("docbot polling; Ctrl-C stops.")
-        await run_polling(
-            settings_from_django(service_token=token, mode="polling"),
-            stop,
-            poll_timeout=poll_timeout,
-        )
+    async def _idle(stop: asyncio.Event) -> None:
+        await stop.wait()
 
     async def _set_webhook(self, url: str) -> None:
         bot = Bot(

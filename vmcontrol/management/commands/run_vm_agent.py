@@ -5,7 +5,6 @@ import asyncio
 import contextlib
 import json
 import resource
-import signal
 import ssl
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from django.conf import settings
 from django.core.management.base import CommandError, CommandParser
 
 from common.parsers import INT64_MAX
+from common.signals import run_until_signal
 from vmcontrol.agent import AgentFleet, AgentIdentity, FleetStats, client_tls_context
 from vmcontrol.management.options import (
     OptionValuesCommand,
@@ -156,15 +156,11 @@ class Command(OptionValuesCommand):
             tls=tls,
             server_hostname=options["tls_server_name"],
         )
-        asyncio.run(self._main(fleet, options))
+        run_until_signal(lambda stop: self._main(fleet, options, stop))
 
-    async def _main(self, fleet: AgentFleet, options: dict[str, Any]) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+    async def _main(self, fleet: AgentFleet, options: dict[str, Any], stop: asyncio.Event) -> None:
         if options["duration"]:
-            loop.call_later(options["duration"], stop.set)
+            asyncio.get_running_loop().call_later(options["duration"], stop.set)
         reporter = asyncio.create_task(self._report(fleet.stats, options["stats_file"], stop))
         await fleet.run(stop, ramp_seconds=options["ramp"])
         reporter.cancel()

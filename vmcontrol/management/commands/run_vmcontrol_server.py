@@ -2,13 +2,14 @@
 
 import asyncio
 import gc
-import signal
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
 from common.metrics import metrics_server_start
+from common.signals import run_until_signal
+from vmcontrol.consumers import application
 from vmcontrol.server import serve
 
 
@@ -26,16 +27,12 @@ class Command(BaseCommand):
         # for a heartbeat-visible time; freeze what startup allocated and collect less often.
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
-        asyncio.run(self._main(host, port))
-
-    async def _main(self, host: str, port: int) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
 
         def started(bound: int) -> None:
             self.stdout.write(f"vmcontrol listening on {host}:{bound}", ending="\n")
             self.stdout.flush()
 
-        await serve(stop, host=host, port=port, started=started)
+        async def main(stop: asyncio.Event) -> None:
+            await serve(stop, app=application, host=host, port=port, started=started)
+
+        run_until_signal(main)

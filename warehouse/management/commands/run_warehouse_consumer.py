@@ -1,15 +1,17 @@
 """`manage.py run_warehouse_consumer`: the movement consumer as its own process.
 
-SIGTERM/SIGINT: the batch in hand is committed and acked, then the process exits."""
+SIGTERM/SIGINT (`common.signals.run_until_signal`): the batch in hand is committed and acked,
+the heartbeat is cleared and the connection closed, then the process exits; a second signal
+cancels the wait."""
 
 import asyncio
-import signal
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
 from common.metrics import metrics_server_start
+from common.signals import run_until_signal
 from warehouse.queue import MovementConsumer, consumer_run
 
 
@@ -34,11 +36,8 @@ class Command(BaseCommand):
             name=options["name"],
         )
         metrics_server_start(settings.METRICS_PORT, settings.BIND_HOST)
-        asyncio.run(self._main(consumer))
 
-    async def _main(self, consumer: MovementConsumer) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await consumer_run(stop, consumer)
+        async def main(stop: asyncio.Event) -> None:
+            await consumer_run(stop, consumer)
+
+        run_until_signal(main)

@@ -1,4 +1,5 @@
-"""Every sentence the bot (and the ingestion worker) says to a user, in one place."""
+"""Every sentence docbot says to a user (the bot, the ingestion worker, the process log), in one
+place: a wire format of the app, below everything that speaks."""
 
 BOT_OFF = "docbot is off: TELEGRAM_BOT_TOKEN is not set."
 

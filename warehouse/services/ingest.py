@@ -1,0 +1,491 @@
+"""The ingest pipeline: one transaction per batch of raw messages, in named steps.
+
+Idempotency key of an event is `(movement_id, event)`, never the envelope `id` (both events of
+a movement share it). Every message of a batch ends in exactly one place in the batch's
+transaction: a new ledger row, the `duplicates` counter of the existing row, or a dead letter.
+Queue messages also carry a message key (`schemas.message_key`): the ledger row, the dead letter
+or the `DuplicateMessage` a message produced records it, so a redelivery of a batch that was
+committed but not acked finds its messages already placed and changes nothing (outcome
+`redelivered`: no new dead letter, no duplicate counted again).
+
+The steps of `_ingest`, in order (each a function below):
+1. `_classify`: skip messages already placed (a key seen earlier in the batch, or dead-lettered
+   by an earlier delivery), parse the rest, group copies of one event within the batch;
+2. `_match_stored`: events already in the ledger become repeats (same payload) or conflicts;
+3. `_reject_short_departures` (WAREHOUSE_STRICT_STOCK only): lock the stock rows, refuse
+   departures that would go below zero;
+4. `_count_repeats`: each repeat is a `duplicate` (counted once per message key) or
+   `redelivered`;
+5. `_store`: insert the new ledger rows, bump the duplicate counters, record the duplicates'
+   message keys, apply the stock deltas;
+6. `_dead_letter`: every refused message becomes a dead letter (once per message key);
+7. `_announce`: after commit the read cache is written through and the metrics counted; the
+   stock changes are published on `warehouse.stock`.
+"""
+
+import json
+import re
+import uuid
+from collections import Counter as Tally
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, transaction
+from django.db.models import F
+from django.utils import timezone
+from prometheus_client import Counter, Histogram
+
+from realtime.services import publish
+from warehouse import read_cache
+from warehouse.lock_objects import stock_lock
+from warehouse.models import DeadLetter, DuplicateMessage, LedgerEntry
+from warehouse.read_cache import StockView
+from warehouse.schemas import Envelope, EnvelopeInvalid, envelope_parse, envelope_validate
+from warehouse.services.ledger_sql import (
+    EventKey,
+    Pair,
+    entries_existing,
+    ledger_insert,
+    message_keys_known,
+    stock_apply,
+)
+
+logger = structlog.get_logger(__name__)
+
+STOCK_TOPIC = "warehouse.stock"
+
+MOVEMENTS_STORED = Counter("movements_stored_counter", "Movement events stored in the ledger")
+MESSAGES = Counter("warehouse_messages", "Consumed messages by result", ["result"])
+DEAD_LETTERS = Counter("warehouse_dead_letters", "Dead-lettered messages by reason", ["reason"])
+STOCK_SHORT = Counter("warehouse_stock_short", "Stock balances that went below zero")
+BATCH_SIZE = Histogram(
+    "warehouse_batch_size",
+    "Messages per committed batch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
+)
+COMMIT_SECONDS = Histogram("warehouse_commit_seconds", "Time to process and commit one batch")
+INGEST_LAG = Histogram(
+    "warehouse_ingest_lag_seconds",
+    "Commit time minus the envelope's `time` (producer clock)",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600, 3600, float("inf")),
+)
+
+Body = bytes | str | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why message `index` of a batch was not stored: the dead-letter `reason`, the `field` at
+    fault (dotted path, when one is) and a `detail` sentence naming it."""
+
+    index: int
+    reason: str
+    detail: str
+    field: str | None = None
+
+
+@dataclass
+class BatchResult:
+    """Per-message outcome in input order: `stored`, `duplicate`, `redelivered` (a message
+    already placed by an earlier delivery) or the dead-letter reason; `problems` explains each
+    dead-lettered message; `stock_changes` are the new views of the pairs the batch moved."""
+
+    outcomes: list[str] = field(default_factory=list)
+    stock_changes: list[StockView] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def stored(self) -> int:
+        return self.outcomes.count("stored")
+
+    @property
+    def duplicates(self) -> int:
+        return self.outcomes.count("duplicate")
+
+    @property
+    def redelivered(self) -> int:
+        return self.outcomes.count("redelivered")
+
+    @property
+    def dead_letters(self) -> int:
+        return len(self.outcomes) - self.stored - self.duplicates - self.redelivered
+
+    def extend(self, other: "BatchResult") -> None:
+        """Append `other`'s messages after this result's (problem indexes shifted)."""
+        offset = len(self.outcomes)
+        self.outcomes += other.outcomes
+        self.stock_changes += other.stock_changes
+        self.problems += [
+            Problem(problem.index + offset, problem.reason, problem.detail, problem.field)
+            for problem in other.problems
+        ]
+
+
+@dataclass
+class _Failure:
+    reason: str
+    detail: str
+    envelope: Envelope | None = None
+    field: str | None = None
+
+
+@dataclass(frozen=True)
+class _Repeat:
+    """A message repeating an event: its key, the pk of the stored row (None for a row the
+    batch inserts now) and the message key that stored the row."""
+
+    key: EventKey
+    row: int | None
+    stored_by: str
+
+
+@dataclass
+class _Batch:
+    """The state the steps of one `_ingest` pass along, by message index."""
+
+    bodies: Sequence[Body]
+    keys: Sequence[str]
+    now: datetime
+    outcomes: list[str]
+    failures: dict[int, _Failure] = field(default_factory=dict)
+    # The first copy of each event not stored yet, and the indexes of its later copies.
+    fresh: dict[EventKey, tuple[int, Envelope]] = field(default_factory=dict)
+    copies: dict[EventKey, list[int]] = field(default_factory=lambda: defaultdict(list))
+    repeats: dict[int, _Repeat] = field(default_factory=dict)
+
+    def fail(self, indexes: list[int], reason: str, detail: str, envelope: Envelope) -> None:
+        for index in indexes:
+            self.failures[index] = _Failure(reason, detail, envelope)
+
+    def group(self, key: EventKey) -> list[int]:
+        """Take event `key` out of `fresh`: the indexes of its first copy and later copies."""
+        index, _ = self.fresh.pop(key)
+        return [index, *self.copies.pop(key, [])]
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _raw_text(body: Body) -> str:
+    """The body as storable text: PostgreSQL text cannot hold NUL or lone surrogates, and such a
+    body is never valid anyway, so they become U+FFFD like any undecodable byte."""
+    if isinstance(body, dict):
+        return json.dumps(body, separators=(",", ":"))
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    return _UNSTORABLE.sub("\ufffd", text[:65536])
+
+
+def _parse(body: Body) -> Envelope:
+    return envelope_validate(body) if isinstance(body, dict) else envelope_parse(body)
+
+
+def _classify(batch: _Batch) -> None:
+    """Step 1. A message an earlier delivery dead-lettered, or a second copy of one message
+    within the batch, is already placed: `redelivered`, never dead-lettered or counted again.
+    The rest are parsed (a refusal is a failure) and grouped by event key; a later copy with
+    another payload is a `conflict`."""
+    dead_lettered = message_keys_known(DeadLetter, {key for key in batch.keys if key})
+    seen: set[str] = set()
+    for index, body in enumerate(batch.bodies):
+        if message := batch.keys[index]:
+            if message in seen or message in dead_lettered:
+                batch.outcomes[index] = "redelivered"
+                continue
+            seen.add(message)
+        try:
+            env = _parse(body)
+        except EnvelopeInvalid as exc:
+            batch.failures[index] = _Failure(exc.reason, exc.detail, field=exc.field)
+            continue
+        first = batch.fresh.get(env.key)
+        if first is None:
+            batch.fresh[env.key] = (index, env)
+        elif first[1].fingerprint == env.fingerprint:
+            batch.copies[env.key].append(index)
+        else:
+            batch.fail([index], "conflict", "differs from an earlier copy in the batch", env)
+
+
+def _match_stored(batch: _Batch) -> None:
+    """Step 2. Events already in the ledger leave `fresh`: with the stored payload their copies
+    are repeats of the stored row, with another payload they are all conflicts."""
+    if not batch.fresh:
+        return
+    existing = entries_existing({key[0] for key in batch.fresh})
+    for key in [key for key in batch.fresh if key in existing]:
+        env = batch.fresh[key][1]
+        group = batch.group(key)
+        pk, fingerprint, stored_by = existing[key]
+        if fingerprint == env.fingerprint:
+            batch.repeats.update((member, _Repeat(key, pk, stored_by)) for member in group)
+        else:
+            batch.fail(group, "conflict", "differs from the stored event", env)
+
+
+def _reject_short_departures(batch: _Batch) -> None:
+    """Step 3 (WAREHOUSE_STRICT_STOCK). Lock the stock rows of the batch's pairs (ascending key
+    order, for the rest of the transaction) and, in batch order, refuse each departure that
+    would drive its stock below zero, with all its copies (`insufficient_stock`)."""
+    if not batch.fresh:
+        return
+    balances = stock_lock(
+        pairs={(env.warehouse_id, env.product_id) for _, env in batch.fresh.values()}
+    )
+    for key, (_, env) in sorted(batch.fresh.items(), key=lambda item: item[1][0]):
+        pair = (env.warehouse_id, env.product_id)
+        after = balances.get(pair, 0) + env.delta
+        if env.delta < 0 and after < 0:
+            detail = "departure exceeds the stock at the warehouse"
+            batch.fail(batch.group(key), "insufficient_stock", detail, env)
+            continue
+        balances[pair] = after
+
+
+def _count_repeats(
+    batch: _Batch,
+) -> tuple[Tally[EventKey], dict[EventKey, int], list[DuplicateMessage]]:
+    """Step 4. Later in-batch copies of the events stored now are repeats too. Each repeat is
+    `redelivered` when its message key stored the row or was counted before, else a
+    `duplicate`. Returns the new duplicates per event, the pks of the stored rows to bump, and
+    the `DuplicateMessage` records of the counted message keys."""
+    for key, indexes in batch.copies.items():
+        batch.repeats.update((member, _Repeat(key, None, "")) for member in indexes)
+    keys = batch.keys
+    counted = message_keys_known(DuplicateMessage, {keys[i] for i in batch.repeats if keys[i]})
+    new_duplicates: Tally[EventKey] = Tally()
+    stored_pks: dict[EventKey, int] = {}
+    records: list[DuplicateMessage] = []
+    for index, repeat in batch.repeats.items():
+        message = keys[index]
+        if message and (message == repeat.stored_by or message in counted):
+            batch.outcomes[index] = "redelivered"
+            continue
+        batch.outcomes[index] = "duplicate"
+        new_duplicates[repeat.key] += 1
+        if repeat.row is not None:
+            stored_pks[repeat.key] = repeat.row
+        if message:
+            movement_id, event = repeat.key
+            records.append(
+                DuplicateMessage(
+                    message_key=message, movement_id=movement_id, event=event, received_at=batch.now
+                )
+            )
+    return new_duplicates, stored_pks, records
+
+
+def _ledger_row(batch: _Batch, index: int, env: Envelope, duplicates: int) -> dict[str, Any]:
+    return {
+        "movement_id": env.movement_id,
+        "event": env.event,
+        "warehouse_id": env.warehouse_id,
+        "product_id": env.product_id,
+        "quantity": env.quantity,
+        "delta": env.delta,
+        "occurred_at": env.timestamp,
+        "source": env.source,
+        "envelope_id": env.id,
+        "sent_at": env.time,
+        "fingerprint": env.fingerprint,
+        "duplicates": duplicates,
+        "recorded_at": batch.now,
+        "message_key": batch.keys[index],
+    }
+
+
+def _store(
+    batch: _Batch,
+    new_duplicates: Tally[EventKey],
+    stored_pks: dict[EventKey, int],
+    records: list[DuplicateMessage],
+) -> list[StockView]:
+    """Step 5. Insert the new ledger rows (`stored`), bump the duplicate counters of rows
+    stored earlier (`F()`), record the counted duplicates' message keys and apply the stock
+    deltas; returns the moved pairs' new views."""
+    entries: list[dict[str, Any]] = []
+    deltas: dict[Pair, int] = defaultdict(int)
+    for key, (index, env) in batch.fresh.items():
+        batch.outcomes[index] = "stored"
+        entries.append(_ledger_row(batch, index, env, new_duplicates.get(key, 0)))
+        deltas[(env.warehouse_id, env.product_id)] += env.delta
+    ledger_insert(entries)
+    by_count: dict[int, list[int]] = defaultdict(list)
+    for key, pk in stored_pks.items():
+        by_count[new_duplicates[key]].append(pk)
+    for count, pks in by_count.items():
+        LedgerEntry.objects.filter(pk__in=pks).update(duplicates=F("duplicates") + count)
+    # A plain insert: a concurrent delivery of the same message fails this batch (retried
+    # message by message) rather than counting it twice.
+    DuplicateMessage.objects.bulk_create(records)
+    return [
+        read_cache.stock_view(
+            warehouse_id=warehouse_id, product_id=product_id, balance=balance, updated_at=batch.now
+        )
+        for warehouse_id, product_id, balance in stock_apply(deltas, batch.now)
+    ]
+
+
+def _dead_letter(batch: _Batch, *, record: bool) -> list[Problem]:
+    """Step 6. Each failure sets its message's outcome to the reason and, with `record`,
+    becomes a dead letter (a message key dead-lettered before adds nothing). Returns the
+    problems in message order."""
+    problems: list[Problem] = []
+    for index, failure in sorted(batch.failures.items()):
+        batch.outcomes[index] = failure.reason
+        problems.append(Problem(index, failure.reason, failure.detail[:500], failure.field))
+    if record and batch.failures:
+        DeadLetter.objects.bulk_create(
+            [
+                DeadLetter(
+                    received_at=batch.now,
+                    body=_raw_text(batch.bodies[index]),
+                    reason=failure.reason,
+                    detail=failure.detail[:500],
+                    movement_id=failure.envelope.movement_id if failure.envelope else None,
+                    event=failure.envelope.event if failure.envelope else "",
+                    message_key=batch.keys[index],
+                )
+                for index, failure in batch.failures.items()
+            ],
+            ignore_conflicts=True,
+        )
+    return problems
+
+
+def _announce(batch: _Batch, result: BatchResult) -> None:
+    """Step 7. After commit: write the read cache through and count the metrics. The stock
+    changes go out on `warehouse.stock` (realtime delivers them after commit too)."""
+    movement_ids = {env.movement_id for _, env in batch.fresh.values()}
+    sent_times = [env.time for _, env in batch.fresh.values()]
+    transaction.on_commit(lambda: _after_commit(result, movement_ids, sent_times))
+    if result.stock_changes:
+        publish(STOCK_TOPIC, {"changes": result.stock_changes})
+
+
+def _ingest(
+    bodies: Sequence[Body], keys: Sequence[str], *, record_dead_letters: bool = True
+) -> BatchResult:
+    batch = _Batch(bodies=bodies, keys=keys, now=timezone.now(), outcomes=[""] * len(bodies))
+    _classify(batch)
+    _match_stored(batch)
+    if settings.WAREHOUSE_STRICT_STOCK:
+        _reject_short_departures(batch)
+    changes = _store(batch, *_count_repeats(batch))
+    problems = _dead_letter(batch, record=record_dead_letters)
+    result = BatchResult(outcomes=batch.outcomes, stock_changes=changes, problems=problems)
+    _announce(batch, result)
+    return result
+
+
+def _after_commit(
+    result: BatchResult, movement_ids: set[uuid.UUID], sent_times: list[datetime]
+) -> None:
+    read_cache.stock_changes_write_through(result.stock_changes, movement_ids)
+    tally = Tally(result.outcomes)
+    for outcome, count in tally.items():
+        if outcome in ("stored", "duplicate", "redelivered"):
+            MESSAGES.labels(outcome).inc(count)
+        else:
+            MESSAGES.labels("dead_letter").inc(count)
+            DEAD_LETTERS.labels(outcome).inc(count)
+    MOVEMENTS_STORED.inc(tally.get("stored", 0))
+    STOCK_SHORT.inc(sum(1 for change in result.stock_changes if change["short"]))
+    BATCH_SIZE.observe(len(result.outcomes))
+    now = timezone.now()
+    for sent in sent_times[:50]:
+        INGEST_LAG.observe(max(0.0, (now - sent).total_seconds()))
+
+
+@transaction.atomic
+def movements_ingest(*, bodies: Sequence[Body], keys: Sequence[str] | None = None) -> BatchResult:
+    """Run one batch of raw messages (JSON text or bytes, or already-decoded dicts) through
+    validation, dedup and stock update in one transaction; returns a `BatchResult` with one
+    outcome per message, in input order.
+
+    `keys` are the messages' identities (`schemas.message_key`; "" or None for REST items,
+    which are new messages every time): idempotent per message key, so a redelivered batch
+    changes nothing. Idempotent per event key `(movement_id, event)` whatever the keys: a
+    repeat only counts a duplicate. Locks: the stock rows of the batch's pairs (ascending key
+    order; with WAREHOUSE_STRICT_STOCK from the start of the check). Invalid messages are dead
+    letters, never raised; anything unexpected raises (nothing of the batch is then written).
+    Side effects (cache write-through, metrics, the `warehouse.stock` publish) happen after
+    commit; the caller acks only after this returns."""
+    with COMMIT_SECONDS.time():
+        return _ingest(bodies, keys or [""] * len(bodies))
+
+
+def movements_ingest_isolated(
+    *, bodies: Sequence[Body], keys: Sequence[str] | None = None
+) -> BatchResult:
+    """`movements_ingest`, and if the batch fails unexpectedly, each message again in its own
+    transaction, so a poison message hurts only itself: one that still fails is dead-lettered
+    as `error` (once per message key) and the rest of the batch is applied.
+
+    A lost database (OperationalError, InterfaceError) is raised, not dead-lettered: nothing was
+    acked and the messages come back."""
+    keys = list(keys or [""] * len(bodies))
+    try:
+        return movements_ingest(bodies=bodies, keys=keys)
+    except Exception as exc:
+        if database_unavailable(exc):
+            raise
+        logger.exception("warehouse_batch_failed_retrying_singly", size=len(bodies))
+    result = BatchResult()
+    for body, key in zip(bodies, keys, strict=True):
+        try:
+            single = movements_ingest(bodies=[body], keys=[key])
+        except Exception as exc:
+            if database_unavailable(exc):
+                raise
+            logger.exception("warehouse_message_failed")
+            single = _dead_letter_error(body, key, exc)
+        result.extend(single)
+    return result
+
+
+@transaction.atomic
+def _dead_letter_error(body: Body, key: str, exc: Exception) -> BatchResult:
+    if key and DeadLetter.objects.filter(message_key=key).exists():
+        return BatchResult(outcomes=["redelivered"])
+    detail = f"unexpected {type(exc).__name__} while ingesting (see the log)"
+    DeadLetter.objects.bulk_create(
+        [
+            DeadLetter(
+                received_at=timezone.now(),
+                body=_raw_text(body),
+                reason=DeadLetter.Reason.ERROR,
+                detail=detail,
+                message_key=key,
+            )
+        ],
+        ignore_conflicts=True,
+    )
+    transaction.on_commit(lambda: DEAD_LETTERS.labels("error").inc())
+    return BatchResult(outcomes=["error"], problems=[Problem(0, "error", detail)])
+
+
+def database_unavailable(exc: Exception) -> bool:
+    """Whether `exc` means the database is gone (to be raised, never dead-lettered)."""
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def replay_one(body: Body, *, dead_letter_id: int) -> BatchResult:
+    """One stored body through the pipeline again, in a savepoint, recording no dead letter
+    (the caller owns the dead letter being replayed). An unexpected failure is rolled back
+    alone and returned as outcome `error` (logged); a lost database is raised."""
+    try:
+        with transaction.atomic():
+            return _ingest([body], [""], record_dead_letters=False)
+    except Exception as exc:
+        if database_unavailable(exc):
+            raise
+        logger.exception("warehouse_replay_failed", dead_letter_id=dead_letter_id)
+        return BatchResult(
+            outcomes=["error"],
+            problems=[Problem(0, "error", f"unexpected {type(exc).__name__} (see the log)")],
+        )
