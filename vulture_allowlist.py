@@ -44,6 +44,7 @@ _.token_revoked  # vmcontrol/api.py
 _.ts  # realtime/api.py, realtime/selectors.py
 _.type_name  # docbot/api.py, docbot/bot/backend.py
 _.vm_name  # vmcontrol/api.py
+_.last_seen_at  # vmcontrol/api.py, vmcontrol/models.py (REST answer; vmctl reads it by key)
 
 # TextChoices members: stored by value, compared as strings
 _.AUTH_TIMEOUT  # vmcontrol/models.py
@@ -71,6 +72,14 @@ _.data_received  # vmcontrol/server.py (asyncio.Protocol)
 _.get_permissions  # betting/api.py (DRF APIView)
 _.get_token_revoked  # vmcontrol/api.py (DRF SerializerMethodField)
 _.lookups  # vmcontrol/admin.py (admin SimpleListFilter)
+_.changeform_view  # vmcontrol/admin.py (ModelAdmin: add and change views)
+_.get_fields  # vmcontrol/admin.py (ModelAdmin)
+_.get_inlines  # vmcontrol/admin.py (ModelAdmin)
+_.save_related  # vmcontrol/admin.py (ModelAdmin write hook, calls the services)
+_.widget  # vmcontrol/admin.py (Django form field class attribute)
+_.new_objects  # vmcontrol/admin.py (formset attributes the admin's change message reads)
+_.changed_objects  # vmcontrol/admin.py (same)
+_.deleted_objects  # vmcontrol/admin.py (same)
 _.recent_sessions  # vmcontrol/api.py (read by the serializer (source=))
 _.should_exit  # common/management/commands/runall.py (uvicorn.Server attribute)
 _.vm_command  # vmcontrol/consumers.py (Channels handler for `vm.command`)
@@ -80,6 +89,8 @@ _.channel_layer_alias  # realtime/consumers.py
 _.max_num  # vmcontrol/admin.py
 _.parameter_name  # vmcontrol/admin.py
 _.show_full_result_count  # warehouse/admin.py
+_.delete_queryset  # docbot/admin.py (ModelAdmin write hook: bulk delete through the services)
+_.do_process_update  # docbot/bot/application.py (python-telegram-bot BaseUpdateProcessor hook)
 
 # Subcommands dispatched by name
 _.do_disks  # vmcontrol/management/commands/vmctl.py (vmctl: getattr(self, "do_" + action))

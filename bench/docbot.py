@@ -245,7 +245,7 @@ async def browse_load(
         await asyncio.sleep(0.5)
         elapsed = time.monotonic() - started
 
-    from docbot.bot import texts
+    from docbot import texts
 
     replies: dict[int, list[float]] = {}
     wrong = 0
@@ -277,7 +277,7 @@ async def browse_load(
 async def upload_load(fake: Any, port: int, token: str) -> dict[str, Any]:
     import httpx
 
-    from docbot.bot import texts
+    from docbot import texts
 
     user_id = FIRST_TG_ID + USERS
     headers = {"Authorization": f"Token {token}", "X-Telegram-User-Id": str(user_id)}

@@ -130,8 +130,9 @@ class MoneyField(serializers.CharField):
 
 
 class MoneyFieldSchema(OpenApiSerializerFieldExtension):
-    """OpenAPI for MoneyField: a decimal string (and, where accepted, a JSON number) with its
-    bounds and decimal places."""
+    """OpenAPI for MoneyField: a decimal string with its decimal places. Where JSON numbers are
+    accepted too, the description says so; the schema keeps the string form, the one a
+    generated client can always send exactly."""
 
     target_class = "common.fields.MoneyField"
     match_subclasses = True
@@ -139,22 +140,17 @@ class MoneyFieldSchema(OpenApiSerializerFieldExtension):
     def map_serializer_field(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
         field: MoneyField = self.target
         places = field.places
-        text: dict[str, Any] = {
+        schema: dict[str, Any] = {
             "type": "string",
             "pattern": rf"^[0-9]+(\.[0-9]{{1,{places}}})?$" if places else r"^[0-9]+$",
             "example": "10.50" if places else "10",
         }
-        if direction == "response" or not field.numbers:
-            return text
-        number: dict[str, Any] = {"type": "number", "multipleOf": float(Decimal(1).scaleb(-places))}
-        for key, bound in (("minimum", field.min_money), ("maximum", field.max_money)):
-            if bound is not None:
-                number[key] = float(bound)
-        return {
-            "oneOf": [text, number],
-            "description": "A decimal string, or a JSON number read exactly (never through a "
-            f"float): at most {places} decimal places, no exponent.",
-        }
+        if direction == "request" and field.numbers:
+            schema["description"] = (
+                "A decimal string, or a JSON number read exactly (never through a float) by "
+                f"the same rules: ASCII digits, at most {places} decimal places, no exponent."
+            )
+        return schema
 
 
 class TimestampField(serializers.DateTimeField):

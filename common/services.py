@@ -2,6 +2,8 @@
 
 import re
 import unicodedata
+from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -10,7 +12,7 @@ from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
-from common.exceptions import Conflict, ValidationFailed
+from common.exceptions import Conflict, NotFound, ValidationFailed
 
 
 def username_is_reserved(username: str) -> bool:
@@ -72,3 +74,29 @@ def user_tokens_revoke(*, user: AbstractBaseUser) -> int:
 
     deleted, _ = AuthToken.objects.filter(user=user).delete()
     return deleted
+
+
+def operator_token_issue(*, username: str, ttl: timedelta) -> tuple[Any, str]:
+    """An API token for the active staff user `username`, for an operator tool that already has
+    database access and talks to the running system through its API (`manage.py vmctl`):
+    returns the knox `AuthToken` row and the raw token, which is shown to no one. It expires
+    `ttl` from now (knox's auto-refresh extends a token that is used); the tool deletes it when
+    done (`api_token_revoke`). Raises NotFound (`operator_not_found`) when there is no such
+    active staff user."""
+    from knox.models import AuthToken
+
+    user = (
+        get_user_model()
+        ._default_manager.filter(username=username, is_active=True, is_staff=True)
+        .first()
+    )
+    if user is None:
+        raise NotFound(f"No active staff user {username!r}.", code="operator_not_found")
+    return AuthToken.objects.create(user=user, expiry=ttl)
+
+
+def api_token_revoke(*, token: Any) -> None:
+    """Delete one knox `AuthToken` row (from `operator_token_issue`). Idempotent."""
+    from knox.models import AuthToken
+
+    AuthToken.objects.filter(pk=token.pk).delete()

@@ -485,6 +485,9 @@ DOCBOT_SHARE_LINK_TTL_SECONDS = env.int("DOCBOT_SHARE_LINK_TTL_SECONDS", default
 DOCBOT_MAX_FILE_BYTES = env.int("DOCBOT_MAX_FILE_BYTES", default=20 * 1024 * 1024)
 DOCBOT_STATE_TTL_SECONDS = env.int("DOCBOT_STATE_TTL_SECONDS", default=7 * 24 * 3600)
 DOCBOT_RATE_LIMIT_PER_SECOND = env.float("DOCBOT_RATE_LIMIT_PER_SECOND", default=30.0)
+# Without TELEGRAM_BOT_TOKEN, `make run` serves the bot against a built-in Bot API stand-in with a
+# staff chat page at /docbot/sandbox/; off with DJANGO_DEBUG=false unless set explicitly.
+DOCBOT_SANDBOX = env.bool("DOCBOT_SANDBOX", default=DEBUG)
 # The bot keeps dialog state, update-id dedupe marks (24 h) and one-per-group notices in the
 # default cache. Django's local-memory backend holds 300 entries and culls a third when full,
 # which would forget them under load on the embedded default.

@@ -10,8 +10,7 @@ from typing import Any
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
-from knox.auth import TokenAuthentication
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, serializers, status
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.permissions import BasePermission, IsAuthenticated
@@ -20,8 +19,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from common import fields
+from common.authentication import TokenAuthentication
 from common.pagination import CursorPagination
 from common.parsers import InvalidValue
+from common.schema import ErrorEnvelopeSerializer
 from docbot import schemas, selectors, services
 
 TELEGRAM_USER_HEADER = "X-Telegram-User-Id"
@@ -37,11 +38,12 @@ class ActingForTelegramUser:
 
 
 class ServiceTelegramAuthentication(TokenAuthentication):
-    """knox token auth. Only for the user marked as the service identity (a `ServiceAccount`
-    row, made by an operator command or the bot's own process, never by registration) does the
-    `X-Telegram-User-Id` header (ASCII digits within Telegram's id range, else a 400 naming it)
-    select the Telegram user acted for, found through the `TelegramAccount` mapping; the
-    identity must have an unusable password (else 403 `service_account_has_password`)."""
+    """The platform's token auth (`Token <token>` or `Bearer <token>`). Only for the user
+    marked as the service identity (a `ServiceAccount` row, made by an operator command or the
+    bot's own process, never by registration) does the `X-Telegram-User-Id` header (ASCII
+    digits within Telegram's id range, else a 400 naming it) select the Telegram user acted
+    for, found through the `TelegramAccount` mapping; the identity must have an unusable
+    password (else 403 `service_account_has_password`)."""
 
     def authenticate(self, request: Request) -> tuple[Any, Any] | None:
         result = super().authenticate(request)
@@ -82,18 +84,24 @@ class IsBotActingForTelegramUser(BasePermission):
 
 
 class ServiceTelegramAuthenticationScheme(OpenApiAuthenticationExtension):
+    """OpenAPI: an HTTP bearer scheme like the platform's (Authorize takes the bare token),
+    saying what the docbot service token and its Telegram user header do. Outranks the
+    platform's scheme, which would otherwise match this subclass."""
+
     target_class = "docbot.api.ServiceTelegramAuthentication"
     name = "docbotServiceToken"
+    priority = 2
 
     def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
         return {
-            "type": "apiKey",
-            "in": "header",
-            "name": "Authorization",
+            "type": "http",
+            "scheme": "bearer",
             "description": (
-                "`Token <knox token>`. With a token of the docbot service identity (issued by "
-                f"`manage.py docbot_service_account`), the `{TELEGRAM_USER_HEADER}` header "
-                "names the Telegram user acted for."
+                "An API token, sent as `Authorization: Token <token>` or "
+                "`Authorization: Bearer <token>` (paste the bare token into Authorize). Any "
+                "user's token acts as that user. A token of the docbot service identity "
+                "(issued by `manage.py docbot_service_account`) also needs the "
+                f"`{TELEGRAM_USER_HEADER}` header, which names the Telegram user acted for."
             ),
         }
 
@@ -105,6 +113,11 @@ TELEGRAM_HEADER_PARAMETER = OpenApiParameter(
     required=False,
     description="Telegram user id; required with the docbot service token.",
 )
+
+
+def _refusal(description: str) -> OpenApiResponse:
+    """A documented refusal of an operation, in the one error envelope."""
+    return OpenApiResponse(ErrorEnvelopeSerializer, description=description)
 
 
 class DocbotApi(APIView):
@@ -157,6 +170,10 @@ class TypeListCreateApi(DocbotApi):
 
     @extend_schema(
         operation_id="docbot_types_list",
+        description=(
+            "The acting user's document types by name, each with `document_count` (failed uploads "
+            "not counted); `non_empty=true` keeps types that hold a document."
+        ),
         parameters=[TELEGRAM_HEADER_PARAMETER, FilterSerializer],
         responses={200: TypeOutput(many=True)},
     )
@@ -170,9 +187,16 @@ class TypeListCreateApi(DocbotApi):
 
     @extend_schema(
         operation_id="docbot_types_create",
+        description=(
+            "A new document type for the acting user; the name has its whitespace collapsed (1-64 "
+            "characters) and is unique per user case-insensitively (409 `type_exists`)."
+        ),
         parameters=[TELEGRAM_HEADER_PARAMETER],
         request=InputSerializer,
-        responses={201: TypeOutput},
+        responses={
+            201: TypeOutput,
+            409: _refusal("`type_exists`: the user already has that type."),
+        },
     )
     def post(self, request: Request) -> Response:
         data = self.InputSerializer(data=request.data)
@@ -187,9 +211,13 @@ class TypeDetailApi(DocbotApi):
 
     @extend_schema(
         operation_id="docbot_types_rename",
+        description=(
+            "Rename one of the acting user's types (same rules as creating one); another user's "
+            "type is a 404."
+        ),
         parameters=[TELEGRAM_HEADER_PARAMETER],
         request=InputSerializer,
-        responses={200: TypeOutput},
+        responses={200: TypeOutput, 409: _refusal("`type_exists`: another type has that name.")},
     )
     def patch(self, request: Request, type_id: int) -> Response:
         data = self.InputSerializer(data=request.data)
@@ -201,8 +229,11 @@ class TypeDetailApi(DocbotApi):
 
     @extend_schema(
         operation_id="docbot_types_delete",
+        description=(
+            "Delete one of the acting user's types; 409 `type_not_empty` while it holds documents."
+        ),
         parameters=[TELEGRAM_HEADER_PARAMETER],
-        responses={204: None},
+        responses={204: None, 409: _refusal("`type_not_empty`: the type holds documents.")},
     )
     def delete(self, request: Request, type_id: int) -> Response:
         services.type_delete(user=request.user, type_id=type_id)
@@ -241,6 +272,11 @@ class ReceivedFileCreateApi(DocbotApi):
 
     @extend_schema(
         operation_id="docbot_received_files_create",
+        description=(
+            "The bot (service token acting for a Telegram user) records a file that user sent it; "
+            "the returned `id` names the file in `POST documents/`. Idempotent on the file's "
+            "`file_unique_id`."
+        ),
         parameters=[TELEGRAM_HEADER_PARAMETER],
         request=InputSerializer,
         responses={201: OutputSerializer},
@@ -283,6 +319,10 @@ class DocumentListCreateApi(DocbotApi):
 
     @extend_schema(
         operation_id="docbot_documents_list",
+        description=(
+            "The acting user's documents (pending and stored), newest first, 8 per page by "
+            "cursor; `type` keeps one type, `q` matches names case-insensitively, `name` exactly."
+        ),
         parameters=[TELEGRAM_HEADER_PARAMETER, FilterSerializer],
         responses={200: DocumentOutput(many=True)},
     )
@@ -301,9 +341,18 @@ class DocumentListCreateApi(DocbotApi):
 
     @extend_schema(
         operation_id="docbot_documents_create",
+        description=(
+            "A pending document from a file this Telegram user sent the bot (`file`, from `POST "
+            "received-files/`); 202, and its ingestion is queued after commit (the user is told "
+            "in Telegram when it is stored). The same request again returns the same document."
+        ),
         parameters=[TELEGRAM_HEADER_PARAMETER],
         request=InputSerializer,
-        responses={202: DocumentOutput},
+        responses={
+            202: DocumentOutput,
+            409: _refusal("`name_taken`: another file has that name in the type."),
+            422: _refusal("`file_too_large`: over DOCBOT_MAX_FILE_BYTES (20 MB)."),
+        },
     )
     def post(self, request: Request) -> Response:
         data = self.InputSerializer(data=request.data)
@@ -319,6 +368,7 @@ class DocumentDetailApi(DocbotApi):
 
     @extend_schema(
         operation_id="docbot_documents_retrieve",
+        description=("One of the acting user's documents; another user's is a 404."),
         parameters=[TELEGRAM_HEADER_PARAMETER],
         responses={200: DocumentOutput},
     )
@@ -328,9 +378,13 @@ class DocumentDetailApi(DocbotApi):
 
     @extend_schema(
         operation_id="docbot_documents_update",
+        description=(
+            "Rename a document and/or move it to another of the acting user's types; 409 "
+            "`name_taken` when the target type already has that name."
+        ),
         parameters=[TELEGRAM_HEADER_PARAMETER],
         request=InputSerializer,
-        responses={200: DocumentOutput},
+        responses={200: DocumentOutput, 409: _refusal("`name_taken` in the target type.")},
     )
     def patch(self, request: Request, document_id: int) -> Response:
         data = self.InputSerializer(data=request.data)
@@ -342,6 +396,7 @@ class DocumentDetailApi(DocbotApi):
 
     @extend_schema(
         operation_id="docbot_documents_delete",
+        description=("Delete a document and, after commit, its stored file."),
         parameters=[TELEGRAM_HEADER_PARAMETER],
         responses={204: None},
     )
@@ -352,16 +407,32 @@ class DocumentDetailApi(DocbotApi):
 
 class DocumentShareApi(DocbotApi):
     class OutputSerializer(serializers.Serializer):
-        url = serializers.CharField()
+        url = serializers.CharField(
+            help_text="`/docbot/files/<token>/<file name>`: anyone holding it can download"
+        )
         expires_at = serializers.DateTimeField()
+        file_name = serializers.CharField(help_text="the name the download is saved as")
 
     @extend_schema(
         operation_id="docbot_documents_share",
+        description=(
+            "A signed download link to a stored document, valid for "
+            "DOCBOT_SHARE_LINK_TTL_SECONDS; its last segment and `file_name` are the name the "
+            "download is saved as. 409 `not_stored` while ingestion is pending or after it "
+            "failed."
+        ),
         parameters=[TELEGRAM_HEADER_PARAMETER],
         request=None,
-        responses={201: OutputSerializer},
+        responses={
+            201: OutputSerializer,
+            409: _refusal("`not_stored`: ingestion is pending or failed."),
+        },
     )
     def post(self, request: Request, document_id: int) -> Response:
         link = services.share_link_create(user=request.user, document_id=document_id)
-        body: dict[str, Any] = {"url": link.url, "expires_at": link.expires_at}
+        body: dict[str, Any] = {
+            "url": link.url,
+            "expires_at": link.expires_at,
+            "file_name": link.file_name,
+        }
         return Response(self.OutputSerializer(body).data, status=status.HTTP_201_CREATED)

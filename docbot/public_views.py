@@ -76,9 +76,10 @@ async def _chunks(handle: IO[bytes]) -> AsyncIterator[bytes]:
 
 
 @require_GET
-def file_download(request: HttpRequest, token: str) -> HttpResponseBase:
+def file_download(request: HttpRequest, token: str, name: str = "") -> HttpResponseBase:
     """Stream the shared document chunk by chunk (an async iterator, so Django never buffers
-    the whole file)."""
+    the whole file), saved as its original file name (`schemas.download_name`). `name`, the
+    link's last segment, is only for people and `curl -O`: the server's name is sent."""
     try:
         parsers.identifier(
             token, field="token", max_length=SHARE_TOKEN_MAX, pattern=SHARE_TOKEN_PATTERN
@@ -94,7 +95,7 @@ def file_download(request: HttpRequest, token: str) -> HttpResponseBase:
     )
     # Names stored before uploads were checked may hold CR/LF or quotes: cleaned, then encoded
     # by Django's RFC 6266 helper (`filename*=utf-8''...` for anything beyond plain ASCII).
-    filename = schemas.file_name_clean(document.file_name or document.name) or "document"
+    filename = schemas.download_name(document.file_name, document.name, document.mime_type)
     response["Content-Disposition"] = content_disposition_header(True, filename) or "attachment"
     if document.size is not None:
         response["Content-Length"] = str(document.size)

@@ -1,6 +1,7 @@
-"""Per-process state of docbot: whether the bot is on, the service token it calls the backend
-with (checked once per process), the webhook bot of each event loop, and runall's embedded
-polling process.
+"""Per-process state of docbot: whether the bot is on (Telegram with a token, or the built-in
+sandbox), the service token it calls the backend with (checked once per process), the webhook
+bot of each event loop, and runall's embedded polling process (which also makes this process
+the one that serves the sandbox).
 
 The bot package (`docbot/bot/`) is an inbound edge, a floor above this module, so it is not
 imported here: `DocbotConfig.ready` hands its two entry points down once (`bot_install`)."""
@@ -14,7 +15,7 @@ import structlog
 from django.conf import settings
 
 from common.db import orm_async
-from docbot import services, texts
+from docbot import services, telegram, texts
 
 logger = structlog.get_logger(__name__)
 
@@ -36,6 +37,7 @@ _bot: BotEntry | None = None
 _issued_token: str | None = None
 _webhook_bots: dict[asyncio.AbstractEventLoop, asyncio.Task[WebhookDeliver]] = {}
 _off_said = False
+_sandbox_here = False
 
 
 def bot_install(entry: BotEntry) -> None:
@@ -51,7 +53,19 @@ def _bot_entry() -> BotEntry:
 
 
 def bot_enabled() -> bool:
+    """A real Telegram bot: TELEGRAM_BOT_TOKEN is set (webhooks and run_docbot need one)."""
     return bool(settings.TELEGRAM_BOT_TOKEN)
+
+
+def sandbox_served_here() -> bool:
+    """True while this process's embedded bot polls the sandbox: only then does this process
+    serve the sandbox (its chats live in this process's memory)."""
+    return _sandbox_here
+
+
+def sandbox_url() -> str:
+    """The operator's chat page of the sandbox."""
+    return settings.DOCBOT_PUBLIC_BASE_URL.rstrip("/") + telegram.SANDBOX_PATH
 
 
 def say_off_once() -> None:
@@ -125,12 +139,16 @@ async def webhook_deliver(body: bytes) -> None:
 
 
 async def run_embedded(stop: asyncio.Event) -> None:
-    """runall's docbot process: polling when a token is set and DOCBOT_MODE is polling."""
-    if not bot_enabled():
+    """runall's docbot process: polling Telegram when a token is set and DOCBOT_MODE is
+    polling; without a token, polling the sandbox this process then serves (DOCBOT_SANDBOX);
+    otherwise off."""
+    global _sandbox_here
+    sandbox = not bot_enabled() and telegram.sandbox_enabled()
+    if not bot_enabled() and not sandbox:
         say_off_once()
         await stop.wait()
         return
-    if settings.DOCBOT_MODE != "polling":
+    if not sandbox and settings.DOCBOT_MODE != "polling":
         await stop.wait()
         return
     try:
@@ -140,12 +158,25 @@ async def run_embedded(stop: asyncio.Event) -> None:
         logger.error("docbot_refused_to_start", code=exc.code, reason=exc.message)
         await stop.wait()
         return
-    await _bot_entry().polling_run(token, stop)
+    if not sandbox:
+        await _bot_entry().polling_run(token, stop)
+        return
+    _sandbox_here = True
+    logger.info("docbot_sandbox", chat_page=sandbox_url())
+    try:
+        await _bot_entry().polling_run(token, stop)
+    finally:
+        _sandbox_here = False
 
 
 def describe() -> str:
     if not bot_enabled():
-        return f"  {'Docbot':<12} off (TELEGRAM_BOT_TOKEN not set)"
+        if telegram.sandbox_enabled():
+            return (
+                f"{'Docbot':<12} sandbox chat {sandbox_url()} "
+                "(no TELEGRAM_BOT_TOKEN: a local Bot API stand-in; staff login)"
+            )
+        return f"{'Docbot':<12} off (TELEGRAM_BOT_TOKEN not set, DOCBOT_SANDBOX off)"
     if settings.DOCBOT_MODE == "webhook":
-        return f"  {'Docbot':<12} webhook at /docbot/webhook"
-    return f"  {'Docbot':<12} polling {settings.TELEGRAM_API_BASE_URL}"
+        return f"{'Docbot':<12} webhook at /docbot/webhook"
+    return f"{'Docbot':<12} polling {settings.TELEGRAM_API_BASE_URL}"

@@ -4,6 +4,7 @@ charsets, and the grammar of the bot's own button `callback_data` (input-policy.
 Pure: no Django, no python-telegram-bot. Values from outside are judged by the shared parsers
 (`common.parsers`), so a refusal is an `InvalidValue` naming the field and the reason."""
 
+import mimetypes
 import re
 from dataclasses import dataclass
 
@@ -101,6 +102,20 @@ def file_name_clean(raw: str) -> str:
         for char in raw
     )
     return cleaned.replace("/", "_").replace("\\", "_").strip(" .")[:FILE_NAME_MAX]
+
+
+def download_name(file_name: str, name: str, mime_type: str) -> str:
+    """The name a shared document downloads as: its original file name, cleaned
+    (`file_name_clean`); a file sent without one (a photo) gets the document's name plus the
+    extension of its MIME type (`Passport.jpg`)."""
+    original = file_name_clean(file_name)
+    if original:
+        return original
+    base = file_name_clean(name) or "document"
+    extension = mimetypes.guess_extension(mime_type_or_default(mime_type, "")) or ""
+    if extension and not base.lower().endswith(extension):
+        base = base[: FILE_NAME_MAX - len(extension)] + extension
+    return base
 
 
 def mime_type_or_default(raw: str, default: str = "application/octet-stream") -> str:

@@ -1,6 +1,8 @@
 """Every sentence docbot says to a user (the bot, the ingestion worker, the process log), in one
 place: a wire format of the app, below everything that speaks."""
 
+from datetime import datetime
+
 BOT_OFF = "docbot is off: TELEGRAM_BOT_TOKEN is not set."
 
 MENU_ADD = "Add document"
@@ -71,9 +73,24 @@ RETYPED = "Moved \u201c{name}\u201d to {type}."
 DELETE_CONFIRM = "Delete \u201c{name}\u201d for good?"
 DELETED = "Deleted \u201c{name}\u201d."
 DELETE_KEPT = "Kept it."
-SHARE_LINK = "Link to \u201c{name}\u201d (valid until {expires}):\n{url}"
+SHARE_LINK = "Link to \u201c{name}\u201d ({file_name}), valid until {expires}:\n{url}"
 
 SEARCH_ASK = "What name are you looking for?"
 SEARCH_INVALID = "A search cannot contain control characters. What name are you looking for?"
 SEARCH_RESULTS = "Found {count}:"
 SEARCH_NONE = "Nothing matches \u201c{query}\u201d."
+
+
+def expiry(expires_at: datetime, now: datetime) -> str:
+    """`2025-06-02 10:00 UTC, in 24 hours`: `expires_at` (aware, already in the zone to show)
+    as a date, a time and its zone, then how far off it is from `now`."""
+    seconds = (expires_at - now).total_seconds()
+    if seconds >= 5400:
+        relative = f"in {round(seconds / 3600)} hours"
+    elif seconds >= 90:
+        relative = f"in {round(seconds / 60)} minutes"
+    elif seconds > 0:
+        relative = "in a minute"
+    else:
+        relative = "already expired"
+    return f"{expires_at:%Y-%m-%d %H:%M} {expires_at.tzname()}, {relative}"

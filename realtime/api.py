@@ -67,6 +67,9 @@ class RoomListApi(APIView):
 
 
 class RoomDetailApi(APIView):
+    """A room visible to the caller with its members (id, username, role). The default room
+    (REALTIME_DEFAULT_ROOM) exists for everyone; a private room you are not in is a 404."""
+
     class OutputSerializer(RoomOutputSerializer):
         members = serializers.ListField(child=serializers.DictField())
 

@@ -368,14 +368,16 @@ class HubConsumer(AsyncWebsocketConsumer):
         await self._join(slug, ref=ref)
 
     async def _join(self, slug: str, *, ref: Ref, announce: bool = True) -> None:
-        """Start delivering the room. The automatic join of Sparq's default room on connect is
-        silent (`announce=False`): no frames and no presence until the client joins it."""
+        """Start delivering the room and count the user present in it. The automatic join of
+        the default room on connect sends this socket no frames (`announce=False`: the client
+        joins it explicitly to get `joined` and the snapshot), but the user is online there
+        for everyone else at once."""
         room: Room = await read_db(services.room_resolve)(user=self.user, slug=slug)
         if room.slug not in self.rooms:
             if len(self.rooms) >= settings.REALTIME_MAX_ROOMS_PER_CONNECTION:
                 raise ValidationFailed("too many rooms", code="too_many_rooms")
             self.rooms[room.slug] = room.pk
-        online, partial = await self.hub.room_add(room.pk, room.slug, self, presence=announce)
+        online, partial = await self.hub.room_add(room.pk, room.slug, self, watch=announce)
         if not announce:
             return
         await self.send_frame(

@@ -2,6 +2,14 @@
 reconnects with exponential backoff and full jitter. `AgentFleet` runs many in one loop (the
 `--count` mode used to simulate a fleet). No Django: it only speaks vmcontrol.protocol.
 
+It logs through structlog (`vmcontrol_agent_*` events; `run_vm_agent` renders them for people
+or as JSON lines): INFO when it connects, authorizes, is logged out or runs a command, WARNING
+before each reconnect (with the backoff delay), ERROR when its credentials are refused. A
+refusal of its credentials (`auth_failed`, `enroll_failed`, `too_many_attempts`: a wrong,
+revoked or rotated token, a wrong enrollment secret) is definitive: after `max_auth_failures`
+of them in a row the agent gives up (`Agent.gave_up`) instead of retrying forever; network
+failures and `rate_limited` refusals are transient and retried with backoff.
+
 Over TLS (`client_tls_context`) the agent verifies the server's certificate against the given
 CA file (or the system's trust store) and checks the host name; there is no way to turn either
 check off. A certificate it does not trust ends the attempt before a byte of the protocol is
@@ -10,6 +18,7 @@ sent (counted in `FleetStats.tls_failures`, logged once per run of failures)."""
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import ssl
 import time
@@ -31,6 +40,10 @@ from vmcontrol.protocol import (
 )
 
 logger = structlog.get_logger(__name__)
+
+
+REFUSAL_CODES = frozenset({"auth_failed", "enroll_failed", "too_many_attempts"})
+"""Error codes that refuse the agent's credentials: retrying with them cannot succeed."""
 
 
 class AgentRefused(Exception):
@@ -81,6 +94,9 @@ class FleetStats:
     disconnects: int = 0
     commands: int = 0
     logouts: int = 0
+    pongs: int = 0
+    gave_up: int = 0
+    """agents that stopped because their credentials were refused (`Agent.gave_up`)"""
     last_auth_at: float = 0.0
     rtts: list[tuple[float, float]] = field(default_factory=list)
     """(wall time the pong arrived, round trip seconds)"""
@@ -96,6 +112,8 @@ class FleetStats:
             "disconnects": self.disconnects,
             "commands": self.commands,
             "logouts": self.logouts,
+            "pongs": self.pongs,
+            "gave_up": self.gave_up,
             "last_auth_at": self.last_auth_at,
             "at": time.time(),
         }
@@ -123,7 +141,12 @@ class Agent:
         server_hostname: str | None = None,
         on_enrolled: Callable[["Agent"], None] | None = None,
         record_rtts: bool = True,
+        max_auth_failures: int | None = None,
+        chatty: bool = True,
     ) -> None:
+        """`max_auth_failures`: refusals of the credentials in a row after which `run` gives
+        up (None: never). `chatty`: log connects, authorizations and reconnects at INFO and
+        WARNING (a simulated fleet logs them at DEBUG; refusals are always ERROR)."""
         self.host = host
         self.server_hostname = server_hostname
         """the name the server certificate must carry, when it is not `host` (TLS only)"""
@@ -137,6 +160,13 @@ class Agent:
         self.tls = tls
         self.on_enrolled = on_enrolled
         self.record_rtts = record_rtts
+        self.max_auth_failures = max_auth_failures
+        self._chatty_level = logging.INFO if chatty else logging.DEBUG
+        self._warning_level = logging.WARNING if chatty else logging.DEBUG
+        self.refusals = 0
+        """refusals of the credentials since the last successful authorization"""
+        self.gave_up: str | None = None
+        """why `run` stopped for good (credentials refused `max_auth_failures` times), or None"""
         self.authorized = asyncio.Event()
         self.attempts: list[float] = []
         """monotonic time of every connection attempt (tests check the backoff)"""
@@ -174,25 +204,52 @@ class Agent:
             retry_after = frame.get("retry_after")
             wait = retry_after if isinstance(retry_after, int | float) else 60
             raise AgentRateLimited(float(min(max(wait, 1), 3600)))
-        if code in ("auth_failed", "enroll_failed"):
-            raise AgentRefused(frame.get("message", "refused"))
+        if code in REFUSAL_CODES:
+            raise AgentRefused(f"{code}: {frame.get('message', 'refused')}")
+
+    def _log(self, level: int, event: str, **fields: Any) -> None:
+        logger.log(level, event, vm_id=self.identity.vm_id, name=self.identity.name, **fields)
+
+    def _refused(self, error: AgentRefused) -> bool:
+        """Count a refusal of the credentials; True when it is the last one allowed."""
+        self.stats.auth_failures += 1
+        self.refusals += 1
+        last = self.max_auth_failures is not None and self.refusals >= self.max_auth_failures
+        self._log(
+            logging.ERROR,
+            "vmcontrol_agent_auth_failed",
+            error=str(error),
+            attempt=self.refusals,
+            attempts=self.max_auth_failures or "unlimited",
+        )
+        if last:
+            self.gave_up = str(error)
+            self.stats.gave_up += 1
+            self._log(logging.ERROR, "vmcontrol_agent_giving_up", attempts=self.refusals)
+        return last
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, serve, and on any failure wait a jittered backoff and connect again (at
-        least the `retry_after` of a `rate_limited` refusal)."""
+        least the `retry_after` of a `rate_limited` refusal). Returns when `stop` is set, or
+        when the credentials were refused `max_auth_failures` times in a row (`gave_up`)."""
         attempt = 0
         tls_failing = False
         while not stop.is_set():
             self.attempts.append(time.monotonic())
             at_least = 0.0
+            reason = "the server closed the connection"
             try:
                 await self._session(stop)
                 attempt = 0
-            except AgentRefused:
-                self.stats.auth_failures += 1
+            except AgentRefused as refused:
+                reason = str(refused)
+                if self._refused(refused):
+                    self._disconnected()
+                    return
             except AgentRateLimited as limited:
                 self.stats.rate_limited += 1
                 at_least = limited.retry_after
+                reason = f"rate limited for {limited.retry_after:g} s after failed attempts"
             except ssl.SSLCertVerificationError as error:
                 self.stats.tls_failures += 1
                 if not tls_failing:
@@ -203,24 +260,38 @@ class Agent:
                         error=f"certificate verify failed: {error.verify_message or error}",
                     )
                 tls_failing = True
-            except (OSError, ConnectionError, ProtocolError, asyncio.IncompleteReadError):
-                pass
+                reason = "the server certificate was refused"
+            except (OSError, ConnectionError, ProtocolError, asyncio.IncompleteReadError) as error:
+                reason = str(error) or type(error).__name__
             else:
                 tls_failing = False
-            if self.authorized.is_set():
+            if self._disconnected():
                 # We were authorized: the next attempt starts the backoff from the beginning.
-                self.authorized.clear()
-                self.stats.authorized_now -= 1
                 attempt = 0
-            self.stats.disconnects += 1
             if stop.is_set():
                 break
             delay = max(
                 at_least, backoff_delay(attempt, base=self.backoff_base, cap=self.backoff_cap)
             )
             attempt += 1
+            self._log(
+                self._warning_level,
+                "vmcontrol_agent_reconnecting",
+                reason=reason,
+                delay_seconds=round(delay, 2),
+                attempt=attempt,
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    def _disconnected(self) -> bool:
+        """Count a disconnect; True when the agent had been authorized."""
+        self.stats.disconnects += 1
+        if not self.authorized.is_set():
+            return False
+        self.authorized.clear()
+        self.stats.authorized_now -= 1
+        return True
 
     async def _session(self, stop: asyncio.Event) -> None:
         reader, self._writer = await asyncio.open_connection(
@@ -231,6 +302,13 @@ class Agent:
             limit=MAX_FRAME_BYTES,
         )
         self.stats.connects += 1
+        self._log(
+            self._chatty_level,
+            "vmcontrol_agent_connected",
+            host=self.host,
+            port=self.port,
+            tls=self.tls is not None,
+        )
         try:
             await self._handshake(reader)
             await self._serve(reader, stop)
@@ -268,6 +346,7 @@ class Agent:
             )
             enrolled = await self._expect(reader, "enrolled")
             self.identity.vm_id, self.identity.token = enrolled["vm_id"], enrolled["token"]
+            self._log(self._chatty_level, "vmcontrol_agent_enrolled")
             if self.on_enrolled is not None:
                 self.on_enrolled(self)
         await self._authorize(reader)
@@ -289,7 +368,9 @@ class Agent:
         self.stats.auths += 1
         self.stats.authorized_now += 1
         self.stats.last_auth_at = time.time()
+        self.refusals = 0
         self.authorized.set()
+        self._log(self._chatty_level, "vmcontrol_agent_authorized", host=self.host, port=self.port)
 
     async def _serve(self, reader: asyncio.StreamReader, stop: asyncio.Event) -> None:
         """Read frames and ping until the connection fails or `stop` is set (three long-lived
@@ -322,6 +403,7 @@ class Agent:
     async def _on_frame(self, reader: asyncio.StreamReader, frame: Frame) -> None:
         kind = frame["type"]
         if kind == "pong":
+            self.stats.pongs += 1
             if self.record_rtts:
                 self.stats.rtts.append((time.time(), time.perf_counter() - self._ping_sent))
         elif kind == "auth_ok":
@@ -331,13 +413,24 @@ class Agent:
         elif kind == "command":
             self.stats.commands += 1
             if self.answer_commands:
-                await self._send(self._command_result(frame))
+                result = self._command_result(frame)
+                await self._send(result)
+                self._log(
+                    self._chatty_level,
+                    "vmcontrol_agent_command",
+                    command=frame.get("name"),
+                    ok=result["ok"],
+                    inventory=self.identity.inventory if result["ok"] else None,
+                    error=result.get("error"),
+                )
         elif kind == "logout":
             self.stats.logouts += 1
             self.stats.authorized_now -= 1
             self.authorized.clear()
-            if frame.get("reason") in ("token_rotated", "token_revoked"):
-                raise ConnectionError("credentials changed")
+            reason = frame.get("reason")
+            self._log(self._chatty_level, "vmcontrol_agent_logged_out", reason=reason)
+            if reason in ("token_rotated", "token_revoked"):
+                raise ConnectionError(f"logged out: {reason}")
             # Logged out by an operator: authorize again on this connection.
             await asyncio.sleep(0.05)
             await self._authorize_on_live_connection()
@@ -391,6 +484,7 @@ class AgentFleet:
         record_rtts: bool = True,
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        max_auth_failures: int | None = None,
     ) -> None:
         self.stats = FleetStats()
         self.state_file = state_file
@@ -411,6 +505,9 @@ class AgentFleet:
                 record_rtts=record_rtts,
                 tls=tls,
                 server_hostname=server_hostname,
+                max_auth_failures=max_auth_failures,
+                # One agent narrates its life; a simulated fleet leaves that to the summaries.
+                chatty=count == 1,
             )
             for identity in known[:count]
         ]

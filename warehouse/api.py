@@ -64,6 +64,11 @@ class PartySerializer(serializers.Serializer):
 
 
 class MovementDetailApi(APIView):
+    """A movement by its `movement_id`: sender and receiver (warehouse and source), when it left
+    and arrived, the seconds between, quantities sent and received and their difference, and a
+    status (`in_transit`, `arrived`, `completed`, `anomaly`). Public unless
+    WAREHOUSE_PUBLIC_READS=false; throttled per client."""
+
     permission_classes = [PublicReadPermission]
     throttle_classes = [PublicReadThrottle]
 
@@ -89,6 +94,10 @@ class MovementDetailApi(APIView):
 
 
 class StockDetailApi(APIView):
+    """Current stock of a product at a warehouse: `quantity` (never negative), the signed ledger
+    `balance` and `short` when more left than arrived. Equals Σ ledger at every commit. Public
+    unless WAREHOUSE_PUBLIC_READS=false; throttled per client."""
+
     permission_classes = [PublicReadPermission]
     throttle_classes = [PublicReadThrottle]
 
@@ -112,6 +121,8 @@ class StockDetailApi(APIView):
 
 
 class StockListApi(APIView):
+    """Stock of every product at a warehouse, limit/offset paginated."""
+
     class OutputSerializer(serializers.Serializer):
         warehouse_id = serializers.UUIDField()
         product_id = serializers.UUIDField()
@@ -132,6 +143,10 @@ class StockListApi(APIView):
 
 
 class MovementHistoryApi(APIView):
+    """Ledger entries (one per departure or arrival), newest first, filtered by warehouse,
+    product and an RFC 3339 time window; limit/offset paginated. `duplicates` counts redeliveries
+    of the same message that changed nothing."""
+
     class FilterSerializer(serializers.Serializer):
         warehouse_id = fields.UUIDField(required=False)
         product_id = fields.UUIDField(required=False)
@@ -172,6 +187,11 @@ class IngestProblemSerializer(serializers.Serializer):
 
 
 class MovementIngestApi(APIView):
+    """Staff: feed 1..N message envelopes (the queue's format, see README) through the same
+    pipeline as the consumer. Each item gets an outcome (`stored`, `duplicate`, or a dead-letter
+    reason such as `malformed` or `conflict`), and `problems` names the item, the field at fault
+    and why. Idempotent per message: sending the same batch again stores nothing twice."""
+
     permission_classes = [IsAdminUser]
 
     class OutputSerializer(serializers.Serializer):
@@ -236,6 +256,9 @@ class DeadLetterOutputSerializer(serializers.ModelSerializer):
 
 
 class DeadLetterListApi(APIView):
+    """Staff: messages the pipeline could not store, newest first, with their reason, the field
+    at fault and the raw body as received; filter by `reason`."""
+
     permission_classes = [IsAdminUser]
 
     class FilterSerializer(serializers.Serializer):
@@ -256,6 +279,10 @@ class DeadLetterListApi(APIView):
 
 
 class DeadLetterReplayApi(APIView):
+    """Staff: run a dead letter's raw body through the pipeline again (e.g. after its missing
+    counterpart arrived or a bug was fixed). Never applies an event twice; a dead letter already
+    replayed successfully is a 409."""
+
     permission_classes = [IsAdminUser]
 
     @extend_schema(

@@ -1,7 +1,8 @@
 """Building and running the python-telegram-bot Application: polling, and webhook updates
 handed over by the ASGI view. Knows no models: data goes through `Backend`, state through
 `DialogStore`. PTB's Updater is not used: updates are parsed by `update_parse` and fetched by
-the tolerant `Poller` (docbot/bot/polling.py)."""
+the tolerant `Poller` (docbot/bot/polling.py). Updates of different users run concurrently,
+one user's in the order they arrived (`PerUserOrder`)."""
 
 import asyncio
 import contextlib
@@ -12,13 +13,16 @@ from typing import Any
 
 import structlog
 from django.conf import settings
-from telegram.ext import AIORateLimiter, Application, ApplicationBuilder
+from telegram import Update
+from telegram.error import InvalidToken, NetworkError
+from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, BaseUpdateProcessor
 from telegram.request import BaseRequest
 
 from common import parsers
+from docbot import telegram
 from docbot.bot.backend import Backend
 from docbot.bot.handlers import handlers_install
-from docbot.bot.polling import Poller, PollPolicy
+from docbot.bot.polling import Backoff, Poller, PollPolicy, pause
 from docbot.bot.state import DialogStore
 from docbot.bot.turn import BotConfig
 from docbot.bot.updates import MAX_UPDATE_BYTES, update_parse
@@ -45,10 +49,16 @@ class BotSettings:
 
 
 def settings_from_django(*, service_token: str, mode: str | None = None) -> BotSettings:
+    """This deployment's bot: the Bot API `telegram.bot_api` names (Telegram with
+    TELEGRAM_BOT_TOKEN, else the sandbox) and the DOCBOT_* settings. Raises RuntimeError when
+    the bot is off (neither)."""
+    api = telegram.bot_api()
+    if api is None:
+        raise RuntimeError("docbot is off: no TELEGRAM_BOT_TOKEN and DOCBOT_SANDBOX is off")
     return BotSettings(
-        token=settings.TELEGRAM_BOT_TOKEN,
-        base_url=settings.TELEGRAM_API_BASE_URL,
-        base_file_url=settings.TELEGRAM_FILE_BASE_URL,
+        token=api.token,
+        base_url=api.base_url,
+        base_file_url=api.base_file_url,
         backend_url=settings.DOCBOT_BACKEND_URL,
         service_token=service_token,
         mode=mode or settings.DOCBOT_MODE,
@@ -57,6 +67,39 @@ def settings_from_django(*, service_token: str, mode: str | None = None) -> BotS
         state_ttl_seconds=settings.DOCBOT_STATE_TTL_SECONDS,
         rate_limit_per_second=settings.DOCBOT_RATE_LIMIT_PER_SECOND,
     )
+
+
+class PerUserOrder(BaseUpdateProcessor):
+    """Up to `max_concurrent_updates` updates at a time, but one user's one after the other in
+    arrival order (asyncio locks are FIFO): a file sent right after its name is handled after
+    the name, never beside it. Per process; updates without a user run freely."""
+
+    def __init__(self, max_concurrent_updates: int) -> None:
+        super().__init__(max_concurrent_updates)
+        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+
+    async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
+        user = update.effective_user if isinstance(update, Update) else None
+        if user is None:
+            await coroutine
+            return
+        lock, holders = self._locks.get(user.id, (asyncio.Lock(), 0))
+        self._locks[user.id] = (lock, holders + 1)
+        try:
+            async with lock:
+                await coroutine
+        finally:
+            lock, holders = self._locks[user.id]
+            if holders == 1:
+                del self._locks[user.id]
+            else:
+                self._locks[user.id] = (lock, holders - 1)
+
+    async def initialize(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
 
 
 def build_application(
@@ -72,7 +115,7 @@ def build_application(
         .token(config.token)
         .base_url(config.base_url)
         .base_file_url(config.base_file_url)
-        .concurrent_updates(True)
+        .concurrent_updates(PerUserOrder(256))
         .updater(None)
     )
     if request is not None:
@@ -127,9 +170,31 @@ async def process_webhook_body(application: DocbotApplication, body: bytes) -> N
     data = parsers.json_document(body, field="body", max_bytes=MAX_UPDATE_BYTES)
     update = update_parse(data, application.bot)
     try:
-        await application.process_update(update)
+        await application.update_processor.process_update(
+            update, application.process_update(update)
+        )
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
+
+
+async def _initialize(
+    application: DocbotApplication, config: BotSettings, stop: asyncio.Event
+) -> bool:
+    """Initialize (getMe), retrying while the Bot API cannot be reached (the sandbox's web
+    server may still be starting), with the poller's backoff. False when `stop` came first;
+    raises `InvalidToken` at once."""
+    backoff = Backoff(config.poll_retry_first, config.poll_retry_max)
+    while not stop.is_set():
+        try:
+            await application.initialize()
+            return True
+        except InvalidToken:
+            raise
+        except NetworkError as exc:
+            delay = backoff.take()
+            logger.warning("docbot_bot_api_unreachable", error=repr(exc)[:500], retry_in=delay)
+            await pause(stop, delay)
+    return False
 
 
 async def run_polling(
@@ -137,8 +202,9 @@ async def run_polling(
 ) -> None:
     """Long-poll getUpdates until `stop` is set, then finish in-flight updates and return."""
     application = build_application(config)
-    await application.initialize()
     try:
+        if not await _initialize(application, config, stop):
+            return
         await application.start()
         logger.info("docbot_polling_started", bot=application.bot.username)
         policy = PollPolicy(

@@ -52,6 +52,7 @@ class ReceivedFileRow(TypedDict):
 class ShareRow(TypedDict):
     url: str
     expires_at: str  # ISO 8601
+    file_name: str  # what the download is saved as
 
 
 class BackendError(Exception):

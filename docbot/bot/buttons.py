@@ -4,8 +4,10 @@ answered with, and `on_callback` answers it exactly once. Files and lists go onl
 user's private chat, never to the chat the button sat in."""
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import structlog
+from django.utils import timezone
 from telegram import (
     CallbackQuery,
     InlineKeyboardButton,
@@ -282,10 +284,15 @@ async def _button_share(
     backend, _, _ = deps(context)
     document = await backend.document(uid, document_id)
     link = await backend.share(uid, document_id)
-    await context.bot.send_message(
-        uid,
-        texts.SHARE_LINK.format(name=document["name"], expires=link["expires_at"], url=link["url"]),
+    # Shown in the installation's TIME_ZONE with its name, and how far off it is.
+    expires = timezone.localtime(datetime.fromisoformat(link["expires_at"]))
+    text = texts.SHARE_LINK.format(
+        name=document["name"],
+        file_name=link["file_name"],
+        expires=texts.expiry(expires, timezone.now()),
+        url=link["url"],
     )
+    await context.bot.send_message(uid, text)
     return None
 
 

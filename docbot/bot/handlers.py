@@ -101,12 +101,31 @@ def _private(update: Update) -> tuple[Message, int]:
 
 # --- middleware (group -1): correlation id, dedupe, update policy, flood control -----------
 
+#: Message fields that carry a file (Bot API `Message`).
+_FILE_FIELDS = (
+    "document",
+    "photo",
+    "audio",
+    "video",
+    "voice",
+    "video_note",
+    "animation",
+    "sticker",
+    "paid_media",
+)
+
+
+def carries_file(update: Update) -> bool:
+    """True for a message with any file attached: flood control never drops those."""
+    message = update.message
+    return message is not None and any(getattr(message, name, None) for name in _FILE_FIELDS)
+
 
 async def middleware(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
     """Runs first for every update: starts its turn, binds `tg-<update_id>`, drops a repeated
-    update id, applies the update policy (`updates.route`) and flood control, and stops
-    (`ApplicationHandlerStop`) whatever the dialog must not see; a button press it stops is
-    still answered, once."""
+    update id, applies the update policy (`updates.route`) and flood control (a message
+    carrying a file is never dropped by it), and stops (`ApplicationHandlerStop`) whatever the
+    dialog must not see; a button press it stops is still answered, once."""
     turn_start()
     if not isinstance(update, Update):
         raise ApplicationHandlerStop
@@ -128,6 +147,11 @@ async def middleware(update: object, context: ContextTypes.DEFAULT_TYPE) -> None
     user = update.effective_user
     assert user is not None
     flood = await store.flood_check(user.id, config.flood_max_per_second)
+    if flood != "ok" and carries_file(update):
+        # A file is the user's data, not noise: counted, never dropped (an album or several
+        # files at once arrive as a burst of messages).
+        metrics.UPDATES.labels(config.mode, "flood_file_kept").inc()
+        flood = "ok"
     if flood != "ok":
         metrics.UPDATES.labels(config.mode, f"flood_{flood}").inc()
         if update.callback_query is not None:

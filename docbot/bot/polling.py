@@ -59,7 +59,7 @@ class Backoff:
         return delay
 
 
-async def _pause(stop: asyncio.Event, seconds: float) -> None:
+async def pause(stop: asyncio.Event, seconds: float) -> None:
     if seconds > 0:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), seconds)
@@ -119,7 +119,7 @@ class Poller:
         await self._bootstrap(stop)
         while not stop.is_set():
             delay = await self._poll_once(stop)
-            await _pause(stop, delay)
+            await pause(stop, delay)
         await self._confirm()
 
     async def _bootstrap(self, stop: asyncio.Event) -> None:
@@ -132,7 +132,7 @@ class Poller:
                 logger.error("docbot_polling_invalid_token")
                 raise
             except Exception as exc:
-                await _pause(stop, self._failed(exc))
+                await pause(stop, self._failed(exc))
                 continue
             self._backoff.reset()
             return

@@ -3,12 +3,14 @@
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 from django.conf import settings
 from django.core import signing
 from django.utils import timezone
 
 from common.exceptions import Conflict, NotFound
+from docbot import schemas
 from docbot.models import Document
 from docbot.services.documents import own_document
 
@@ -17,11 +19,15 @@ _SHARE_SALT = "docbot.share"
 
 @dataclass(frozen=True)
 class ShareLink:
-    """`url` is DOCBOT_PUBLIC_BASE_URL + `/docbot/files/<token>`; `expires_at` is aware UTC."""
+    """`url` is DOCBOT_PUBLIC_BASE_URL + `/docbot/files/<token>/<file_name, percent-encoded>`
+    (the name is for people and `curl -O`; `/docbot/files/<token>` alone opens it too);
+    `expires_at` is aware UTC; `file_name` is what the download is saved as
+    (`schemas.download_name`)."""
 
     url: str
     token: str
     expires_at: datetime
+    file_name: str
 
 
 def share_link_create(*, user: Any, document_id: int) -> ShareLink:
@@ -39,7 +45,13 @@ def share_link_create(*, user: Any, document_id: int) -> ShareLink:
     payload = {"d": document.pk, "h": document.sha256[:16], "e": int(expires_at.timestamp())}
     token = signing.dumps(payload, salt=_SHARE_SALT, compress=True)
     base = settings.DOCBOT_PUBLIC_BASE_URL.rstrip("/")
-    return ShareLink(url=f"{base}/docbot/files/{token}", token=token, expires_at=expires_at)
+    file_name = schemas.download_name(document.file_name, document.name, document.mime_type)
+    return ShareLink(
+        url=f"{base}/docbot/files/{token}/{quote(file_name, safe='')}",
+        token=token,
+        expires_at=expires_at,
+        file_name=file_name,
+    )
 
 
 def share_link_resolve(*, token: str) -> Document:

@@ -81,6 +81,10 @@ class FanoutHub:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.by_room: dict[int, set[Connection]] = {}
         self.presence_conns: dict[int, set[Connection]] = {}
+        # Sockets that joined a room explicitly get its presence diffs; a silent join (the
+        # default room on connect) counts the user present without sending the socket frames
+        # it never asked for.
+        self.presence_watchers: dict[int, set[Connection]] = {}
         self.by_topic: dict[str, set[Connection]] = {}
         self.recent = RecentFrames()
         self.by_user: dict[int, set[Connection]] = {}
@@ -129,6 +133,7 @@ class FanoutHub:
         # A new loop (tests start a server per test): loop-bound state starts afresh.
         self.loop = loop
         self.by_room, self.by_user, self.presence_conns, self.by_topic = {}, {}, {}, {}
+        self.presence_watchers = {}
         self.recent = RecentFrames()
         if isinstance(self.presence, MemoryPresence):
             self.presence = MemoryPresence()
@@ -254,13 +259,22 @@ class FanoutHub:
         return bucket
 
     async def room_add(
-        self, room_id: int, slug: str, connection: Connection, *, presence: bool = True
+        self,
+        room_id: int,
+        slug: str,
+        connection: Connection,
+        *,
+        presence: bool = True,
+        watch: bool = True,
     ) -> tuple[list[str], bool]:
         """Deliver the room's events to `connection`. With `presence`, the user counts as online
-        there (once, however many of their sockets joined). Returns the online members and
+        there (once, however many of their sockets joined); with `watch`, the socket also gets
+        the room's presence diffs. Returns the online members and
         whether that list is partial (this process's only: Redis is unreachable)."""
         self.room_slugs[room_id] = slug
         self.by_room.setdefault(room_id, set()).add(connection)
+        if watch:
+            self.presence_watchers.setdefault(room_id, set()).add(connection)
         if not presence:
             return [], False
         present = self.presence_conns.setdefault(room_id, set())
@@ -286,11 +300,12 @@ class FanoutHub:
 
     def room_stop_delivery(self, room_id: int, connection: Connection) -> None:
         """Stop delivering the room's events to the socket (presence untouched)."""
-        connections = self.by_room.get(room_id)
-        if connections is not None:
-            connections.discard(connection)
-            if not connections:
-                del self.by_room[room_id]
+        for index in (self.by_room, self.presence_watchers):
+            connections = index.get(room_id)
+            if connections is not None:
+                connections.discard(connection)
+                if not connections:
+                    del index[room_id]
 
     async def room_remove(self, room_id: int, connection: Connection) -> None:
         """Stop delivering the room to the socket and withdraw its presence there; the user
@@ -421,7 +436,9 @@ class FanoutHub:
                 "joined": [member_parse(m) for m in sorted(joined)],
                 "left": [member_parse(m) for m in sorted(left)],
             }
-            self._spawn(self.apublish({"room": room_id, "frame": dumps(frame)}))
+            self._spawn(
+                self.apublish({"room": room_id, "frame": dumps(frame), "presence": True})
+            )
 
     # --- publish ---------------------------------------------------------------------------
 
@@ -522,7 +539,8 @@ class FanoutHub:
                     connection.hub_kicked(room_id)
             return
         text = envelope["frame"]
-        targets: set[Connection] | list[Connection] = self.by_room.get(room_id, set())
+        index = self.presence_watchers if envelope.get("presence") else self.by_room
+        targets: set[Connection] | list[Connection] = index.get(room_id, set())
         users = envelope.get("users")
         if users:
             targets = set(targets)

@@ -107,6 +107,9 @@ async def test_without_a_token_the_bot_is_off_and_says_so_once(
     settings: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings.TELEGRAM_BOT_TOKEN = ""
+    settings.DOCBOT_SANDBOX = (
+        False  # else the bot serves the sandbox (tests/docbot/test_sandbox.py)
+    )
     runtime._off_said = False
     caplog.set_level(logging.INFO)
     stop = asyncio.Event()

@@ -54,6 +54,7 @@ def _fuzz(
         tallies["tried"] += 1
         if response.status_code < 400:
             tallies[f"accepted_{mode.value}"] += 1
+            tallies[f"accepted {label}"] += 1
         if response.status_code == 401 and operation.path != "/api/auth/token":
             tallies["unauthenticated"] += 1
         if response.status_code >= 500:
@@ -89,8 +90,12 @@ def test_rest_fuzz_never_gets_a_server_error(asgi_server: LiveServer) -> None:
         assert client.get("/health").status_code == 200
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps(dict(tallies), indent=2))
-    print(f"REST fuzz: {dict(tallies)}")
+    print(f"REST fuzz: { {k: v for k, v in tallies.items() if ' ' not in k} }")
     assert failures == []
     # The harness itself works: its identities stay signed in and valid requests get through.
     assert tallies["unauthenticated"] == 0
-    assert tallies["accepted_positive"] > tallies["tried"] // 10
+    # Deterministic: operations whose schema-valid requests are valid for any signed-in user
+    # (no path ids, no staff-only rule) get through. A ratio over every operation would depend
+    # on which ids happen to exist.
+    for label in ("GET /api/auth/me", "GET /api/realtime/rooms", "POST /api/realtime/ticket"):
+        assert tallies[f"accepted {label} positive"] > 0, label

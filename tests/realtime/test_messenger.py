@@ -595,3 +595,26 @@ def test_rooms_visible_to_lists_public_and_own_private_rooms(db: None) -> None:
     room_create(owner=alice, slug="closed", kind="private")
     assert [r.slug for r in selectors.rooms_visible_to(bob)] == ["open"]
     assert [r.slug for r in selectors.rooms_visible_to(alice)] == ["closed", "open"]
+
+
+async def test_a_user_auto_joined_to_the_default_room_is_online_there_for_everyone(
+    asgi_server: LiveServer, settings: SettingsWrapper
+) -> None:
+    """Issue 13: the silent join of the default room on connect counts the user present (REST
+    presence, other members' diffs) without sending that socket frames it did not ask for."""
+    settings.REALTIME_PRESENCE_FLUSH_MS = 20
+    default = settings.REALTIME_DEFAULT_ROOM
+    alice, bob = await user("alice"), await user("bob")
+    watcher = await joined(asgi_server, bob, default)
+    await watcher.expect("presence")  # the snapshot
+    silent = await Client.open(asgi_server.ws_url, alice)  # never sends `join`
+    await _presence_where(watcher, alice.pk, "joined")
+    headers = await sync_to_async(auth_header)(bob)
+    async with httpx.AsyncClient(base_url=asgi_server.http_url) as http:
+        online = (await http.get(f"/api/realtime/rooms/{default}/presence", headers=headers)).json()
+    assert sorted(u["username"] for u in online["online"]) == ["alice", "bob"]
+    await silent.fence()
+    assert silent.of("presence") == [] and silent.of("joined") == []
+    await silent.close()
+    await _presence_where(watcher, alice.pk, "left")
+    await watcher.close()

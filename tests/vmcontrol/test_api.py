@@ -158,9 +158,9 @@ async def test_under_a_stress_loop_every_finished_command_was_sent_before_it_fin
             rounds += 1
     finally:
         await finish()
-    commands = await sync_to_async(list)(
-        Command.objects.filter(vm=vm).values_list("status", "sent_at", "finished_at")
-    )
+    commands = await sync_to_async(
+        lambda: list(Command.objects.filter(vm=vm).values_list("status", "sent_at", "finished_at"))
+    )()
     assert rounds >= 20 and len(commands) == rounds, (rounds, len(commands))
     broken = [
         (status, sent_at, finished_at)

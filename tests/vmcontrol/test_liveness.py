@@ -111,11 +111,13 @@ async def staff_clients(asgi_server: LiveServer) -> AsyncIterator[tuple[httpx.As
         yield api, admin
 
 
-def vmctl(*args: str) -> str:
+def vmctl(api: httpx.AsyncClient, *args: str) -> str:
+    """The console, as the REST client it is, with the REST client's server and token."""
     import io
 
+    token = api.headers["Authorization"].split()[1]
     out = io.StringIO()
-    call_command("vmctl", *args, stdout=out)
+    call_command("vmctl", "--url", str(api.base_url), "--token", token, *args, stdout=out)
     return out.getvalue()
 
 
@@ -125,7 +127,7 @@ async def shown_everywhere(
     """The VM's status as REST, the console and the admin show it."""
     detail = (await api.get(f"/api/vmcontrol/vms/{vm.pk}")).json()["status"]
     authorized = await api.get("/api/vmcontrol/vms", params={"filter": "authorized"})
-    listing = await sync_to_async(vmctl)("list")
+    listing = await sync_to_async(vmctl)(api, "list")
     row = next(line for line in listing.splitlines() if f" {vm.name} " in line)
     changelist = await admin.get("/admin/vmcontrol/virtualmachine/")
     assert changelist.status_code == 200, changelist.text[:500]
@@ -141,7 +143,7 @@ async def shown_everywhere(
         "rest": detail,
         "rest_authorized_ids": [v["id"] for v in authorized.json()["results"]],
         "console": next(s for s in ("authorized", "connected", "offline") if f" {s} " in row),
-        "console_authorized": vm.name in await sync_to_async(vmctl)("list", "--authorized"),
+        "console_authorized": vm.name in await sync_to_async(vmctl)(api, "list", "--authorized"),
         "admin": admin_status,
     }
 

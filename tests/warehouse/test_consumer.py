@@ -132,6 +132,10 @@ def test_produce_command_reaches_the_embedded_consumer_without_any_service(
     )
     assert "filesystem://" in produced.stdout
     simulation = Simulation(seed=3, movements=25, duplicate_rate=0.2, poison_rate=0.1, shuffle=True)
+    # What to query next: every warehouse with its source name, every product id.
+    for index, warehouse_id in enumerate(simulation.warehouse_ids):
+        assert f"{simulation.source(index)}  {warehouse_id}" in produced.stdout
+    assert all(str(product_id) in produced.stdout for product_id in simulation.product_ids)
     expected = simulation.movement_bodies()
     poison = sum(1 for b in expected if not b.startswith(b'{"id"'))
 

@@ -9,7 +9,7 @@ from telegram import Bot
 
 from common.metrics import metrics_server_start
 from common.signals import run_until_signal
-from docbot import runtime, services, texts
+from docbot import runtime, services, telegram, texts
 from docbot.bot.application import run_polling, settings_from_django
 from docbot.bot.updates import ALLOWED_UPDATES
 
@@ -24,7 +24,14 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not runtime.bot_enabled():
-            self.stdout.write(texts.BOT_OFF)
+            if telegram.sandbox_enabled():
+                self.stdout.write(
+                    "No TELEGRAM_BOT_TOKEN: the bot serves the sandbox, which runs inside "
+                    f"`make run` (manage.py runall) at {runtime.sandbox_url()}. Nothing to do "
+                    "in this process."
+                )
+            else:
+                self.stdout.write(texts.BOT_OFF)
             # Idle instead of exiting: a process manager (honcho, compose) would otherwise
             # stop or restart its siblings.
             run_until_signal(self._idle)

@@ -48,3 +48,14 @@ class Command(BaseCommand):
             bodies, url=options["url"], queue_name=options["queue"], rate=options["rate"]
         )
         self.stdout.write(f"published {sent} messages to {options['url'] or broker_url()}")
+        self.stdout.write("warehouses (source → warehouse_id):")
+        for index, warehouse_id in enumerate(simulation.warehouse_ids):
+            self.stdout.write(f"  {simulation.source(index)}  {warehouse_id}")
+        self.stdout.write("products (product_id):")
+        for product_id in simulation.product_ids:
+            self.stdout.write(f"  {product_id}")
+        first_warehouse, first_product = simulation.warehouse_ids[0], simulation.product_ids[0]
+        self.stdout.write(
+            "try: curl -s http://127.0.0.1:8000/api/warehouses/"
+            f"{first_warehouse}/products/{first_product}"
+        )
