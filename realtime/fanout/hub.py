@@ -436,9 +436,7 @@ class FanoutHub:
                 "joined": [member_parse(m) for m in sorted(joined)],
                 "left": [member_parse(m) for m in sorted(left)],
             }
-            self._spawn(
-                self.apublish({"room": room_id, "frame": dumps(frame), "presence": True})
-            )
+            self._spawn(self.apublish({"room": room_id, "frame": dumps(frame), "presence": True}))
 
     # --- publish ---------------------------------------------------------------------------
 
