@@ -185,6 +185,8 @@ class Sandbox:
             query_id = secrets.token_hex(8)
             update_id = next(self._update_ids)
             self._callbacks[query_id] = user["id"]
+            while len(self._callbacks) > MAX_PENDING_UPDATES:  # presses nobody answered
+                del self._callbacks[next(iter(self._callbacks))]
             origin = {k: v for k, v in message.items() if k != "outgoing"} if message else {}
             update = {
                 "update_id": update_id,

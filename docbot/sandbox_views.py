@@ -34,6 +34,7 @@ from docbot import runtime, sandbox, schemas, telegram
 from docbot.sandbox import MAX_FILE_BYTES, BotApiError, operator_user
 
 _TEXT_MAX = 4096
+_INLINE_TYPES = {"image/jpeg", "image/png", "image/gif", "image/webp"}
 _NOT_FOUND = {"ok": False, "error_code": 404, "description": "Not Found"}
 
 View = Callable[..., HttpResponseBase]
@@ -283,7 +284,9 @@ def sandbox_file(request: HttpRequest, file_id: str) -> HttpResponse:
     if stored is None:
         return JsonResponse(error_body("not_found", "No such file."), status=404)
     response = HttpResponse(stored.content, content_type=stored.mime_type)
-    inline = stored.mime_type.startswith("image/")
+    # Only raster images are shown in the page; anything else (an SVG or HTML file could run
+    # script on this origin) is a download.
+    inline = stored.mime_type in _INLINE_TYPES
     disposition = content_disposition_header(not inline, stored.file_name)
     response["Content-Disposition"] = disposition or "attachment"
     return response
