@@ -11,6 +11,7 @@ Frames are JSON objects with a `type`; errors come as `{"type": "error", "code",
 import argparse
 import asyncio
 import json
+import os
 import sys
 import uuid
 
@@ -19,6 +20,7 @@ from websockets.asyncio.client import connect
 
 
 async def chat(url: str, token: str, room: str, text: str) -> int:
+    url = url.rstrip("/")
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         response = await http.post(
             "/api/realtime/ticket", headers={"Authorization": f"Bearer {token}"}
@@ -54,12 +56,19 @@ async def chat(url: str, token: str, room: str, text: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    default_url = f"http://127.0.0.1:{os.environ.get('HTTP_PORT', '8000')}"
+    parser.add_argument(
+        "--url", default=default_url, help=f"the HTTP base address (default {default_url})"
+    )
     parser.add_argument("--token", required=True)
     parser.add_argument("--room", default="general")
     parser.add_argument("text")
     args = parser.parse_args()
-    return asyncio.run(chat(args.url, args.token, args.room, args.text))
+    try:
+        return asyncio.run(chat(args.url, args.token, args.room, args.text))
+    except (httpx.HTTPError, OSError) as error:
+        print(f"cannot reach {args.url}: {error or type(error).__name__}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

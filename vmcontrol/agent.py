@@ -442,6 +442,7 @@ class Agent:
                 "id": self._next_id(),
                 "vm_id": self.identity.vm_id,
                 "token": self.identity.token,
+                "inventory": self.identity.inventory,
             }
         )
 

@@ -15,6 +15,7 @@ Before it authorizes a connection is bounded in time and attempts and writes not
 (`AgentConsumer`; vmcontrol/PROTOCOL.md, "Before authorization").
 """
 
+import contextlib
 import math
 import time
 import uuid
@@ -49,6 +50,7 @@ from vmcontrol.protocol import (
     decode_frame,
     encode_frame,
     error_frame,
+    inventory_parse,
     protocol_error_frame,
 )
 from vmcontrol.services import AgentEvent, AgentEventResult
@@ -385,6 +387,11 @@ class AgentConsumer(AsyncConsumer):
         if pending is None:
             raise ProtocolError(UNKNOWN_COMMAND, "no such pending command", frame_id=frame["id"])
         reply_to, name, args, sent_at = pending
+        if frame["ok"] and name == "update_specs":
+            # The specs the agent now runs with: a later `auth` without an inventory (after an
+            # operator's logout) must not bring back the ones it said hello with.
+            with contextlib.suppress(ProtocolError):
+                self.inventory = inventory_parse(frame["data"], field="data")
         await self._command_finish(
             frame["id"],
             reply_to,

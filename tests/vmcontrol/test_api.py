@@ -170,6 +170,30 @@ async def test_under_a_stress_loop_every_finished_command_was_sent_before_it_fin
     assert broken == [], f"{len(broken)} of {rounds} commands: {broken[:5]}"
 
 
+async def test_specs_pushed_to_an_agent_survive_an_operator_logout_and_its_reauth(
+    api: httpx.AsyncClient, vmserver: VmServer
+) -> None:
+    """Found by the newcomer walk: after `vmctl update` then `vmctl logout`, the agent
+    authorized again on its connection and the VM went back to the specs of its hello."""
+    vm, token = await sync_to_async(vm_with_token)("keeps-specs")
+    agent, finish = await running_agent(vmserver.port, vm.pk, token)
+    try:
+        response = await api.patch(f"/vms/{vm.pk}", json={"cpu_cores": 6, "ram_mb": 6144})
+        assert response.status_code == 200, response.text
+        assert (await api.post(f"/vms/{vm.pk}/logout")).status_code == 200
+        deadline = time.monotonic() + 10
+        while True:
+            body = (await api.get(f"/vms/{vm.pk}")).json()
+            if body["status"] == "authorized" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert body["status"] == "authorized"
+        assert (body["cpu_cores"], body["ram_mb"]) == (6, 6144)
+        assert agent.identity.inventory["cpu_cores"] == 6
+    finally:
+        await finish()
+
+
 async def test_patch_of_a_vm_that_is_not_authorized_is_409(
     api: httpx.AsyncClient, vmserver: VmServer
 ) -> None:

@@ -129,6 +129,7 @@ class Command(BaseCommand):
             self.style.SUCCESS(f"Quintet is running ({mode} mode). Ctrl-C stops everything.")
         )
         for label, url in [
+            ("Home", f"{base}/"),
             ("Admin", f"{base}/admin/"),
             ("API docs", f"{base}/api/docs/"),
             ("Health", f"{base}/health"),

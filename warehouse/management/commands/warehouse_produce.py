@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
 from warehouse.queue import broker_url, envelopes_publish
@@ -56,6 +57,6 @@ class Command(BaseCommand):
             self.stdout.write(f"  {product_id}")
         first_warehouse, first_product = simulation.warehouse_ids[0], simulation.product_ids[0]
         self.stdout.write(
-            "try: curl -s http://127.0.0.1:8000/api/warehouses/"
+            f"try: curl -s http://127.0.0.1:{settings.HTTP_PORT}/api/warehouses/"
             f"{first_warehouse}/products/{first_product}"
         )
