@@ -139,8 +139,12 @@ class Wire:
                 if not line:
                     return True
                 self.unsolicited.append(json.loads(line))
-        except (TimeoutError, ConnectionError):
+        except TimeoutError:
             return False
+        except ConnectionError:
+            # A reset is the server's close too: the client wrote after the server had closed
+            # (a sender still trickling frames), and the peer's kernel answered with RST.
+            return True
         return False
 
     async def close(self) -> None:
