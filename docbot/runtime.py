@@ -151,19 +151,18 @@ async def run_embedded(stop: asyncio.Event) -> None:
     if not sandbox and settings.DOCBOT_MODE != "polling":
         await stop.wait()
         return
+    # Serving from the start, so the page and the Bot API answer as soon as the server does.
+    _sandbox_here = sandbox
     try:
-        token = await service_token()
-    except services.ServiceAccountRefused as exc:
-        # The bot stays off; the rest of the system keeps running.
-        logger.error("docbot_refused_to_start", code=exc.code, reason=exc.message)
-        await stop.wait()
-        return
-    if not sandbox:
-        await _bot_entry().polling_run(token, stop)
-        return
-    _sandbox_here = True
-    logger.info("docbot_sandbox", chat_page=sandbox_url())
-    try:
+        try:
+            token = await service_token()
+        except services.ServiceAccountRefused as exc:
+            # The bot stays off; the rest of the system keeps running.
+            logger.error("docbot_refused_to_start", code=exc.code, reason=exc.message)
+            await stop.wait()
+            return
+        if sandbox:
+            logger.info("docbot_sandbox", chat_page=sandbox_url())
         await _bot_entry().polling_run(token, stop)
     finally:
         _sandbox_here = False

@@ -81,6 +81,10 @@ def sandbox_on(
 def sandbox_bot(sandbox_on: LiveServer) -> Iterator[LiveServer]:
     bot = EmbeddedBot().start()
     try:
+        deadline = time.monotonic() + 10
+        while not runtime.sandbox_served_here() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert runtime.sandbox_served_here()
         yield sandbox_on
     finally:
         bot.stop()
