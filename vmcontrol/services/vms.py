@@ -162,16 +162,8 @@ def vm_token_rotate(*, vm_id: int, actor: Actor = None) -> str:
     live authorized session drops to `connected` (published on `vmcontrol.vms`) and, after
     commit, its connection is told `vm.logout` (`token_rotated`) and must authorize again.
     Raises NotFound (`vm_not_found`)."""
-    vm = vm_lock(vm_id)
-    raw, vm.token_hash = token_generate()
-    was_authorized = live_authorized(vm)
-    if was_authorized:
-        vm.status = VmStatus.CONNECTED
-    vm.save(update_fields=["token_hash", "status", "updated_at"])
-    audit_add(actor=actor, vm_id=vm.pk, action="vm.token_rotated")
-    if was_authorized:
-        publish(VMS_TOPIC, _status_event(vm))
-    _kick(vm.pk, "token_rotated")
+    raw, token_hash = token_generate()
+    _token_replace(vm_id=vm_id, token_hash=token_hash, actor=actor, reason="token_rotated")
     return raw
 
 
@@ -180,16 +172,23 @@ def vm_token_revoke(*, vm_id: int, actor: Actor = None) -> VirtualMachine:
     """Revoke the token: no agent can authorize as this VM until a rotate. Locks the VM row;
     a live session is logged out as in `vm_token_rotate` (`token_revoked`). Idempotent apart
     from the audit row. Raises NotFound (`vm_not_found`)."""
+    return _token_replace(vm_id=vm_id, token_hash="", actor=actor, reason="token_revoked")
+
+
+def _token_replace(*, vm_id: int, token_hash: str, actor: Actor, reason: str) -> VirtualMachine:
+    """Store `token_hash` under the VM row lock; a live authorized session drops to
+    `connected` (published) and is told `vm.logout` (`reason`) after commit; audited as
+    `vm.<reason>`."""
     vm = vm_lock(vm_id)
-    vm.token_hash = ""
+    vm.token_hash = token_hash
     was_authorized = live_authorized(vm)
     if was_authorized:
         vm.status = VmStatus.CONNECTED
     vm.save(update_fields=["token_hash", "status", "updated_at"])
-    audit_add(actor=actor, vm_id=vm.pk, action="vm.token_revoked")
+    audit_add(actor=actor, vm_id=vm.pk, action=f"vm.{reason}")
     if was_authorized:
         publish(VMS_TOPIC, _status_event(vm))
-    _kick(vm.pk, "token_revoked")
+    _kick(vm.pk, reason)
     return vm
 
 
