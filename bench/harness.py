@@ -9,6 +9,8 @@ import asyncio
 import json
 import math
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -275,4 +277,121 @@ def celery_worker_args(
         "--without-gossip",
         "--without-mingle",
         *extra,
+    ]
+
+
+@dataclass
+class WrkResult:
+    """One `wrk` run: throughput, latency percentiles (ms), failures, and the server's CPU time
+    (user + system, its whole process tree, from /proc) spent per request."""
+
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    socket_errors: int
+    server_cpu_ms_per_request: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def line(self, label: str) -> str:
+        return (
+            f"{label:<46} {self.rate:>10,.1f} req/s  p50 {self.p50_ms:6.1f} ms  "
+            f"p99 {self.p99_ms:6.1f} ms  cpu {self.server_cpu_ms_per_request:5.2f} ms/req"
+            + (f"  non-2xx {self.non_2xx}" if self.non_2xx else "")
+            + (f"  socket errors {self.socket_errors}" if self.socket_errors else "")
+        )
+
+
+_WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _wrk_ms(text: str) -> float:
+    for unit in ("us", "ms", "s"):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * _WRK_UNITS[unit]
+    return float(text)
+
+
+WRK_LUA = ROOT / "bench" / "wrk"
+
+
+def wrk(
+    url: str,
+    *,
+    server_pids: list[int],
+    seconds: float = 10,
+    connections: int = 16,
+    threads: int = 2,
+    headers: dict[str, str] | None = None,
+    script: str | None = None,
+    script_env: dict[str, str] | None = None,
+    rate: int | None = None,
+) -> WrkResult:
+    """Drive `url` with the C load generator `wrk` (Debian package `wrk`; `wrk2`'s `-R` when
+    `rate` is given and available) for `seconds` (bounded by BENCH_MAX_SECONDS) and read the
+    CPU time the server processes spent meanwhile from /proc. `script` names a Lua file in
+    bench/wrk/ (request bodies, methods); its inputs come from `script_env`."""
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    seconds = min(seconds, MAX_SECONDS_PER_LOOP)
+    args = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s", "--latency"]
+    for name, value in (headers or {}).items():
+        args += ["-H", f"{name}: {value}"]
+    if script:
+        args += ["-s", str(WRK_LUA / script)]
+    if rate:
+        args += ["-R", str(rate)]
+    cpu_before = sum(cpu_seconds(pid) for pid in server_pids)
+    done = subprocess.run(
+        [*args, url],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(script_env or {})},
+        timeout=seconds + 60,
+        check=True,
+    )
+    cpu = sum(cpu_seconds(pid) for pid in server_pids) - cpu_before
+    out = done.stdout
+    requests = int(re.search(r"(\d+) requests in ([\d.]+)(\w+)", out).group(1))  # type: ignore[union-attr]
+    took = re.search(r"requests in ([\d.]+)(m?s|us|m)\b", out)
+    assert took
+    span = float(took.group(1)) * {"s": 1.0, "ms": 0.001, "us": 1e-6, "m": 60.0}[took.group(2)]
+    percentiles = dict(re.findall(r"^\s+(50|99)(?:\.0+)?%\s+(\S+)", out, re.M))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return WrkResult(
+        requests=requests,
+        seconds=span,
+        p50_ms=_wrk_ms(percentiles.get("50", "nan")),
+        p99_ms=_wrk_ms(percentiles.get("99", "nan")),
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
+        server_cpu_ms_per_request=cpu * 1000 / requests if requests else math.nan,
+    )
+
+
+def web_server_args(
+    port: int, *, workers: int = 2, app: str = "config.wsgi:application", interface: str = "wsgi"
+) -> list[str]:
+    """The production HTTP server (granian, chosen by bench/http_servers.py; docs/benchmarks.md)
+    on 127.0.0.1:`port`. `interface="asgi"` with `app="config.asgi:application"` for the
+    WebSocket/webhook side."""
+    return [
+        str(Path(sys.executable).parent / "granian"),
+        "--interface",
+        interface,
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--log-level",
+        "warning",
+        *(["--blocking-threads", "8", "--no-ws"] if interface == "wsgi" else []),
     ]

@@ -79,6 +79,18 @@ def json_not_found(request: HttpRequest, exception: Exception | None = None) -> 
     return JsonResponse(error_body("not_found", "Not found."), status=404)
 
 
+def json_bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    """A request Django refuses before any view (an unknown Host, a malformed cookie or
+    multipart body: SuspiciousOperation), in the error envelope."""
+    return JsonResponse(error_body("bad_request", "Bad request."), status=400)
+
+
+def json_permission_denied(
+    request: HttpRequest, exception: Exception | None = None
+) -> JsonResponse:
+    return JsonResponse(error_body("permission_denied", "Permission denied."), status=403)
+
+
 def json_server_error(request: HttpRequest) -> JsonResponse:
     return JsonResponse(error_body("server_error", "Internal server error."), status=500)
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import redis.exceptions
 import structlog
-from django.core.cache.backends.redis import RedisCache
+from django.core.cache.backends.redis import RedisCache, RedisCacheClient
 
 logger = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -25,8 +25,26 @@ LOG_EVERY_SECONDS = 10.0
 OUTAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
+class ReusedClientRedisCacheClient(RedisCacheClient):
+    """Django's cache client, keeping one `redis.Redis` per connection pool instead of building
+    one per operation (each build copies about 160 response callbacks: measured 0.15-0.3 ms of
+    CPU per cache call). `redis.Redis` is thread-safe over its pool."""
+
+    def get_client(self, key: Any = None, *, write: bool = False) -> Any:
+        pool = self._get_connection_pool(write)  # type: ignore[attr-defined]
+        clients: dict[int, Any] = self.__dict__.setdefault("_reused_clients", {})
+        client = clients.get(id(pool))
+        if client is None:
+            client = clients[id(pool)] = self._client(connection_pool=pool)  # type: ignore[attr-defined]
+        return client
+
+
 class FailOpenRedisCache(RedisCache):
     """Django's RedisCache; on a connection failure reads miss and writes are dropped."""
+
+    def __init__(self, server: str, params: dict[str, Any]) -> None:
+        super().__init__(server, params)
+        self._class = ReusedClientRedisCacheClient
 
     _last_logged = 0.0
     _lock = threading.Lock()
@@ -93,3 +111,41 @@ class FailOpenRedisCache(RedisCache):
 
     def clear(self) -> None:
         self._degrade("clear", lambda: super(FailOpenRedisCache, self).clear(), None)
+
+    def window_hits(self, key: str, window_seconds: int) -> tuple[int, int] | None:
+        """Count one hit of `key` in the current fixed window and read the previous window's
+        count, in one Redis round trip (pipeline: INCR, EXPIRE NX, GET). Returns
+        (current, previous), or None while Redis is unreachable (callers fail open)."""
+        now = int(time.time())
+        slot = now // window_seconds
+        current = self.make_and_validate_key(f"{key}:{slot}")
+        previous = self.make_and_validate_key(f"{key}:{slot - 1}")
+
+        def hit() -> tuple[int, int]:
+            client = self._cache.get_client(current, write=True)  # type: ignore[attr-defined]
+            pipe = client.pipeline(transaction=False)
+            pipe.incr(current)
+            pipe.expire(current, 2 * window_seconds, nx=True)
+            pipe.get(previous)
+            count, _, before = pipe.execute()
+            return int(count), int(before or 0)
+
+        return self._degrade("window_hits", hit, None)
+
+
+def window_hits(cache: Any, key: str, window_seconds: int) -> tuple[int, int] | None:
+    """`FailOpenRedisCache.window_hits` on any Django cache: one round trip on Redis, the
+    portable add/incr/get on others (the in-process LocMemCache of the embedded defaults)."""
+    if hasattr(cache, "window_hits"):  # `cache` may be django.core.cache's proxy
+        return cache.window_hits(key, window_seconds)
+    slot = int(time.time()) // window_seconds
+    current = f"{key}:{slot}"
+    if not cache.add(current, 1, 2 * window_seconds):
+        try:
+            count = cache.incr(current)
+        except ValueError:  # expired between add and incr
+            cache.add(current, 1, 2 * window_seconds)
+            count = 1
+    else:
+        count = 1
+    return int(count), int(cache.get(f"{key}:{slot - 1}", 0))

@@ -11,6 +11,8 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.utils import timezone
+from knox.models import get_token_model
 
 from common.exceptions import Conflict, NotFound, ValidationFailed
 
@@ -100,3 +102,11 @@ def api_token_revoke(*, token: Any) -> None:
     from knox.models import AuthToken
 
     AuthToken.objects.filter(pk=token.pk).delete()
+
+
+def api_tokens_purge_expired() -> int:
+    """Delete API tokens (knox) whose expiry has passed; returns how many. Authentication already
+    refuses them (common.authentication); this only keeps the table small. Idempotent; run by
+    the `common.api_tokens_purge` beat task every API_TOKEN_PURGE_SECONDS."""
+    deleted, _ = get_token_model().objects.filter(expiry__lt=timezone.now()).delete()
+    return deleted

@@ -12,12 +12,14 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from realtime.auth import websocket_auth_stack  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
-from warehouse.fastpath import read_fastpath  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {
-        # The warehouse's two public reads skip the middleware stack (see warehouse/fastpath.py).
-        "http": read_fastpath(django_asgi_app),
-        "websocket": websocket_auth_stack(URLRouter(websocket_urlpatterns)),
-    }
+from common.static import asgi_with_static  # noqa: E402
+
+application = asgi_with_static(
+    ProtocolTypeRouter(
+        {
+            "http": django_asgi_app,
+            "websocket": websocket_auth_stack(URLRouter(websocket_urlpatterns)),
+        }
+    )
 )

@@ -93,7 +93,9 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "servestatic.middleware.ServeStaticMiddleware",
+    # Development serves static files from the apps' folders (finders); production serves the
+    # collected STATIC_ROOT around Django instead (common/static.py), so the chain stays sync.
+    *(["servestatic.middleware.ServeStaticMiddleware"] if DEBUG else []),
     "common.middleware.CorrelationIdMiddleware",
     "common.middleware.JsonErrorMiddleware",
     "django_structlog.middlewares.RequestMiddleware",
@@ -344,6 +346,10 @@ WS_ALLOWED_ORIGINS = env.list("WS_ALLOWED_ORIGINS", default=[])
 REALTIME_TICKET_TTL_SECONDS = env.int("REALTIME_TICKET_TTL_SECONDS", default=30)
 REALTIME_MAX_FRAME_BYTES = env.int("REALTIME_MAX_FRAME_BYTES", default=16 * 1024)
 REALTIME_MAX_TOPICS_PER_CONNECTION = env.int("REALTIME_MAX_TOPICS_PER_CONNECTION", default=100)
+CELERY_BEAT_SCHEDULE["common-api-tokens-purge"] = {
+    "task": "common.api_tokens_purge",
+    "schedule": env.float("API_TOKEN_PURGE_SECONDS", default=3600.0),
+}
 CELERY_BEAT_SCHEDULE["realtime-tickets-purge"] = {
     "task": "realtime.tickets_purge",
     "schedule": 600.0,

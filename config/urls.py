@@ -28,5 +28,7 @@ urlpatterns = [
     path("api/", include("warehouse.urls")),
 ]
 
+handler400 = "common.api.json_bad_request"
+handler403 = "common.api.json_permission_denied"
 handler404 = "common.api.json_not_found"
 handler500 = "common.api.json_server_error"

@@ -8,6 +8,7 @@ from django.test import override_settings
 from django.utils import timezone
 from knox.models import AuthToken
 
+from common.tasks import api_tokens_purge
 from tests.factories import TEST_PASSWORD, UserFactory, token_for
 
 PASSWORD = "a-long-enough-passphrase"
@@ -58,7 +59,11 @@ def test_tokens_expire_after_their_ttl(http: httpx.Client) -> None:
     assert http.get("/api/auth/me", headers=headers).status_code == 200
     AuthToken.objects.filter(user=user).update(expiry=timezone.now() - timedelta(seconds=1))
     assert http.get("/api/auth/me", headers=headers).status_code == 401
+    # Refused without a write on the request path; the periodic purge deletes it.
+    assert AuthToken.objects.filter(user=user).exists()
+    assert api_tokens_purge() == 1
     assert not AuthToken.objects.filter(user=user).exists()
+    assert http.get("/api/auth/me", headers=headers).status_code == 401
 
 
 def test_a_token_in_use_is_refreshed_but_not_past_its_maximum_age(http: httpx.Client) -> None:
