@@ -447,7 +447,7 @@ WAREHOUSE_EMBEDDED_CONSUMER = env.bool("WAREHOUSE_EMBEDDED_CONSUMER", default=no
 WAREHOUSE_STRICT_STOCK = env.bool("WAREHOUSE_STRICT_STOCK", default=False)
 WAREHOUSE_PUBLIC_READS = env.bool("WAREHOUSE_PUBLIC_READS", default=True)
 # Public reads per client (IP, IPv6 per /64; users by id) per fixed window, "N/s|min|hour|day",
-# one budget for the DRF views and the ASGI fast path; empty = no limit.
+# one budget for both public reads (DRF views); empty = no limit.
 WAREHOUSE_READ_THROTTLE = env.str("WAREHOUSE_READ_THROTTLE", default="200000/min")
 if WAREHOUSE_READ_THROTTLE == "off":
     WAREHOUSE_READ_THROTTLE = ""
@@ -461,7 +461,6 @@ if WAREHOUSE_READ_THROTTLE and not (
     and _period.islower()
 ):
     raise ImproperlyConfigured("WAREHOUSE_READ_THROTTLE must look like 600/min (or be off)")
-WAREHOUSE_READ_FASTPATH = env.bool("WAREHOUSE_READ_FASTPATH", default=True)
 WAREHOUSE_CACHE_SECONDS = env.int("WAREHOUSE_CACHE_SECONDS", default=300)
 WAREHOUSE_HEARTBEAT_SECONDS = env.float("WAREHOUSE_HEARTBEAT_SECONDS", default=2.0)
 WAREHOUSE_HEARTBEAT_STALE_SECONDS = env.float("WAREHOUSE_HEARTBEAT_STALE_SECONDS", default=30.0)

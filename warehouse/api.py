@@ -4,6 +4,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
+from django.http import HttpResponse, HttpResponseBase
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.permissions import AllowAny, BasePermission, IsAdminUser, IsAuthenticated
@@ -33,8 +34,9 @@ class PublicReadPermission(BasePermission):
 
 
 class PublicReadThrottle(BaseThrottle):
-    """WAREHOUSE_READ_THROTTLE per client, in the budget the ASGI fast path draws on too
-    (`read_limits`): anonymous callers by client IP, users by id."""
+    """WAREHOUSE_READ_THROTTLE per client (`read_limits`): anonymous callers by client IP, users
+    by id. On a `PublicReadApi` it also fetches the view's cache entry in the same round trip
+    (`read_limits.hit_and_get`) and leaves it on the view."""
 
     wait_seconds: float | None = None
 
@@ -43,7 +45,11 @@ class PublicReadThrottle(BaseThrottle):
             ident = read_limits.user_ident(request.user.pk)
         else:
             ident = client_key(client_ip(request._request))
-        self.wait_seconds = read_limits.hit(ident)
+        key = view.cache_key() if isinstance(view, PublicReadApi) else None
+        if key is None:
+            self.wait_seconds = read_limits.hit(ident)
+        else:
+            self.wait_seconds, view.cached = read_limits.hit_and_get(ident, key)
         return self.wait_seconds is None
 
     def wait(self) -> float | None:
@@ -58,19 +64,44 @@ def _uuid(value: str, name: str) -> uuid.UUID:
         raise ValidationFailed(exc.message, code="bad_uuid", details=exc.details) from None
 
 
+def _uuid_or_none(value: str) -> uuid.UUID | None:
+    try:
+        return parsers.uuid_value(value, field="id")
+    except parsers.InvalidValue:
+        return None
+
+
 class PartySerializer(serializers.Serializer):
     warehouse_id = serializers.UUIDField()
     source = serializers.CharField()  # type: ignore[assignment]
 
 
-class MovementDetailApi(APIView):
+class PublicReadApi(APIView):
+    """One of the assignment's two cached reads: public unless WAREHOUSE_PUBLIC_READS=false,
+    throttled per client. A cached answer is the stored JSON body as is (`read_cache.body_of`),
+    fetched by the throttle in its round trip (`cached`)."""
+
+    permission_classes = [PublicReadPermission]
+    throttle_classes = [PublicReadThrottle]
+    cached: object = read_cache.NOT_FETCHED
+
+    def cache_key(self) -> str | None:
+        """The read's cache key from the path, or None when an id is malformed."""
+        raise NotImplementedError
+
+    def answer(self, request: Request, body: bytes | None, missing: str) -> HttpResponseBase:
+        if body is None:
+            raise NotFound(missing)
+        if ";" in (request.accepted_media_type or ""):  # e.g. `indent=4`: let DRF render it
+            return Response(json.loads(body))
+        return HttpResponse(body, content_type="application/json")
+
+
+class MovementDetailApi(PublicReadApi):
     """A movement by its `movement_id`: sender and receiver (warehouse and source), when it left
     and arrived, the seconds between, quantities sent and received and their difference, and a
     status (`in_transit`, `arrived`, `completed`, `anomaly`). Public unless
     WAREHOUSE_PUBLIC_READS=false; throttled per client."""
-
-    permission_classes = [PublicReadPermission]
-    throttle_classes = [PublicReadThrottle]
 
     class OutputSerializer(serializers.Serializer):
         movement_id = serializers.UUIDField()
@@ -85,21 +116,22 @@ class MovementDetailApi(APIView):
         quantity_received = serializers.IntegerField(allow_null=True)
         quantity_difference = serializers.IntegerField(allow_null=True)
 
+    def cache_key(self) -> str | None:
+        movement_id = _uuid_or_none(self.kwargs["movement_id"])
+        return None if movement_id is None else read_cache.movement_cache_key(movement_id)
+
     @extend_schema(responses={200: OutputSerializer}, summary="A movement: both ends, timing")
-    def get(self, request: Request, movement_id: str) -> Response:
-        view = selectors.movement_get(movement_id=_uuid(movement_id, "movement_id"))
-        if view is None:
-            raise NotFound(selectors.MOVEMENT_NOT_FOUND)
-        return Response(view)
+    def get(self, request: Request, movement_id: str) -> HttpResponseBase:
+        body = selectors.movement_body_get(
+            movement_id=_uuid(movement_id, "movement_id"), cached=self.cached
+        )
+        return self.answer(request, body, selectors.MOVEMENT_NOT_FOUND)
 
 
-class StockDetailApi(APIView):
+class StockDetailApi(PublicReadApi):
     """Current stock of a product at a warehouse: `quantity` (never negative), the signed ledger
     `balance` and `short` when more left than arrived. Equals Σ ledger at every commit. Public
     unless WAREHOUSE_PUBLIC_READS=false; throttled per client."""
-
-    permission_classes = [PublicReadPermission]
-    throttle_classes = [PublicReadThrottle]
 
     class OutputSerializer(serializers.Serializer):
         warehouse_id = serializers.UUIDField()
@@ -109,15 +141,21 @@ class StockDetailApi(APIView):
         short = serializers.BooleanField(help_text="The balance went below zero")
         updated_at = serializers.DateTimeField()
 
+    def cache_key(self) -> str | None:
+        warehouse_id = _uuid_or_none(self.kwargs["warehouse_id"])
+        product_id = _uuid_or_none(self.kwargs["product_id"])
+        if warehouse_id is None or product_id is None:
+            return None
+        return read_cache.stock_cache_key(warehouse_id, product_id)
+
     @extend_schema(responses={200: OutputSerializer}, summary="Stock of a product at a warehouse")
-    def get(self, request: Request, warehouse_id: str, product_id: str) -> Response:
-        view = selectors.stock_get(
+    def get(self, request: Request, warehouse_id: str, product_id: str) -> HttpResponseBase:
+        body = selectors.stock_body_get(
             warehouse_id=_uuid(warehouse_id, "warehouse_id"),
             product_id=_uuid(product_id, "product_id"),
+            cached=self.cached,
         )
-        if view is None:
-            raise NotFound(selectors.STOCK_NOT_FOUND)
-        return Response(view)
+        return self.answer(request, body, selectors.STOCK_NOT_FOUND)
 
 
 class StockListApi(APIView):

@@ -142,16 +142,21 @@ def envelope_validate(document: Any) -> Envelope:
         raise EnvelopeInvalid.of(exc) from None
 
 
+def _literal(value: object, path: str, expected: str) -> None:
+    """`value` must be the string `expected`: the exact match is checked here (most messages),
+    anything else goes to `parsers.choice` for its refusal."""
+    if value.__class__ is not str or value != expected:
+        parsers.choice(value, field=path, choices=[expected])
+
+
 def _envelope(document: Any) -> Envelope:
     if not isinstance(document, dict):
         raise parsers.InvalidValue("envelope", "type", "must be a JSON object")
-    parsers.choice(
-        _member(document, "specversion", "specversion"), field="specversion", choices=[SPEC_VERSION]
-    )
-    parsers.choice(_member(document, "type", "type"), field="type", choices=[EVENT_TYPE])
+    _literal(_member(document, "specversion", "specversion"), "specversion", SPEC_VERSION)
+    _literal(_member(document, "type", "type"), "type", EVENT_TYPE)
     for name, expected in (("datacontenttype", CONTENT_TYPE), ("dataschema", DATA_SCHEMA)):
         if name in document:
-            parsers.choice(document[name], field=name, choices=[expected])
+            _literal(document[name], name, expected)
     envelope_id = parsers.uuid_value(_member(document, "id", "id"), field="id")
     source = parsers.text(
         _member(document, "source", "source"), field="source", max_length=MAX_SOURCE_LENGTH

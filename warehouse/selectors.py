@@ -1,6 +1,6 @@
 """Warehouse reads: the movement view, stock, history, dead letters, verification and the
 consumer heartbeat. The two public reads are cached through `read_cache` (keys, view shapes,
-read-through fill); `services` writes through after commit.
+their JSON bodies, read-through fill); `services` writes through after commit.
 
 Only what exists is cached: a lookup of an unknown id leaves nothing behind, so anonymous
 callers cannot grow the cache by asking for random ids (they are throttled per client instead,
@@ -9,7 +9,7 @@ invalidation tombstone) reads as a miss."""
 
 import uuid
 from datetime import datetime, timedelta
-from typing import TypedDict, cast
+from typing import TypedDict
 
 from django.conf import settings
 from django.db.models import QuerySet, Sum
@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from warehouse import read_cache
 from warehouse.models import ConsumerHeartbeat, DeadLetter, LedgerEntry, Stock
-from warehouse.read_cache import MovementView, Party, StockView
+from warehouse.read_cache import MovementView, Party
 
 MOVEMENT_NOT_FOUND = "No such movement."
 STOCK_NOT_FOUND = "No stock recorded for this warehouse and product."
@@ -33,21 +33,22 @@ class StockMismatch(TypedDict):
     stock: int
 
 
-def stock_get(*, warehouse_id: uuid.UUID, product_id: uuid.UUID) -> StockView | None:
-    """The pair's `StockView` (`quantity = max(balance, 0)`, `short` when negative), or None
-    when no stock row exists. From the cache, else one query that fills the cache (only when
-    the row exists). No lock; never raises for a missing pair; a cache outage reads the
-    database."""
+def stock_body_get(
+    *, warehouse_id: uuid.UUID, product_id: uuid.UUID, cached: object = read_cache.NOT_FETCHED
+) -> bytes | None:
+    """The JSON body (`read_cache.body_of`) of the pair's `StockView` (`quantity =
+    max(balance, 0)`, `short` when negative), or None when no stock row exists. From the cache
+    (`cached`: the value already fetched for the pair's key, else one cache get), else one query
+    that fills the cache (only when the row exists). No lock; never raises for a missing pair; a
+    cache outage reads the database."""
     key = read_cache.stock_cache_key(warehouse_id, product_id)
-    cached = read_cache.view_get(key)
-    if cached is not None:
-        return cast(StockView, cached)
+    body = read_cache.body_get(key, cached)
+    if body is not None:
+        return body
     stock = Stock.objects.filter(warehouse_id=warehouse_id, product_id=product_id).first()
     if stock is None:
         return None
-    view = read_cache.stock_view_of(stock)
-    read_cache.view_fill(key, view)
-    return view
+    return read_cache.body_fill(key, read_cache.stock_view_of(stock))
 
 
 def stock_list(*, warehouse_id: uuid.UUID) -> QuerySet[Stock]:
@@ -104,18 +105,19 @@ def movement_view(entries: list[LedgerEntry]) -> MovementView | None:
     }
 
 
-def movement_get(*, movement_id: uuid.UUID) -> MovementView | None:
-    """The `MovementView` (`movement_view`), or None when no event of it is stored. From the
-    cache, else one query that fills the cache (only when the movement exists). No lock; a
-    cache outage reads the database."""
+def movement_body_get(
+    *, movement_id: uuid.UUID, cached: object = read_cache.NOT_FETCHED
+) -> bytes | None:
+    """The JSON body (`read_cache.body_of`) of the `MovementView` (`movement_view`), or None
+    when no event of it is stored. From the cache (`cached` as in `stock_body_get`), else one
+    query that fills the cache (only when the movement exists). No lock; a cache outage reads
+    the database."""
     key = read_cache.movement_cache_key(movement_id)
-    cached = read_cache.view_get(key)
-    if cached is not None:
-        return cast(MovementView, cached)
+    body = read_cache.body_get(key, cached)
+    if body is not None:
+        return body
     view = movement_view(list(LedgerEntry.objects.filter(movement_id=movement_id)))
-    if view is not None:
-        read_cache.view_fill(key, view)
-    return view
+    return None if view is None else read_cache.body_fill(key, view)
 
 
 def ledger_list(

@@ -1,10 +1,11 @@
-"""Redis outages at the warehouse's doors (issue 11): the read fast path, the DRF reads and the
+"""Redis outages at the warehouse's doors (issue 11): the public reads, their throttle and the
 consumer's write-through degrade instead of failing, and the cache is right again afterwards.
 
 Each test owns a throwaway redis-server (never the machine's) that it kills, restarts, or cuts
 off behind a relay while the server keeps its data (a partition).
 """
 
+import json
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from bench.harness import free_port
 from tests.throwaway import redis_server
 from tests.warehouse.factories import body, envelope
 from tests.warehouse.relay import Relay
-from warehouse import fastpath, queue, read_cache, services
+from warehouse import queue, read_cache, read_limits, services
 from warehouse.models import LedgerEntry
 from warehouse.read_cache import stock_cache_key
 
@@ -44,14 +45,8 @@ def _cache_on(port: int) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(autouse=True)
 def _fresh_outage_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fastpath, "_last_logged", {})
-    monkeypatch.setattr(fastpath, "_redis_retry_at", 0.0)
+    monkeypatch.setattr(read_limits, "_last_logged", 0.0)
     monkeypatch.setattr(read_cache, "_unsynced", set())
-
-
-def _through_django(http: httpx.Client, path: str) -> httpx.Response:
-    with override_settings(WAREHOUSE_READ_FASTPATH=False):
-        return http.get(path)
 
 
 def _stock_path(warehouse_id: uuid.UUID, product_id: uuid.UUID) -> str:
@@ -75,14 +70,12 @@ def _cached_quantity(port: int, pair: Pair) -> Any:
     if raw is None:
         return None
     value = RedisSerializer().loads(raw)
-    return value["quantity"] if isinstance(value, dict) else value
+    return json.loads(value)["quantity"] if isinstance(value, bytes) else value
 
 
-def _fastpath_warnings(caplog: pytest.LogCaptureFixture) -> int:
+def _outage_warnings(caplog: pytest.LogCaptureFixture) -> int:
     return sum(
-        1
-        for record in caplog.records
-        if "cache_unavailable" in str(record.msg) and "warehouse-fastpath" in str(record.msg)
+        1 for record in caplog.records if "warehouse_read_throttle_unavailable" in str(record.msg)
     )
 
 
@@ -111,16 +104,15 @@ def test_public_reads_answer_from_the_database_while_redis_is_down_and_recover(
             down = [
                 response
                 for _ in range(10)
-                for response in (http.get(stock), _through_django(http, stock), http.get(unknown))
+                for response in (http.get(stock), http.get(stock), http.get(unknown))
             ]
         with redis_server(port):
-            back = [http.get(stock), _through_django(http, stock)]
+            back = [http.get(stock), http.get(stock)]
             refilled = _cached_quantity(port, pair)
     assert healthy == [7, 7]
     assert [r.status_code for r in down] == [200, 200, 404] * 10
     assert {r.json()["quantity"] for r in down if r.status_code == 200} == {12}
-    assert all(r.headers["x-served-by"] == "warehouse-fastpath" for r in down[::3])
-    assert _fastpath_warnings(caplog) == 1
+    assert _outage_warnings(caplog) == 1
     assert [(r.status_code, r.json()["quantity"]) for r in back] == [(200, 12), (200, 12)]
     assert refilled == 12
 
@@ -134,12 +126,9 @@ def test_the_read_throttle_fails_open_while_redis_is_down_and_limits_again_after
     with override_settings(CACHES=_cache_on(port), WAREHOUSE_READ_THROTTLE="3/min"):
         with redis_server(port):
             limited = [http.get(path).status_code for _ in range(4)]
-        during = [http.get(path).status_code for _ in range(3)]
-        during += [_through_django(http, path).status_code for _ in range(3)]
-        fastpath._redis_retry_at = 0.0  # Redis is back: no need to wait out the retry pause
+        during = [http.get(path).status_code for _ in range(6)]
         with redis_server(port):
-            after = [http.get(path).status_code for _ in range(2)]
-            after += [_through_django(http, path).status_code for _ in range(2)]
+            after = [http.get(path).status_code for _ in range(4)]
     assert limited == [404, 404, 404, 429]
     assert during == [404] * 6
     assert after == [404, 404, 404, 429]
@@ -183,7 +172,7 @@ def test_the_consumer_keeps_consuming_while_redis_is_down(
             process.wait()
             queue.envelopes_publish(_arrivals(20, pair))
             _wait_for(lambda: _ledger_rows() == 40)
-            during = [http.get(stock), _through_django(http, stock)]
+            during = [http.get(stock), http.get(stock)]
             alive_during = consumer.is_alive()
         with redis_server(port):
             queue.envelopes_publish(_arrivals(10, pair))
@@ -213,13 +202,12 @@ def test_entries_cached_before_a_partition_are_replaced_once_redis_answers_again
         relay.cut()
         queue.envelopes_publish(_arrivals(5, pair))
         _wait_for(lambda: _ledger_rows() == 12)
-        during = [http.get(stock).json()["quantity"], _through_django(http, stock).json()]
+        during = [http.get(stock).json()["quantity"], http.get(stock).json()]
         stale = _cached_quantity(redis_port, pair)  # what Redis kept through the cut
-        fastpath._redis_retry_at = 0.0
         relay.restore()
         # No new message arrives: the consumer's heartbeat replaces the stale entry.
         _wait_for(lambda: http.get(stock).json()["quantity"] == 12, seconds=5)
-        after = [_through_django(http, stock).json()["quantity"]]
+        after = [http.get(stock).json()["quantity"]]
         after.append(_cached_quantity(redis_port, pair))
     assert during[0] == 12 and during[1]["quantity"] == 12
     assert stale == 7

@@ -2,6 +2,7 @@
 
 import io
 import itertools
+import json
 import uuid
 from typing import Any
 
@@ -56,7 +57,8 @@ def test_status_follows_which_events_arrived() -> None:
     _departure, arrival = example_pair()
     services.movements_ingest(bodies=[body(arrival)])
     movement_id = uuid.UUID(arrival["data"]["movement_id"])
-    assert selectors.movement_get(movement_id=movement_id)["status"] == "arrived"  # type: ignore[index]
+    found = selectors.movement_body_get(movement_id=movement_id)
+    assert found is not None and json.loads(found)["status"] == "arrived"
     arrival_only = selectors.movement_view(list(LedgerEntry.objects.all()))
     assert arrival_only is not None and arrival_only["sender"] is None
     assert arrival_only["elapsed_seconds"] is None
@@ -137,8 +139,9 @@ def test_stock_never_shows_below_zero_but_keeps_the_signed_balance() -> None:
             )
         ]
     )
-    view = selectors.stock_get(warehouse_id=warehouse_id, product_id=product_id)
-    assert view is not None
+    found = selectors.stock_body_get(warehouse_id=warehouse_id, product_id=product_id)
+    assert found is not None
+    view = json.loads(found)
     assert (view["quantity"], view["balance"], view["short"]) == (0, -5, True)
 
 
@@ -198,13 +201,14 @@ def test_rebuilding_stock_rewrites_its_cache_entries_and_leaves_the_rest_of_the_
     Stock.objects.update(balance=999)  # drifted from the ledger, and cached so
     Stock.objects.create(warehouse_id=gone[0], product_id=gone[1], balance=3, updated_at=EPOCH)
     cache.delete(read_cache.stock_cache_key(str(kept[0]), str(kept[1])))
-    drifted = [selectors.stock_get(warehouse_id=w, product_id=p) for w, p in (kept, gone)]
+    drifted = [selectors.stock_body_get(warehouse_id=w, product_id=p) for w, p in (kept, gone)]
     cache.set("not-the-warehouse's", "kept", 60)
     with django_capture_on_commit_callbacks(execute=True):
         services.stock_rebuild()
-    assert [view["quantity"] for view in drifted if view] == [999, 3]
-    assert selectors.stock_get(warehouse_id=kept[0], product_id=kept[1])["quantity"] == 5  # type: ignore[index]
-    assert selectors.stock_get(warehouse_id=gone[0], product_id=gone[1]) is None
+    assert [json.loads(view)["quantity"] for view in drifted if view] == [999, 3]
+    rebuilt = selectors.stock_body_get(warehouse_id=kept[0], product_id=kept[1])
+    assert rebuilt is not None and json.loads(rebuilt)["quantity"] == 5
+    assert selectors.stock_body_get(warehouse_id=gone[0], product_id=gone[1]) is None
     assert cache.get("not-the-warehouse's") == "kept"
 
 

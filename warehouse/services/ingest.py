@@ -50,9 +50,8 @@ from warehouse.services.ledger_sql import (
     EventKey,
     Pair,
     entries_existing,
-    ledger_insert,
+    ledger_store,
     message_keys_known,
-    stock_apply,
 )
 
 logger = structlog.get_logger(__name__)
@@ -313,7 +312,7 @@ def _store(
         batch.outcomes[index] = "stored"
         entries.append(_ledger_row(batch, index, env, new_duplicates.get(key, 0)))
         deltas[(env.warehouse_id, env.product_id)] += env.delta
-    ledger_insert(entries)
+    balances = ledger_store(entries, deltas, batch.now)
     by_count: dict[int, list[int]] = defaultdict(list)
     for key, pk in stored_pks.items():
         by_count[new_duplicates[key]].append(pk)
@@ -326,7 +325,7 @@ def _store(
         read_cache.stock_view(
             warehouse_id=warehouse_id, product_id=product_id, balance=balance, updated_at=batch.now
         )
-        for warehouse_id, product_id, balance in stock_apply(deltas, batch.now)
+        for warehouse_id, product_id, balance in balances
     ]
 
 

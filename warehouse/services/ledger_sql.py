@@ -1,9 +1,12 @@
 """The ingest's set-based statements: one statement per step of a batch, whatever its size.
 
-On PostgreSQL they run on a server-side-binding psycopg cursor with array parameters (sent in
-binary: far cheaper to send and plan than N x columns placeholders); elsewhere (SQLite) through
-Django's cursor or the ORM. All run on Django's connection, in the caller's transaction. Only
-quoted table names and placeholders are interpolated into SQL; values are always parameters.
+On PostgreSQL the new ledger rows go the fastest correct way (`ledger_store`): binary COPY into a
+session-private staging table, then one statement that inserts them into the ledger with the
+dedupe (ON CONFLICT on the idempotency key DO NOTHING) and upserts the stock with the summed
+deltas of the rows it really inserted. Lookups run on a server-side-binding psycopg cursor with
+array parameters (sent in binary). Elsewhere (SQLite) the same steps go through the ORM and a
+multi-row upsert. All run on Django's connection, in the caller's transaction. Only quoted
+table names and placeholders are interpolated into SQL; values are always parameters.
 """
 
 import uuid
@@ -31,34 +34,83 @@ def _uuid_param(value: uuid.UUID) -> Any:
     return models.UUIDField().get_db_prep_value(value, connection)
 
 
-def stock_apply(deltas: dict[Pair, int], now: datetime) -> list[tuple[uuid.UUID, uuid.UUID, int]]:
-    """Add each delta (units, signed) to its (warehouse, product) balance in one set-based
-    upsert, in key order so concurrent consumers lock rows in the same order; returns the new
-    (warehouse_id, product_id, balance) rows. The upserted rows stay locked until commit."""
-    if not deltas:
-        return []
-    table = connection.ops.quote_name(Stock._meta.db_table)
-    rows = sorted(deltas.items(), key=lambda item: (str(item[0][0]), str(item[0][1])))
-    params: list[Any]
-    if connection.vendor == "postgresql":
-        source = (
-            "SELECT w, p, d, %b FROM unnest(%b::uuid[], %b::uuid[], %b::bigint[]) AS t(w, p, d)"
-        )
-        params = [now, [r[0][0] for r in rows], [r[0][1] for r in rows], [r[1] for r in rows]]
-    else:
-        when = models.DateTimeField().get_db_prep_value(now, connection)
-        params = []
-        for (warehouse_id, product_id), delta in rows:
-            params += [_uuid_param(warehouse_id), _uuid_param(product_id), delta, when]
-        source = "VALUES " + ", ".join(["(%s, %s, %s, %s)"] * len(rows))
-    sql = (
+class ConcurrentInsert(RuntimeError):
+    """Another transaction stored some of the batch's events between the batch's lookup and its
+    insert (two consumers on one queue): the batch is rolled back, to be retried."""
+
+
+def _stock_upsert_sql(table: str, source: str) -> str:
+    """The stock upsert adding `source`'s (warehouse_id, product_id, delta) rows, in key order
+    so that concurrent batches lock rows in the same order."""
+    return (
         f"INSERT INTO {table} (warehouse_id, product_id, balance, updated_at) {source} "
         "ON CONFLICT (warehouse_id, product_id) DO UPDATE SET "
         f"balance = {table}.balance + excluded.balance, updated_at = excluded.updated_at "
         "RETURNING warehouse_id, product_id, balance"
     )
-    with _pg_cursor() if connection.vendor == "postgresql" else connection.cursor() as cursor:
-        cursor.execute(sql, params)
+
+
+def ledger_store(
+    entries: list[dict[str, Any]], deltas: dict[Pair, int], now: datetime
+) -> list[tuple[uuid.UUID, uuid.UUID, int]]:
+    """Append the batch's new ledger rows (column -> value dicts, unique on the idempotency key)
+    and add each pair's delta (units, signed; the sum of its `entries`) to its balance; returns
+    the new (warehouse_id, product_id, balance) rows. The upserted stock rows stay locked until
+    commit (taken in key order).
+
+    PostgreSQL: COPY into the staging table, then one statement: insert ON CONFLICT DO NOTHING,
+    stock upsert of what was inserted. Raises `ConcurrentInsert` when a row was already there
+    (stored meanwhile by another transaction; the caller looked them up before). SQLite: the
+    ORM's multi-row insert and a VALUES upsert of `deltas`."""
+    if not entries:
+        return []
+    if connection.vendor != "postgresql":
+        LedgerEntry.objects.bulk_create([LedgerEntry(**entry) for entry in entries], batch_size=500)
+        return _stock_apply_portable(deltas, now)
+    ledger = connection.ops.quote_name(LedgerEntry._meta.db_table)
+    stock = connection.ops.quote_name(Stock._meta.db_table)
+    names = ", ".join(name for name, _ in _LEDGER_COLUMNS)
+    with _pg_cursor() as cursor:
+        cursor.execute(_STAGE_CREATE)
+        with cursor.copy(f"COPY {_STAGE} ({names}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types([kind for _, kind in _LEDGER_COLUMNS])
+            for entry in entries:
+                copy.write_row([entry[name] for name, _ in _LEDGER_COLUMNS])
+        upsert = _stock_upsert_sql(
+            stock,
+            "SELECT warehouse_id, product_id, sum(delta), %b FROM inserted "
+            "GROUP BY warehouse_id, product_id ORDER BY warehouse_id, product_id",
+        )
+        cursor.execute(
+            # Emptying the stage as it is read: several batches can share one transaction
+            # (a replay inside the caller's), and ON COMMIT would leave their rows in it.
+            f"WITH staged AS (DELETE FROM {_STAGE} RETURNING {names}), "  # noqa: S608
+            f"inserted AS (INSERT INTO {ledger} ({names}) "
+            f"SELECT {names} FROM staged ON CONFLICT (movement_id, event) DO NOTHING "
+            "RETURNING warehouse_id, product_id, delta), "
+            f"stocked AS ({upsert}) "
+            "SELECT warehouse_id, product_id, balance, (SELECT count(*) FROM inserted) "
+            "FROM stocked",
+            [now],
+        )
+        rows = cursor.fetchall()
+    if not rows or rows[0][3] != len(entries):
+        raise ConcurrentInsert("events of the batch were stored meanwhile by another transaction")
+    return [(w, p, int(balance)) for w, p, balance, _ in rows]
+
+
+def _stock_apply_portable(
+    deltas: dict[Pair, int], now: datetime
+) -> list[tuple[uuid.UUID, uuid.UUID, int]]:
+    table = connection.ops.quote_name(Stock._meta.db_table)
+    rows = sorted(deltas.items(), key=lambda item: (str(item[0][0]), str(item[0][1])))
+    when = models.DateTimeField().get_db_prep_value(now, connection)
+    params: list[Any] = []
+    for (warehouse_id, product_id), delta in rows:
+        params += [_uuid_param(warehouse_id), _uuid_param(product_id), delta, when]
+    source = "VALUES " + ", ".join(["(%s, %s, %s, %s)"] * len(rows))
+    with connection.cursor() as cursor:
+        cursor.execute(_stock_upsert_sql(table, source), params)
         # SQLite hands UUIDs back as bare hex: normalise so cache keys match the readers'.
         return [
             (uuid.UUID(str(w)), uuid.UUID(str(p)), int(balance))
@@ -131,21 +183,10 @@ _LEDGER_COLUMNS = (
     ("message_key", "text"),
 )
 
-
-def ledger_insert(entries: list[dict[str, Any]]) -> None:
-    """Append the batch's new ledger rows (column -> value dicts) in one statement (unnest of
-    column arrays, sent in binary, on PostgreSQL; the ORM's multi-row INSERT elsewhere)."""
-    if not entries:
-        return
-    if connection.vendor != "postgresql":
-        LedgerEntry.objects.bulk_create([LedgerEntry(**entry) for entry in entries], batch_size=500)
-        return
-    table = connection.ops.quote_name(LedgerEntry._meta.db_table)
-    names = ", ".join(name for name, _ in _LEDGER_COLUMNS)
-    arrays = ", ".join(f"%b::{kind}[]" for _, kind in _LEDGER_COLUMNS)
-    params = [[entry[name] for entry in entries] for name, _ in _LEDGER_COLUMNS]
-    with _pg_cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {table} ({names}) SELECT * FROM unnest({arrays})",  # noqa: S608
-            params,
-        )
+_STAGE = "wh_ledger_stage"
+# Session-private, emptied at every commit; created on a session's first batch.
+_STAGE_CREATE = (
+    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ("
+    + ", ".join(f"{name} {kind}" for name, kind in _LEDGER_COLUMNS)
+    + ") ON COMMIT DELETE ROWS"
+)

@@ -36,7 +36,9 @@ def stock_rebuild() -> int:
     ]
     Stock.objects.bulk_create(stock, batch_size=5000)
     views = {
-        read_cache.stock_cache_key(row.warehouse_id, row.product_id): read_cache.stock_view_of(row)
+        read_cache.stock_cache_key(row.warehouse_id, row.product_id): read_cache.body_of(
+            read_cache.stock_view_of(row)
+        )
         for row in stock
     }
     gone = {
