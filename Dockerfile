@@ -11,6 +11,6 @@ COPY . .
 RUN DJANGO_DEBUG=false DJANGO_SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput -v 0 \
     && mkdir -p var && chown -R quintet var && chmod +x docker/entrypoint.sh
 USER quintet
-EXPOSE 8000 9100 50051
+EXPOSE 8000 8001 9100 50051
 ENTRYPOINT ["/app/docker/entrypoint.sh"]
-CMD ["uvicorn", "config.asgi:application", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", "--no-proxy-headers"]
+CMD ["granian", "--interface", "wsgi", "config.wsgi:application", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", "--blocking-threads", "8", "--no-ws"]

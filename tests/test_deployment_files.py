@@ -66,6 +66,28 @@ def test_compose_publishes_ports_on_loopback_by_default() -> None:
             assert port.startswith("${PUBLISH_HOST:-127.0.0.1}:"), (name, port)
 
 
+def test_compose_has_one_public_http_port_in_front_of_the_wsgi_and_asgi_servers() -> None:
+    services = _compose()["services"]
+    http_ports = [
+        (name, port)
+        for name, service in services.items()
+        for port in service.get("ports", [])
+        if port.endswith(":8000") or port.endswith(":8001")
+    ]
+    assert http_ports == [("proxy", "${PUBLISH_HOST:-127.0.0.1}:${HTTP_PORT:-8000}:8000")]
+    assert "granian --interface wsgi config.wsgi:application" in " ".join(
+        services["web"]["command"]
+    )
+    assert services["asgi"]["command"][:2] == ["uvicorn", "config.asgi:application"]
+    for name in ("web", "asgi"):  # behind exactly one proxy, which sets X-Forwarded-For
+        assert services[name]["environment"]["TRUSTED_PROXY_HOPS"] == "1"
+    conf = (ROOT / "docker" / "nginx.conf").read_text()
+    assert re.search(r"location /ws/ \{\s+proxy_pass http://quintet_asgi;", conf)
+    assert re.search(r"location /docbot/ \{\s+proxy_pass http://quintet_asgi;", conf)
+    assert re.search(r"location / \{\s+proxy_pass http://quintet_wsgi;", conf)
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in conf
+
+
 def test_compose_validates_without_an_env_file(tmp_path: Path) -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
@@ -132,7 +154,7 @@ def test_the_entrypoint_builds_service_urls_from_the_secrets(tmp_path: Path) -> 
 
 def test_every_app_service_gets_the_shared_environment() -> None:
     rendered = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    for name in ("web", "worker", "warehouse", "vmcontrol", "beat", "docbot", "betting"):
+    for name in ("web", "asgi", "worker", "warehouse", "vmcontrol", "beat", "docbot", "betting"):
         environment = rendered["services"][name]["environment"]
         assert {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "DJANGO_SECRET_KEY"} <= set(
             environment
