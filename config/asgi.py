@@ -10,10 +10,9 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from common.static import asgi_with_static  # noqa: E402
 from realtime.auth import websocket_auth_stack  # noqa: E402
 from realtime.routing import websocket_urlpatterns  # noqa: E402
-
-from common.static import asgi_with_static  # noqa: E402
 
 application = asgi_with_static(
     ProtocolTypeRouter(
