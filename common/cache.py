@@ -112,19 +112,19 @@ class FailOpenRedisCache(RedisCache):
     def clear(self) -> None:
         self._degrade("clear", lambda: super(FailOpenRedisCache, self).clear(), None)
 
-    def window_hits(self, key: str, window_seconds: int) -> tuple[int, int] | None:
-        """Count one hit of `key` in the current fixed window and read the previous window's
-        count, in one Redis round trip (pipeline: INCR, EXPIRE NX, GET). Returns
+    def window_hits(
+        self, key: str, slot: int, window_seconds: int, amount: int = 1
+    ) -> tuple[int, int] | None:
+        """Add `amount` hits to `key` in fixed window number `slot` and read window `slot - 1`'s
+        count, in one Redis round trip (pipeline: INCRBY, EXPIRE NX, GET). Returns
         (current, previous), or None while Redis is unreachable (callers fail open)."""
-        now = int(time.time())
-        slot = now // window_seconds
         current = self.make_and_validate_key(f"{key}:{slot}")
         previous = self.make_and_validate_key(f"{key}:{slot - 1}")
 
         def hit() -> tuple[int, int]:
             client = self._cache.get_client(current, write=True)  # type: ignore[attr-defined]
             pipe = client.pipeline(transaction=False)
-            pipe.incr(current)
+            pipe.incrby(current, amount)
             pipe.expire(current, 2 * window_seconds, nx=True)
             pipe.get(previous)
             count, _, before = pipe.execute()
@@ -133,19 +133,20 @@ class FailOpenRedisCache(RedisCache):
         return self._degrade("window_hits", hit, None)
 
 
-def window_hits(cache: Any, key: str, window_seconds: int) -> tuple[int, int] | None:
+def window_hits(
+    cache: Any, key: str, slot: int, window_seconds: int, amount: int = 1
+) -> tuple[int, int] | None:
     """`FailOpenRedisCache.window_hits` on any Django cache: one round trip on Redis, the
     portable add/incr/get on others (the in-process LocMemCache of the embedded defaults)."""
     if hasattr(cache, "window_hits"):  # `cache` may be django.core.cache's proxy
-        return cache.window_hits(key, window_seconds)
-    slot = int(time.time()) // window_seconds
+        return cache.window_hits(key, slot, window_seconds, amount)
     current = f"{key}:{slot}"
-    if not cache.add(current, 1, 2 * window_seconds):
-        try:
-            count = cache.incr(current)
-        except ValueError:  # expired between add and incr
-            cache.add(current, 1, 2 * window_seconds)
-            count = 1
+    if cache.add(current, amount, 2 * window_seconds):
+        count = amount
     else:
-        count = 1
+        try:
+            count = cache.incr(current, amount)
+        except ValueError:  # expired between add and incr
+            cache.add(current, amount, 2 * window_seconds)
+            count = amount
     return int(count), int(cache.get(f"{key}:{slot - 1}", 0))

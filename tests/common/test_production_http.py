@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,12 +49,17 @@ def production_env(static_root: Path, **extra: str) -> dict[str, str]:
 
 
 def start(command: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    child = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    """Start a server and wait until it listens; on failure the error quotes its output."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (the server writes to it until stop())
+    child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_port(port)
+        wait_port(port, wait=90)
     except RuntimeError:
         child.kill()
-        raise
+        child.wait()
+        log.seek(0)
+        output = log.read().decode(errors="replace")[-3000:]
+        raise RuntimeError(f"{command[0]} did not listen on {port}:\n{output}") from None
     return child
 
 
