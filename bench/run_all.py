@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-NOT_BENCHMARKS = {"__init__", "harness", "run_all", "bare_asgi"}
+NOT_BENCHMARKS = {"__init__", "harness", "run_all", "bare_django"}
 
 
 def main() -> int:
