@@ -1,17 +1,25 @@
 """docbot benchmark against the real services and the fake Bot API.
 
-1. Webhook browse flow: USERS users ("My documents" -> type -> document sent back), CONCURRENCY
-   at a time, POSTed to /docbot/webhook of the real app under uvicorn (WEB_WORKERS workers, the
-   bot calling the backend REST API over HTTP, dialog state/dedupe in Redis). Updates/s, p99
-   update-to-reply (POST sent -> reply recorded at the fake Bot API), lost replies; baseline: a
-   bare ASGI app doing the same secret check and one sendMessage, same load, same run.
+1. Webhook browse flow: `wrk` (bench/wrk/docbot_browse.lua) POSTs Telegram updates with the
+   secret header to /docbot/webhook, CONCURRENCY connections, cycling USERS users through
+   "My documents" -> the type's button -> a document's button (a fresh update_id each, so
+   dedupe never short-circuits). Served as in production: the webhook by the ASGI server
+   (granian ASGI, `config.asgi:application`), the backend REST API the bot calls by the WSGI
+   server (granian WSGI, `config.wsgi:application`), WEB_WORKERS workers each, dialog
+   state/dedupe in Redis. The view answers once the reply reached the fake Bot API, so wrk's
+   latency is update-to-reply. Prints updates/s, p50/p99, server CPU ms per update (both
+   servers' process trees, from /proc; the bot runs inside the ASGI workers), lost replies;
+   baselines in the same run: a bare Django view (`bench.bare_django:wsgi` /bare) on the WSGI
+   server and a bare ASGI endpoint doing the same secret check and one sendMessage. Then the
+   alternative layout, the webhook on the WSGI server too, for the record.
 2. 1 MiB uploads: documents created through the API, ingested by a real Celery worker
    (RabbitMQ) that fetches from the fake Bot API, hashes and stores; docs/s until the last
    "Stored" reply; baseline: the same download+hash+write done in one process.
-3. Memory: server RSS growth while a 20 MiB document streams out of /docbot/files/<token>.
+3. Memory: WSGI server RSS growth while a 20 MiB document streams out of
+   /docbot/files/<token>.
 
-Sizes: BENCH_DOCBOT_USERS (1000), BENCH_DOCBOT_CONCURRENCY (16), BENCH_DOCBOT_UPLOADS (60),
-BENCH_DOCBOT_BIG_MIB (20), WEB_WORKERS (2).
+Sizes: BENCH_DOCBOT_USERS (1000), BENCH_DOCBOT_CONCURRENCY (16), BENCH_DOCBOT_SECONDS (15),
+BENCH_DOCBOT_UPLOADS (60), BENCH_DOCBOT_BIG_MIB (20), WEB_WORKERS (2).
 """
 
 import asyncio
@@ -19,6 +27,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import os
 import shutil
 import socket
@@ -47,6 +56,10 @@ CONCURRENCY = int(os.environ.get("BENCH_DOCBOT_CONCURRENCY", "16"))
 UPLOADS = int(os.environ.get("BENCH_DOCBOT_UPLOADS", "60"))
 BIG_MIB = int(os.environ.get("BENCH_DOCBOT_BIG_MIB", "20"))
 WEB_WORKERS = int(os.environ.get("WEB_WORKERS", "2"))
+BROWSE_SECONDS = float(os.environ.get("BENCH_DOCBOT_SECONDS", "15"))
+BASE_SECONDS = 8.0
+ALT_SECONDS = 6.0
+WRK_THREADS = 2
 DOCS_PER_USER = 10
 FIRST_TG_ID = 50_000_000
 SECRET = "bench-webhook-secret"
@@ -175,100 +188,98 @@ def server_env(fake: Any, token: str, port: int) -> dict[str, str]:
     }
 
 
-def uvicorn_args(app: str, port: int) -> list[str]:
-    return [
-        str(ROOT / ".venv" / "bin" / "uvicorn"),
-        app,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(WEB_WORKERS),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
-
-
 # --- phase 1: webhook browse flow ---------------------------------------------------------
 
 
-async def browse_load(
-    fake: Any, port: int, plan: dict[int, tuple[int, int]], update_base: int
+def plan_file(plan: dict[int, tuple[int, int]]) -> Path:
+    """The users wrk cycles through, one "telegram_user_id type_id document_id" line each."""
+    path = ROOT / "var" / f"bench-docbot-plan-{os.getpid()}.txt"
+    path.write_text("".join(f"{user} {t} {d}\n" for user, (t, d) in plan.items()))
+    return path
+
+
+def browse_wrk(
+    fake: Any, port: int, plan: Path, server_pids: list[int], seconds: float = BROWSE_SECONDS
 ) -> dict[str, Any]:
-    import httpx
-
-    from bench.harness import percentile
-
-    fake.clear()
-    url = f"http://127.0.0.1:{port}/docbot/webhook"
-    headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
-    sent_at: dict[int, list[float]] = {}
-    errors = 0
-    users = list(plan)
-    next_user = 0
-    counter = [update_base]
-    deadline = time.monotonic() + 240
-
-    def update_id() -> int:
-        counter[0] += 1
-        return counter[0]
-
-    async with httpx.AsyncClient(
-        timeout=30, limits=httpx.Limits(max_connections=CONCURRENCY)
-    ) as client:
-
-        async def post(user_id: int, update: dict[str, Any]) -> None:
-            nonlocal errors
-            update["update_id"] = update_id()
-            sent_at.setdefault(user_id, []).append(time.monotonic())
-            try:
-                response = await client.post(url, json=update, headers=headers)
-                if response.status_code != 200:
-                    errors += 1
-            except httpx.HTTPError:
-                errors += 1
-
-        async def worker() -> None:
-            nonlocal next_user
-            while next_user < len(users) and time.monotonic() < deadline:
-                user_id = users[next_user]
-                next_user += 1
-                type_id, document_id = plan[user_id]
-                await post(user_id, fake.text_update(user_id, "My documents"))
-                await post(user_id, fake.callback_update(user_id, f"bt:{type_id}"))
-                await post(user_id, fake.callback_update(user_id, f"d:{document_id}"))
-
-        started = time.monotonic()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        await asyncio.sleep(0.5)
-        elapsed = time.monotonic() - started
-
+    """wrk POSTs browse updates (bench/wrk/docbot_browse.lua) to the webhook on `port`; the
+    view answers once the update is handled (replies sent to the fake Bot API), so wrk's
+    latency is update-to-reply. Returns wrk's figures, the Bot API stand-in's CPU per update
+    (this process, otherwise idle) and the correctness counts: replies recorded against
+    updates answered 200, wrong replies (failure / stale / slow down) and callbacks answered
+    more than once."""
+    from bench.harness import wrk
     from docbot import texts
 
-    replies: dict[int, list[float]] = {}
-    wrong = 0
+    fake.clear()
+    own_before = time.process_time()  # this process only: the fake's thread, wrk is a child
+    result = wrk(
+        f"http://127.0.0.1:{port}/docbot/webhook",
+        server_pids=server_pids,
+        seconds=seconds,
+        connections=CONCURRENCY,
+        threads=WRK_THREADS,
+        script="docbot_browse.lua",
+        script_env={
+            "DOCBOT_PLAN": str(plan),
+            "DOCBOT_SECRET": SECRET,
+            "DOCBOT_UPDATE_BASE": str(time.time_ns() // 1000),
+            "DOCBOT_WRK_THREADS": str(WRK_THREADS),
+        },
+    )
+    fake_cpu = time.process_time() - own_before
+    time.sleep(1)  # updates still in flight when wrk stopped finish their replies
+    replies = wrong = 0
+    answered: dict[str, int] = {}
     for call in fake.sent():
-        if call.method in {"sendMessage", "editMessageText", "sendDocument"} and call.chat_id:
-            replies.setdefault(call.chat_id, []).append(call.at)
+        if call.method in {"sendMessage", "editMessageText", "sendDocument"}:
+            replies += 1
             wrong += call.text in {texts.FAILED, texts.STALE_BUTTON, texts.SLOW_DOWN}
-    latencies, lost = [], 0
-    for user_id, starts in sent_at.items():
-        answered = replies.get(user_id, [])
-        lost += max(0, len(starts) - len(answered))
-        latencies += [(end - begin) * 1000 for begin, end in zip(starts, answered, strict=False)]
-    updates = sum(len(s) for s in sent_at.values())
+        elif call.method == "answerCallbackQuery":
+            query_id = str(call.params.get("callback_query_id"))
+            answered[query_id] = answered.get(query_id, 0) + 1
+            wrong += call.params.get("text") in {texts.FAILED, texts.STALE_BUTTON, texts.SLOW_DOWN}
+    ok = result.requests - result.non_2xx
     return {
-        "updates": updates,
-        "seconds": elapsed,
-        "rate": updates / elapsed,
-        "p50_ms": percentile(latencies, 50),
-        "p99_ms": percentile(latencies, 99),
-        "lost": lost,
-        "errors": errors,
+        "wrk": result,
+        "updates": ok,
+        "lost": max(0, ok - replies),
         "wrong_replies": wrong,
+        "answered_twice": sum(1 for n in answered.values() if n > 1),
+        "fake_cpu_ms_per_update": fake_cpu * 1000 / ok if ok else math.nan,
     }
+
+
+def bare_wrk(port: int, pids: list[int], path: str, plan: Path) -> Any:
+    from bench.harness import wrk
+
+    if path == "/bare":
+        return wrk(f"http://127.0.0.1:{port}/bare", server_pids=pids, seconds=BASE_SECONDS)
+    return wrk(
+        f"http://127.0.0.1:{port}{path}",
+        server_pids=pids,
+        seconds=BASE_SECONDS,
+        connections=CONCURRENCY,
+        threads=WRK_THREADS,
+        script="docbot_browse.lua",
+        script_env={
+            "DOCBOT_PLAN": str(plan),
+            "DOCBOT_SECRET": SECRET,
+            "DOCBOT_UPDATE_BASE": str(time.time_ns() // 1000),
+            "DOCBOT_WRK_THREADS": str(WRK_THREADS),
+        },
+    )
+
+
+def warm(port: int, fake: Any, user: int) -> None:
+    """One update per worker process, so each starts its bot (getMe) before the clock runs."""
+    import httpx
+
+    headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
+    with httpx.Client(timeout=30) as client:
+        for _ in range(4 * WEB_WORKERS):
+            update = fake.text_update(user, "/help")
+            update["update_id"] = time.time_ns() // 1000
+            client.post(f"http://127.0.0.1:{port}/docbot/webhook", json=update, headers=headers)
 
 
 # --- phase 2: 1 MiB uploads through the real worker ---------------------------------------
@@ -413,50 +424,125 @@ def main() -> None:
     import django
 
     django.setup()
-    from bench.harness import Report, celery_worker_args, free_port, process, wait_for_port
+    from bench.harness import (
+        Report,
+        celery_worker_args,
+        free_port,
+        process,
+        wait_for_port,
+        web_server_args,
+    )
     from tests.docbot.fake_telegram import FakeTelegram
 
     shutil.rmtree(MEDIA, ignore_errors=True)
     MEDIA.mkdir(parents=True)
     report = Report("docbot")
     fake = FakeTelegram().start()
+    plan_path: Path | None = None
     try:
         print(f"seeding {USERS} users x {DOCS_PER_USER} documents ...", flush=True)
         plan, token = seed(fake)
-        port = free_port()
-        env = server_env(fake, token, port)
-        update_base = int(time.time()) * 100_000
+        plan_path = plan_file(plan)
+        wsgi_port, asgi_port = free_port(), free_port()
+        env = server_env(fake, token, wsgi_port)
 
+        # Baselines on the same servers, same run: a bare Django view (WSGI) and a bare ASGI
+        # endpoint doing the webhook's secret check and one sendMessage.
         bare_port = free_port()
-        with process(uvicorn_args("bench.docbot:bare_app", bare_port), env=env):
+        with process(web_server_args(bare_port, app="bench.bare_django:wsgi"), env=env) as bare:
             wait_for_port(bare_port)
-            bare = asyncio.run(browse_load(fake, bare_port, plan, update_base))
-        with process(uvicorn_args("config.asgi:application", port), env=env) as server:
-            wait_for_port(port)
-            flow = asyncio.run(browse_load(fake, port, plan, update_base + 10_000))
-            print(f"webhook browse flow: {flow}", flush=True)
+            bare_django = bare_wrk(bare_port, [bare.pid], "/bare", plan_path)
+        print(bare_django.line("baseline: bare Django view (WSGI) /bare"), flush=True)
+        bare_port = free_port()
+        bare_args = web_server_args(bare_port, interface="asgi", app="bench.docbot:bare_app")
+        with process(bare_args, env=env) as bare:
+            wait_for_port(bare_port)
+            bare_asgi = bare_wrk(bare_port, [bare.pid], "/docbot/webhook", plan_path)
+        print(bare_asgi.line("baseline: bare ASGI secret check + sendMessage"), flush=True)
+
+        asgi_args = web_server_args(asgi_port, interface="asgi", app="config.asgi:application")
+        with (
+            process(web_server_args(wsgi_port), env=env) as wsgi,
+            process(asgi_args, env=env) as asgi,
+        ):
+            wait_for_port(wsgi_port)
+            wait_for_port(asgi_port)
+            pids = [wsgi.pid, asgi.pid]
+            user = next(iter(plan))
+            warm(asgi_port, fake, user)
+            flow = browse_wrk(fake, asgi_port, plan_path, pids)
+            result = flow["wrk"]
+            print(result.line("webhook on ASGI, backend API on WSGI"), flush=True)
             report.compare(
                 "browse_updates_per_s",
-                flow["rate"],
-                bare["rate"],
+                result.rate,
+                bare_django.rate,
                 "upd/s",
-                f"webhook browse flow ({USERS} users, {CONCURRENCY} conc.)",
+                f"webhook browse flow ({USERS} users, {CONCURRENCY} conn.) / bare Django",
             )
             report.compare(
-                "browse_p99_ms", flow["p99_ms"], bare["p99_ms"], "ms", "update-to-reply p99"
+                "browse_vs_bare_asgi",
+                result.rate,
+                bare_asgi.rate,
+                "upd/s",
+                "webhook browse flow / bare ASGI webhook endpoint",
+            )
+            report.compare(
+                "browse_p99_ms", result.p99_ms, bare_asgi.p99_ms, "ms", "update-to-reply p99"
             )
             report.figure(
-                "browse_p50_ms", flow["p50_ms"], f"  update-to-reply p50 {flow['p50_ms']:.1f} ms"
+                "browse_p50_ms", result.p50_ms, f"  update-to-reply p50 {result.p50_ms:.1f} ms"
+            )
+            report.compare(
+                "browse_server_cpu_ms_per_update",
+                result.server_cpu_ms_per_request,
+                bare_django.server_cpu_ms_per_request,
+                "ms",
+                "server CPU per update (ASGI+WSGI) / bare Django",
+            )
+            report.figure(
+                "browse_fake_bot_api_cpu_ms_per_update",
+                flow["fake_cpu_ms_per_update"],
+                f"  Bot API stand-in CPU {flow['fake_cpu_ms_per_update']:.2f} ms/update "
+                "(not counted above)",
             )
             report.figure(
                 "browse_lost", flow["lost"], f"  lost replies {flow['lost']} of {flow['updates']}"
             )
-            report.figure("browse_http_errors", flow["errors"])
-            report.target("browse_rate", flow["rate"] >= 100, ">= 100 updates/s")
-            report.target("browse_p99", flow["p99_ms"] <= 500, "p99 update-to-reply <= 500 ms")
+            report.figure("browse_non_2xx", result.non_2xx)
+            # wrk's socket errors on loopback are its 2 s timeouts: latency, not lost updates
+            # (every update answered 200 is matched to its reply below).
+            report.figure("browse_wrk_socket_errors", result.socket_errors)
+            report.target("browse_rate", result.rate >= 200, ">= 200 updates/s")
+            report.target("browse_p99", result.p99_ms <= 300, "p99 update-to-reply <= 300 ms")
             report.check(
-                flow["lost"] == 0 and flow["errors"] == 0,
-                f"{flow['lost']} lost, {flow['errors']} errors",
+                flow["lost"] == 0
+                and result.non_2xx == 0
+                and flow["wrong_replies"] == 0
+                and flow["answered_twice"] == 0,
+                f"{flow['lost']} lost, {result.non_2xx} non-2xx, {flow['wrong_replies']} wrong "
+                f"replies, {flow['answered_twice']} callbacks answered twice",
+            )
+
+            # The alternative the proxy could take: the async webhook view on the WSGI server
+            # (an event loop per request, the backend calls back into the same server).
+            warm(wsgi_port, fake, user)
+            alt = browse_wrk(fake, wsgi_port, plan_path, pids, seconds=ALT_SECONDS)["wrk"]
+            print(alt.line("alternative: webhook on WSGI too"), flush=True)
+            report.compare(
+                "browse_on_wsgi_updates_per_s",
+                alt.rate,
+                result.rate,
+                "upd/s",
+                "webhook on WSGI / webhook on ASGI",
+            )
+            report.figure(
+                "browse_on_wsgi",
+                {
+                    "p99_ms": alt.p99_ms,
+                    "cpu_ms_per_update": alt.server_cpu_ms_per_request,
+                    "errors": alt.non_2xx + alt.socket_errors,
+                },
             )
 
             node = f"docbot-bench-{os.getpid()}@{socket.gethostname()}"
@@ -467,7 +553,7 @@ def main() -> None:
                 for _ in range(20):  # timed only once the worker answers
                     if subprocess.run(ping, cwd=ROOT, capture_output=True).returncode == 0:
                         break
-                uploads = asyncio.run(upload_load(fake, port, token))
+                uploads = asyncio.run(upload_load(fake, wsgi_port, token))
             baseline_rate = upload_baseline(fake)
             report.compare(
                 "upload_docs_per_s",
@@ -479,7 +565,9 @@ def main() -> None:
             report.target("upload_rate", uploads["rate"] >= 15, ">= 15 docs/s (1 MiB)")
             report.check(uploads["stored"] == UPLOADS, f"{uploads['stored']}/{UPLOADS} stored")
 
-            memory = download_memory(port, server.pid)
+            # Share links are served by the WSGI server (the proxy sends only the webhook to
+            # ASGI): the download must stream there.
+            memory = download_memory(wsgi_port, wsgi.pid)
             report.compare(
                 "download_rss_growth_mib",
                 memory["growth_mib"],
@@ -493,7 +581,8 @@ def main() -> None:
             "sizes",
             {
                 "users": USERS,
-                "concurrency": CONCURRENCY,
+                "connections": CONCURRENCY,
+                "browse_seconds": BROWSE_SECONDS,
                 "uploads": UPLOADS,
                 "big_mib": BIG_MIB,
                 "web_workers": WEB_WORKERS,
@@ -503,6 +592,8 @@ def main() -> None:
     finally:
         fake.stop()
         shutil.rmtree(MEDIA, ignore_errors=True)
+        if plan_path is not None:
+            plan_path.unlink(missing_ok=True)
     report.finish()
 
 

@@ -50,26 +50,44 @@ class ServiceTelegramAuthentication(TokenAuthentication):
         if result is None:
             return None
         user, token = result
-        if not selectors.is_service_account(user=user):
+        raw = request.META.get(_META_KEY)
+        telegram_user_id: int | None = None
+        problem: InvalidValue | None = None
+        if raw is not None:
+            try:
+                telegram_user_id = schemas.telegram_user_id(raw, field=TELEGRAM_USER_HEADER)
+            except InvalidValue as exc:
+                problem = exc
+        # The bot's every call: one query says both who the token is and whom it acts for.
+        if telegram_user_id is not None:
+            found = selectors.service_acting_for(user=user, telegram_user_id=telegram_user_id)
+            is_service, password_usable, acting = (
+                found.is_service,
+                found.password_usable,
+                found.acting,
+            )
+        else:
+            is_service, acting = selectors.is_service_account(user=user), None
+            password_usable = is_service and user.has_usable_password()
+        if not is_service:
             return user, token
-        if user.has_usable_password():
+        if password_usable:
             raise exceptions.PermissionDenied(
                 "The docbot service account has a usable password; it may not act for "
                 "Telegram users until `manage.py docbot_service_account --rotate` removes it.",
                 code="service_account_has_password",
             )
-        raw = request.META.get(_META_KEY)
         if raw is None:
             raise exceptions.AuthenticationFailed(
                 f"The docbot service token needs a numeric {TELEGRAM_USER_HEADER} header."
             )
-        try:
-            telegram_user_id = schemas.telegram_user_id(raw, field=TELEGRAM_USER_HEADER)
-        except InvalidValue as exc:
+        if telegram_user_id is None:
+            assert problem is not None
             # A ValidationError (an APIException) so DRF marks the request unauthenticated
             # and the one exception handler answers 400 naming the header.
-            raise exceptions.ValidationError(exc.details, code=exc.reason) from None
-        acting = services.telegram_account_user(telegram_user_id=telegram_user_id)
+            raise exceptions.ValidationError(problem.details, code=problem.reason) from None
+        if acting is None:  # first contact: the mapping is made
+            acting = services.telegram_account_user(telegram_user_id=telegram_user_id)
         return acting, ActingForTelegramUser(token, telegram_user_id)
 
 

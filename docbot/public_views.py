@@ -6,7 +6,7 @@ Telegram does not retry a poison update forever), a share token outside its char
 
 import hmac
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import IO
 
 import structlog
@@ -14,6 +14,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.core.files.storage import default_storage
+from django.core.handlers.wsgi import WSGIRequest
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.utils.http import content_disposition_header
@@ -66,6 +67,14 @@ async def webhook(request: HttpRequest) -> HttpResponse:
     return HttpResponse(status=200)
 
 
+def _chunks_sync(handle: IO[bytes]) -> Iterator[bytes]:
+    try:
+        while chunk := handle.read(DOWNLOAD_CHUNK):
+            yield chunk
+    finally:
+        handle.close()
+
+
 async def _chunks(handle: IO[bytes]) -> AsyncIterator[bytes]:
     read = sync_to_async(handle.read, thread_sensitive=False)
     try:
@@ -77,9 +86,9 @@ async def _chunks(handle: IO[bytes]) -> AsyncIterator[bytes]:
 
 @require_GET
 def file_download(request: HttpRequest, token: str, name: str = "") -> HttpResponseBase:
-    """Stream the shared document chunk by chunk (an async iterator, so Django never buffers
-    the whole file), saved as its original file name (`schemas.download_name`). `name`, the
-    link's last segment, is only for people and `curl -O`: the server's name is sent."""
+    """Stream the shared document chunk by chunk (never whole in memory, under WSGI or ASGI),
+    saved as its original file name (`schemas.download_name`). `name`, the link's last
+    segment, is only for people and `curl -O`: the server's name is sent."""
     try:
         parsers.identifier(
             token, field="token", max_length=SHARE_TOKEN_MAX, pattern=SHARE_TOKEN_PATTERN
@@ -90,8 +99,11 @@ def file_download(request: HttpRequest, token: str, name: str = "") -> HttpRespo
     except ApplicationError as exc:
         return JsonResponse(error_body(exc.code, exc.message), status=404)
     handle = default_storage.open(document.storage_name, "rb")
+    # The iterator of the server's kind: Django buffers a whole async iterator under WSGI and
+    # a whole sync one under ASGI, so the wrong kind would read the file into memory.
+    chunks = _chunks_sync(handle) if isinstance(request, WSGIRequest) else _chunks(handle)
     response = StreamingHttpResponse(
-        _chunks(handle), content_type=schemas.mime_type_or_default(document.mime_type)
+        chunks, content_type=schemas.mime_type_or_default(document.mime_type)
     )
     # Names stored before uploads were checked may hold CR/LF or quotes: cleaned, then encoded
     # by Django's RFC 6266 helper (`filename*=utf-8''...` for anything beyond plain ASCII).

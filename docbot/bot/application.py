@@ -145,6 +145,7 @@ async def application_close(application: DocbotApplication) -> None:
     with contextlib.suppress(Exception):
         await application.shutdown()
     await application.bot_data["backend"].aclose()
+    await application.bot_data["store"].aclose()
 
 
 async def webhook_start(service_token: str) -> Callable[[bytes], Awaitable[None]]:

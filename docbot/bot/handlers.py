@@ -131,11 +131,15 @@ async def middleware(update: object, context: ContextTypes.DEFAULT_TYPE) -> None
         raise ApplicationHandlerStop
     _, store, config = deps(context)
     structlog.contextvars.bind_contextvars(request_id=f"tg-{update.update_id}")
-    if not await store.first_delivery(update.update_id):
+    verdict = route(update)
+    user = update.effective_user
+    served_user = user.id if verdict is Route.SERVE and user is not None else None
+    # Dedupe first, then (served updates only) the user's flood window: one round trip.
+    flood = await store.admit(update.update_id, served_user, config.flood_max_per_second)
+    if flood == "duplicate":
         metrics.UPDATES.labels(config.mode, "duplicate").inc()
         logger.info("docbot_update_duplicate", update_id=update.update_id)
         raise ApplicationHandlerStop
-    verdict = route(update)
     if verdict is not Route.SERVE:
         metrics.UPDATES.labels(config.mode, verdict.value).inc()
         logger.info("docbot_update_not_served", update_id=update.update_id, route=verdict.value)
@@ -144,9 +148,7 @@ async def middleware(update: object, context: ContextTypes.DEFAULT_TYPE) -> None
         elif verdict is Route.STALE and update.callback_query is not None:
             await answer(update.callback_query, texts.STALE_BUTTON)
         raise ApplicationHandlerStop
-    user = update.effective_user
     assert user is not None
-    flood = await store.flood_check(user.id, config.flood_max_per_second)
     if flood != "ok" and carries_file(update):
         # A file is the user's data, not noise: counted, never dropped (an album or several
         # files at once arrive as a burst of messages).

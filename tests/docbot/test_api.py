@@ -1,12 +1,13 @@
 """The backend REST API the bot uses, over a real socket: service identity, ownership,
 validation, share links and streamed downloads."""
 
+import warnings
 from typing import Any
 
 import httpx
 import pytest
 from django.core import signing
-from django.test import RequestFactory
+from django.test import AsyncRequestFactory, RequestFactory
 
 from docbot import public_views, services
 from docbot.models import Document, IngestionFailure
@@ -160,13 +161,22 @@ def test_share_link_expires(http: httpx.Client, settings: object) -> None:
 
 
 @pytest.mark.django_db
-def test_download_response_streams_through_an_async_iterator(settings: object) -> None:
+@pytest.mark.parametrize("server", ["wsgi", "asgi"])
+def test_download_response_streams_with_the_iterator_of_the_servers_kind(server: str) -> None:
+    """Django reads a whole async iterator into memory under WSGI and a whole sync one under
+    ASGI: the download hands each server its own kind, chunk by chunk."""
     owner = telegram_user(9401)
     document = stored_document(owner, content=b"z" * (3 * public_views.DOWNLOAD_CHUNK))
     link = services.share_link_create(user=owner, document_id=document.pk)
-    response = public_views.file_download(RequestFactory().get("/"), link.token)
+    factory = RequestFactory() if server == "wsgi" else AsyncRequestFactory()
+    response = public_views.file_download(factory.get("/"), link.token)
     assert response.streaming
-    assert response.is_async  # type: ignore[attr-defined]  # Django never buffers it whole
+    assert response.is_async is (server == "asgi")  # type: ignore[attr-defined]
+    if server == "wsgi":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # Django warns when it has to buffer
+            chunks = list(response)
+        assert [len(c) for c in chunks] == [public_views.DOWNLOAD_CHUNK] * 3
 
 
 def test_regular_users_reach_only_their_own_documents(http: httpx.Client) -> None:

@@ -76,7 +76,7 @@ def test_a_failure_before_the_policy_is_answered_only_in_the_users_private_chat(
         "edited": lambda: fake.text_update(user_id, "/start", kind="edited_message"),
         "private": lambda: fake.text_update(user_id, "/start"),
     }
-    monkeypatch.setattr(DialogStore, "first_delivery", _broken)
+    monkeypatch.setattr(DialogStore, "admit", _broken)
     since = fake.mark()
     update = updates[where]()
     dialog.send(update)
