@@ -21,6 +21,7 @@ process, against the fastest correct SQL for the same rows; then stock GET laten
 
 Needs PostgreSQL, RabbitMQ and Redis (defaults: this session's resources; override with
 DATABASE_URL, CELERY_BROKER_URL, REDIS_URL). Run under `flock /tmp/quintet-bench.lock`.
+BENCH_WAREHOUSE_PARTS=drain runs parts 1 and 2 only (into bench/results/warehouse-drain.json).
 """
 
 import os
@@ -71,6 +72,9 @@ LOAD_SECONDS = float(os.environ.get("BENCH_WAREHOUSE_LOAD_SECONDS", "12"))
 STEP_SECONDS = float(os.environ.get("BENCH_WAREHOUSE_STEP_SECONDS", "5"))
 STEPS = [100.0, 250.0, 500.0, 1000.0, 1500.0, 2000.0]
 WEB_WORKERS = int(os.environ.get("BENCH_WAREHOUSE_WEB_WORKERS", "2"))
+# "drain" runs parts 1-2 only (saved as bench/results/warehouse-drain.json, so a partial run
+# never replaces the full report).
+PARTS = set(os.environ.get("BENCH_WAREHOUSE_PARTS", "drain,reads").split(","))
 CONNECTIONS, THREADS = 16, 2
 DRAIN_LIMIT_SECONDS = 240.0
 QUEUE = "warehouse.bench"
@@ -399,7 +403,7 @@ def main() -> None:
     if connection.vendor != "postgresql" or not settings.CELERY_BROKER_URL:
         sys.exit("bench/warehouse.py needs DATABASE_URL (PostgreSQL) and CELERY_BROKER_URL")
     call_command("migrate", verbosity=0)
-    report = Report("warehouse")
+    report = Report("warehouse" if "reads" in PARTS else "warehouse-drain")
     _reset_tables()
 
     pairs_count = WAREHOUSES * PRODUCTS
@@ -442,7 +446,8 @@ def main() -> None:
         "consumer drain RabbitMQ -> PostgreSQL (vs COPY + INSERT ... SELECT baseline)",
     )
     report.target("drain_rate", consumer_rate >= 10_000, "drain >= 10,000 msg/s")
-    reads_under_ingest(report, simulation)
+    if "reads" in PARTS:
+        reads_under_ingest(report, simulation)
     report.check(stock_mismatches() == [], "stock != sum(ledger) at the end")
     report.finish()
 

@@ -26,7 +26,7 @@ shape) and whose `reason` is a stable machine code:
 import json
 import re
 import uuid as uuid_module
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal
 from typing import Any, Literal, TypeVar, overload
@@ -363,6 +363,11 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder per flavour: `json.loads` with hooks builds a new decoder (and scanner) per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_DECODER_EXACT = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=JsonNumber)
+
+
 def json_document(
     raw: bytes | bytearray | str,
     *,
@@ -387,9 +392,8 @@ def json_document(
         except UnicodeDecodeError:
             raise InvalidValue(field, "encoding", "is not valid UTF-8") from None
     _check_depth(raw, field, max_depth)
-    parse_float: Callable[[str], Any] | None = JsonNumber if exact else None
     try:
-        document = json.loads(raw, parse_constant=_refuse_constant, parse_float=parse_float)
+        document = (_DECODER_EXACT if exact else _DECODER).decode(raw)
     except RecursionError:
         raise InvalidValue(field, "too_deep", f"is nested deeper than {max_depth}") from None
     except ValueError as exc:

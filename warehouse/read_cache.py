@@ -90,15 +90,27 @@ def movement_cache_key(movement_id: str | uuid.UUID) -> str:
 def stock_view(
     *, warehouse_id: uuid.UUID, product_id: uuid.UUID, balance: int, updated_at: datetime
 ) -> StockView:
-    """The one place the stock view is assembled."""
-    return {
-        "warehouse_id": str(warehouse_id),
-        "product_id": str(product_id),
-        "quantity": max(balance, 0),
-        "balance": balance,
-        "short": balance < 0,
-        "updated_at": updated_at.isoformat(),
-    }
+    """The stock view of one pair (`stock_views`)."""
+    return stock_views([(str(warehouse_id), str(product_id), balance)], updated_at=updated_at)[0]
+
+
+def stock_views(
+    balances: Iterable[tuple[str, str, int]], *, updated_at: datetime
+) -> list[StockView]:
+    """The one place the stock view is assembled: one per (warehouse_id, product_id, balance)
+    row (ids as canonical UUID text), all updated at `updated_at`."""
+    stamp = updated_at.isoformat()
+    return [
+        {
+            "warehouse_id": warehouse_id,
+            "product_id": product_id,
+            "quantity": max(balance, 0),
+            "balance": balance,
+            "short": balance < 0,
+            "updated_at": stamp,
+        }
+        for warehouse_id, product_id, balance in balances
+    ]
 
 
 def stock_view_of(stock: Stock) -> StockView:

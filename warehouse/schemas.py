@@ -54,7 +54,11 @@ class EnvelopeInvalid(ValueError):
 
 @dataclass(frozen=True)
 class Envelope:
-    """One validated movement event. `(movement_id, event)` is its idempotency key."""
+    """One validated movement event. `(movement_id, event)` is its idempotency key.
+
+    `fingerprint` is the hash of everything that defines the event's effect (movement, event,
+    warehouse, product, quantity, timestamp in UTC, source); equal for true duplicates, so a
+    redelivered copy is recognised and a different payload under the same key is not."""
 
     id: uuid.UUID
     source: str
@@ -66,6 +70,7 @@ class Envelope:
     event: str
     product_id: uuid.UUID
     quantity: int
+    fingerprint: str
 
     @property
     def key(self) -> tuple[uuid.UUID, str]:
@@ -76,22 +81,21 @@ class Envelope:
         """Signed stock change at `warehouse_id`: departures take, arrivals give."""
         return -self.quantity if self.event == "departure" else self.quantity
 
-    @property
-    def fingerprint(self) -> str:
-        """Hash of everything that defines the event's effect; equal for true duplicates, so a
-        redelivered copy is recognised and a different payload under the same key is not."""
-        canonical = "|".join(
-            [
-                str(self.movement_id),
-                self.event,
-                str(self.warehouse_id),
-                str(self.product_id),
-                str(self.quantity),
-                self.timestamp.astimezone(UTC).isoformat(),
-                self.source,
-            ]
-        )
-        return hashlib.sha256(canonical.encode()).hexdigest()
+
+def fingerprint_of(
+    *,
+    movement_id: str,
+    event: str,
+    warehouse_id: str,
+    product_id: str,
+    quantity: int,
+    timestamp: str,
+    source: str,
+) -> str:
+    """`Envelope.fingerprint` from the canonical texts: UUIDs as `str(UUID)` (lowercase
+    8-4-4-4-12), the timestamp as `isoformat()` of the UTC datetime."""
+    canonical = f"{movement_id}|{event}|{warehouse_id}|{product_id}|{quantity}|{timestamp}|{source}"
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def message_key(body: bytes | str, message_id: object = None) -> str:
@@ -149,6 +153,45 @@ def _literal(value: object, path: str, expected: str) -> None:
         parsers.choice(value, field=path, choices=[expected])
 
 
+# Values that repeat across messages (warehouse and product ids, event timestamps) are judged by
+# their shared parser once per distinct string; the parser's result (which does not depend on
+# the field's name) is reused for the same string. Refusals are never remembered.
+_MEMO_MAX = 1 << 16
+_uuid_memo: dict[str, tuple[uuid.UUID, str]] = {}
+_moment_memo: dict[str, tuple[datetime, str]] = {}
+
+
+def _uuid_repeated(value: object, path: str) -> tuple[uuid.UUID, str]:
+    """`parsers.uuid_value` and its canonical text, remembered per distinct string."""
+    if type(value) is not str:
+        parsers.uuid_value(value, field=path)  # raises: not a string
+    assert isinstance(value, str)
+    known = _uuid_memo.get(value)
+    if known is None:
+        parsed = parsers.uuid_value(value, field=path)
+        known = (parsed, str(parsed))
+        if len(_uuid_memo) >= _MEMO_MAX:
+            _uuid_memo.clear()
+        _uuid_memo[value] = known
+    return known
+
+
+def _moment_repeated(value: object, path: str) -> tuple[datetime, str]:
+    """`parsers.timestamp` (RFC 3339 with an offset) and its UTC `isoformat()`, remembered per
+    distinct string."""
+    if type(value) is not str:
+        parsers.timestamp(value, field=path)  # raises: not a string
+    assert isinstance(value, str)
+    known = _moment_memo.get(value)
+    if known is None:
+        parsed = parsers.timestamp(value, field=path)
+        known = (parsed, parsed.astimezone(UTC).isoformat())
+        if len(_moment_memo) >= _MEMO_MAX:
+            _moment_memo.clear()
+        _moment_memo[value] = known
+    return known
+
+
 def _envelope(document: Any) -> Envelope:
     if not isinstance(document, dict):
         raise parsers.InvalidValue("envelope", "type", "must be a JSON object")
@@ -168,7 +211,9 @@ def _envelope(document: Any) -> Envelope:
     data = _member(document, "data", "data")
     if not isinstance(data, dict):
         raise parsers.InvalidValue("data", "type", "must be a JSON object")
-    event = parsers.choice(_member(data, "event", "data.event"), field="data.event", choices=EVENTS)
+    event = _member(data, "event", "data.event")
+    if event.__class__ is not str or event not in EVENTS:
+        event = parsers.choice(event, field="data.event", choices=EVENTS)
     quantity = parsers.integer(
         _member(data, "quantity", "data.quantity"),
         field="data.quantity",
@@ -176,25 +221,38 @@ def _envelope(document: Any) -> Envelope:
         max_value=MAX_QUANTITY,
         strings=False,
     )
+    movement_text = _member(data, "movement_id", "data.movement_id")
+    movement_id = parsers.uuid_value(movement_text, field="data.movement_id")
+    warehouse_id, warehouse_text = _uuid_repeated(
+        _member(data, "warehouse_id", "data.warehouse_id"), "data.warehouse_id"
+    )
+    timestamp, timestamp_text = _moment_repeated(
+        _member(data, "timestamp", "data.timestamp"), "data.timestamp"
+    )
+    product_id, product_text = _uuid_repeated(
+        _member(data, "product_id", "data.product_id"), "data.product_id"
+    )
     return Envelope(
         id=envelope_id,
         source=source,
         time=sent,
         subject=subject,
-        movement_id=parsers.uuid_value(
-            _member(data, "movement_id", "data.movement_id"), field="data.movement_id"
-        ),
-        warehouse_id=parsers.uuid_value(
-            _member(data, "warehouse_id", "data.warehouse_id"), field="data.warehouse_id"
-        ),
-        timestamp=parsers.timestamp(
-            _member(data, "timestamp", "data.timestamp"), field="data.timestamp"
-        ),
+        movement_id=movement_id,
+        warehouse_id=warehouse_id,
+        timestamp=timestamp,
         event=event,
-        product_id=parsers.uuid_value(
-            _member(data, "product_id", "data.product_id"), field="data.product_id"
-        ),
+        product_id=product_id,
         quantity=quantity,
+        # `uuid_value` accepted the canonical 8-4-4-4-12 hex form, whose lowercase is str(UUID).
+        fingerprint=fingerprint_of(
+            movement_id=movement_text.lower(),
+            event=event,
+            warehouse_id=warehouse_text,
+            product_id=product_text,
+            quantity=quantity,
+            timestamp=timestamp_text,
+            source=source,
+        ),
     )
 
 

@@ -523,3 +523,45 @@ def test_a_consumer_draining_while_others_publish_on_the_filesystem_transport_ge
             received = _drain_while_publishing(name, publishers=3, per_thread=150)
         expected = [b"first", *[b"%d-%d" % (t, n) for t in range(3) for n in range(150)]]
         assert sorted(received) == sorted(expected)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(60)
+def test_the_consumer_keys_every_message_and_reassembles_large_bodies(
+    transport: dict[str, str],
+) -> None:
+    """Each message's key is the one `message_key` gives for its body and `message_id`
+    (present or not, after any other property), and a body larger than one AMQP frame arrives
+    whole (its key proves it; refused as too large)."""
+    departure, arrival = example_pair()
+    oversized = b'{"pad":"' + b"x" * 200_000 + b'"}'
+    sent: list[tuple[bytes, dict[str, Any]]] = [
+        (body(departure), {"message_id": "with-id", "headers": {"x-trace": "t" * 500}}),
+        (body(arrival), {"correlation_id": "c", "priority": 1}),
+        (oversized, {"message_id": "big"}),
+        (b"not json", {}),
+    ]
+    name = transport["queue"]
+    bound = queue.movement_queue(name)
+    with queue.connection_open() as conn:
+        channel = conn.channel()
+        bound(channel).declare()
+        producer = conn.Producer(channel, exchange=bound.exchange, routing_key=name)
+        for raw, options in sent:
+            producer.publish(raw, content_type="application/json", delivery_mode=2, **options)
+    _consumer, thread, halt = _consumer_thread(batch_size=10, linger_ms=100)
+    try:
+        _wait_for(lambda: _count(LedgerEntry) == 2 and _count(DeadLetter) == 2)
+    finally:
+        halt.set()
+        thread.join(timeout=15)
+    expected = {queue.message_key(raw, options.get("message_id")) for raw, options in sent}
+    stored = set(LedgerEntry.objects.values_list("message_key", flat=True))
+    dead = {row.message_key: row for row in DeadLetter.objects.all()}
+    assert stored | dead.keys() == expected
+    big = dead[queue.message_key(oversized, "big")]
+    assert "larger than" in big.detail
+    assert big.body.startswith('{"pad":"xxx')
+    assert dead[queue.message_key(b"not json", None)].reason == "malformed"
+    with queue.connection_open() as conn:
+        assert bound(conn.channel()).queue_declare(passive=True).message_count == 0

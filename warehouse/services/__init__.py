@@ -12,6 +12,7 @@ from warehouse.services.ingest import (
     Problem,
     movements_ingest,
     movements_ingest_isolated,
+    movements_parse,
 )
 from warehouse.services.stock import stock_rebuild
 
@@ -25,5 +26,6 @@ __all__ = [
     "dead_letter_replay",
     "movements_ingest",
     "movements_ingest_isolated",
+    "movements_parse",
     "stock_rebuild",
 ]

@@ -151,6 +151,8 @@ class _Batch:
     keys: Sequence[str]
     now: datetime
     outcomes: list[str]
+    # `movements_parse` of `bodies`, when the caller validated them ahead.
+    parsed: "Sequence[Parsed] | None" = None
     failures: dict[int, _Failure] = field(default_factory=dict)
     # The first copy of each event not stored yet, and the indexes of its later copies.
     fresh: dict[EventKey, tuple[int, Envelope]] = field(default_factory=dict)
@@ -183,6 +185,26 @@ def _parse(body: Body) -> Envelope:
     return envelope_validate(body) if isinstance(body, dict) else envelope_parse(body)
 
 
+Parsed = Envelope | EnvelopeInvalid | None
+
+
+def movements_parse(bodies: Sequence[Body]) -> list[Parsed]:
+    """Validate a batch ahead of `movements_ingest_isolated(parsed=...)`, so a consumer can do
+    it while the previous batch commits: per body its `Envelope`, its refusal
+    (`EnvelopeInvalid`), or None when validation failed unexpectedly (the ingest then validates
+    that body again inside its transaction, where the failure is isolated like any other).
+    Pure: no database or Django state; safe in any thread."""
+    parsed: list[Parsed] = []
+    for body in bodies:
+        try:
+            parsed.append(_parse(body))
+        except EnvelopeInvalid as exc:
+            parsed.append(exc)
+        except Exception:
+            parsed.append(None)
+    return parsed
+
+
 def _classify(batch: _Batch) -> None:
     """Step 1. A message an earlier delivery dead-lettered, or a second copy of one message
     within the batch, is already placed: `redelivered`, never dead-lettered or counted again.
@@ -196,11 +218,16 @@ def _classify(batch: _Batch) -> None:
                 batch.outcomes[index] = "redelivered"
                 continue
             seen.add(message)
-        try:
-            env = _parse(body)
-        except EnvelopeInvalid as exc:
-            batch.failures[index] = _Failure(exc.reason, exc.detail, field=exc.field)
+        prepared = batch.parsed[index] if batch.parsed is not None else None
+        if prepared is None:
+            try:
+                prepared = _parse(body)
+            except EnvelopeInvalid as exc:
+                prepared = exc
+        if isinstance(prepared, EnvelopeInvalid):
+            batch.failures[index] = _Failure(prepared.reason, prepared.detail, field=prepared.field)
             continue
+        env = prepared
         first = batch.fresh.get(env.key)
         if first is None:
             batch.fresh[env.key] = (index, env)
@@ -278,25 +305,6 @@ def _count_repeats(
     return new_duplicates, stored_pks, records
 
 
-def _ledger_row(batch: _Batch, index: int, env: Envelope, duplicates: int) -> dict[str, Any]:
-    return {
-        "movement_id": env.movement_id,
-        "event": env.event,
-        "warehouse_id": env.warehouse_id,
-        "product_id": env.product_id,
-        "quantity": env.quantity,
-        "delta": env.delta,
-        "occurred_at": env.timestamp,
-        "source": env.source,
-        "envelope_id": env.id,
-        "sent_at": env.time,
-        "fingerprint": env.fingerprint,
-        "duplicates": duplicates,
-        "recorded_at": batch.now,
-        "message_key": batch.keys[index],
-    }
-
-
 def _store(
     batch: _Batch,
     new_duplicates: Tally[EventKey],
@@ -306,13 +314,33 @@ def _store(
     """Step 5. Insert the new ledger rows (`stored`), bump the duplicate counters of rows
     stored earlier (`F()`), record the counted duplicates' message keys and apply the stock
     deltas; returns the moved pairs' new views."""
-    entries: list[dict[str, Any]] = []
+    entries: list[tuple[Any, ...]] = []
     deltas: dict[Pair, int] = defaultdict(int)
+    now, outcomes, keys = batch.now, batch.outcomes, batch.keys
     for key, (index, env) in batch.fresh.items():
-        batch.outcomes[index] = "stored"
-        entries.append(_ledger_row(batch, index, env, new_duplicates.get(key, 0)))
-        deltas[(env.warehouse_id, env.product_id)] += env.delta
-    balances = ledger_store(entries, deltas, batch.now)
+        outcomes[index] = "stored"
+        delta = env.delta
+        # In `ledger_sql.LEDGER_COLUMNS` order.
+        entries.append(
+            (
+                env.movement_id,
+                env.event,
+                env.warehouse_id,
+                env.product_id,
+                env.quantity,
+                delta,
+                env.timestamp,
+                env.source,
+                env.id,
+                env.time,
+                env.fingerprint,
+                new_duplicates.get(key, 0),
+                now,
+                keys[index],
+            )
+        )
+        deltas[(env.warehouse_id, env.product_id)] += delta
+    balances = ledger_store(entries, deltas, now)
     by_count: dict[int, list[int]] = defaultdict(list)
     for key, pk in stored_pks.items():
         by_count[new_duplicates[key]].append(pk)
@@ -321,12 +349,7 @@ def _store(
     # A plain insert: a concurrent delivery of the same message fails this batch (retried
     # message by message) rather than counting it twice.
     DuplicateMessage.objects.bulk_create(records)
-    return [
-        read_cache.stock_view(
-            warehouse_id=warehouse_id, product_id=product_id, balance=balance, updated_at=batch.now
-        )
-        for warehouse_id, product_id, balance in balances
-    ]
+    return read_cache.stock_views(balances, updated_at=now)
 
 
 def _dead_letter(batch: _Batch, *, record: bool) -> list[Problem]:
@@ -367,9 +390,15 @@ def _announce(batch: _Batch, result: BatchResult) -> None:
 
 
 def _ingest(
-    bodies: Sequence[Body], keys: Sequence[str], *, record_dead_letters: bool = True
+    bodies: Sequence[Body],
+    keys: Sequence[str],
+    *,
+    record_dead_letters: bool = True,
+    parsed: Sequence[Parsed] | None = None,
 ) -> BatchResult:
-    batch = _Batch(bodies=bodies, keys=keys, now=timezone.now(), outcomes=[""] * len(bodies))
+    batch = _Batch(
+        bodies=bodies, keys=keys, now=timezone.now(), outcomes=[""] * len(bodies), parsed=parsed
+    )
     _classify(batch)
     _match_stored(batch)
     if settings.WAREHOUSE_STRICT_STOCK:
@@ -401,7 +430,12 @@ def _after_commit(
 
 
 @transaction.atomic
-def movements_ingest(*, bodies: Sequence[Body], keys: Sequence[str] | None = None) -> BatchResult:
+def movements_ingest(
+    *,
+    bodies: Sequence[Body],
+    keys: Sequence[str] | None = None,
+    parsed: Sequence[Parsed] | None = None,
+) -> BatchResult:
     """Run one batch of raw messages (JSON text or bytes, or already-decoded dicts) through
     validation, dedup and stock update in one transaction; returns a `BatchResult` with one
     outcome per message, in input order.
@@ -413,13 +447,17 @@ def movements_ingest(*, bodies: Sequence[Body], keys: Sequence[str] | None = Non
     order; with WAREHOUSE_STRICT_STOCK from the start of the check). Invalid messages are dead
     letters, never raised; anything unexpected raises (nothing of the batch is then written).
     Side effects (cache write-through, metrics, the `warehouse.stock` publish) happen after
-    commit; the caller acks only after this returns."""
+    commit; the caller acks only after this returns. `parsed` is `movements_parse(bodies)`
+    when the caller validated the bodies ahead."""
     with COMMIT_SECONDS.time():
-        return _ingest(bodies, keys or [""] * len(bodies))
+        return _ingest(bodies, keys or [""] * len(bodies), parsed=parsed)
 
 
 def movements_ingest_isolated(
-    *, bodies: Sequence[Body], keys: Sequence[str] | None = None
+    *,
+    bodies: Sequence[Body],
+    keys: Sequence[str] | None = None,
+    parsed: Sequence[Parsed] | None = None,
 ) -> BatchResult:
     """`movements_ingest`, and if the batch fails unexpectedly, each message again in its own
     transaction, so a poison message hurts only itself: one that still fails is dead-lettered
@@ -429,15 +467,17 @@ def movements_ingest_isolated(
     acked and the messages come back."""
     keys = list(keys or [""] * len(bodies))
     try:
-        return movements_ingest(bodies=bodies, keys=keys)
+        return movements_ingest(bodies=bodies, keys=keys, parsed=parsed)
     except Exception as exc:
         if database_unavailable(exc):
             raise
         logger.exception("warehouse_batch_failed_retrying_singly", size=len(bodies))
     result = BatchResult()
-    for body, key in zip(bodies, keys, strict=True):
+    for index, (body, key) in enumerate(zip(bodies, keys, strict=True)):
         try:
-            single = movements_ingest(bodies=[body], keys=[key])
+            single = movements_ingest(
+                bodies=[body], keys=[key], parsed=None if parsed is None else [parsed[index]]
+            )
         except Exception as exc:
             if database_unavailable(exc):
                 raise

@@ -51,12 +51,12 @@ def _stock_upsert_sql(table: str, source: str) -> str:
 
 
 def ledger_store(
-    entries: list[dict[str, Any]], deltas: dict[Pair, int], now: datetime
-) -> list[tuple[uuid.UUID, uuid.UUID, int]]:
-    """Append the batch's new ledger rows (column -> value dicts, unique on the idempotency key)
-    and add each pair's delta (units, signed; the sum of its `entries`) to its balance; returns
-    the new (warehouse_id, product_id, balance) rows. The upserted stock rows stay locked until
-    commit (taken in key order).
+    entries: list[tuple[Any, ...]], deltas: dict[Pair, int], now: datetime
+) -> list[tuple[str, str, int]]:
+    """Append the batch's new ledger rows (value tuples in `LEDGER_COLUMNS` order, unique on the
+    idempotency key) and add each pair's delta (units, signed; the sum of its `entries`) to its
+    balance; returns the new (warehouse_id, product_id, balance) rows, ids as canonical UUID
+    text. The upserted stock rows stay locked until commit (taken in key order).
 
     PostgreSQL: COPY into the staging table, then one statement: insert ON CONFLICT DO NOTHING,
     stock upsert of what was inserted. Raises `ConcurrentInsert` when a row was already there
@@ -65,7 +65,10 @@ def ledger_store(
     if not entries:
         return []
     if connection.vendor != "postgresql":
-        LedgerEntry.objects.bulk_create([LedgerEntry(**entry) for entry in entries], batch_size=500)
+        LedgerEntry.objects.bulk_create(
+            [LedgerEntry(**dict(zip(LEDGER_COLUMNS, entry, strict=True))) for entry in entries],
+            batch_size=500,
+        )
         return _stock_apply_portable(deltas, now)
     ledger = connection.ops.quote_name(LedgerEntry._meta.db_table)
     stock = connection.ops.quote_name(Stock._meta.db_table)
@@ -75,7 +78,7 @@ def ledger_store(
         with cursor.copy(f"COPY {_STAGE} ({names}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types([kind for _, kind in _LEDGER_COLUMNS])
             for entry in entries:
-                copy.write_row([entry[name] for name, _ in _LEDGER_COLUMNS])
+                copy.write_row(entry)
         upsert = _stock_upsert_sql(
             stock,
             "SELECT warehouse_id, product_id, sum(delta), %b FROM inserted "
@@ -89,7 +92,8 @@ def ledger_store(
             f"SELECT {names} FROM staged ON CONFLICT (movement_id, event) DO NOTHING "
             "RETURNING warehouse_id, product_id, delta), "
             f"stocked AS ({upsert}) "
-            "SELECT warehouse_id, product_id, balance, (SELECT count(*) FROM inserted) "
+            "SELECT warehouse_id::text, product_id::text, balance, "
+            "(SELECT count(*) FROM inserted) "
             "FROM stocked",
             [now],
         )
@@ -99,9 +103,7 @@ def ledger_store(
     return [(w, p, int(balance)) for w, p, balance, _ in rows]
 
 
-def _stock_apply_portable(
-    deltas: dict[Pair, int], now: datetime
-) -> list[tuple[uuid.UUID, uuid.UUID, int]]:
+def _stock_apply_portable(deltas: dict[Pair, int], now: datetime) -> list[tuple[str, str, int]]:
     table = connection.ops.quote_name(Stock._meta.db_table)
     rows = sorted(deltas.items(), key=lambda item: (str(item[0][0]), str(item[0][1])))
     when = models.DateTimeField().get_db_prep_value(now, connection)
@@ -113,7 +115,7 @@ def _stock_apply_portable(
         cursor.execute(_stock_upsert_sql(table, source), params)
         # SQLite hands UUIDs back as bare hex: normalise so cache keys match the readers'.
         return [
-            (uuid.UUID(str(w)), uuid.UUID(str(p)), int(balance))
+            (str(uuid.UUID(str(w))), str(uuid.UUID(str(p))), int(balance))
             for w, p, balance in cursor.fetchall()
         ]
 
@@ -182,6 +184,8 @@ _LEDGER_COLUMNS = (
     ("recorded_at", "timestamptz"),
     ("message_key", "text"),
 )
+#: The ledger columns `ledger_store` takes its rows' values in.
+LEDGER_COLUMNS = tuple(name for name, _ in _LEDGER_COLUMNS)
 
 _STAGE = "wh_ledger_stage"
 # Session-private, emptied at every commit; created on a session's first batch.
