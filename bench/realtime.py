@@ -1,9 +1,16 @@
-"""Messenger benchmark: the realtime app's /ws/ against a bare `websockets` broadcast server.
+"""Messenger benchmark: the realtime app's /ws/ against a bare `websockets` broadcast server,
+and the choice of the ASGI server that carries WebSocket in production.
 
-Scenarios (sizes from env vars, printed in the run):
-1. idle: BENCH_RT_IDLE authenticated idle sockets held; server RSS per connection.
+Servers (BENCH_RT_SERVERS, comma-separated names of `SERVERS`; default all): each candidate
+serves `config.asgi:application` and is measured on scenarios 1 and 2; the chosen one
+(`CHOSEN`, the command line compose and the Procfile use) also on 3-5.
+1. idle: BENCH_RT_IDLE authenticated idle sockets held; server RSS per socket (the whole process
+   tree: granian serves from child processes), against the bare server with its defaults
+   (permessage-deflate negotiated: the figure the target is stated against) and without
+   compression (the same wire settings as ours).
 2. fanout: one room of BENCH_RT_FANOUT_SUBS subscribers, BENCH_RT_FANOUT_MESSAGES messages sent
-   as fast as possible (each persisted); deliveries/s, zero loss and order checked.
+   as fast as possible (each persisted); deliveries/s, server CPU per delivered message (from
+   /proc, the figure that survives a noisy machine), zero loss and order checked.
 3. latency: BENCH_RT_LAT_SUBS subscribers at BENCH_RT_LAT_RATE messages/s (persisted) for
    BENCH_RT_LAT_SECONDS; p50/p99 delivery latency.
 4. redis: two server processes on the Redis fan-out, subscribers split between them, sender on
@@ -11,14 +18,17 @@ Scenarios (sizes from env vars, printed in the run):
 5. recovery: BENCH_RT_RECOVER_CLIENTS clients dropped for BENCH_RT_DROP_SECONDS while messages
    flow, then reconnect + join + sync; time until each holds every missed message in order.
 
-The baseline is a bare `websockets` server (`python bench/realtime.py --bare PORT`) that
-broadcasts each `sendMessage` to every connection: no auth, rooms, persistence or recovery.
+The baseline is a bare `websockets` server (`python bench/realtime.py --bare PORT [--no-deflate]`)
+that broadcasts each `sendMessage` to every connection: no auth, rooms, persistence or recovery.
 Uses DATABASE_URL/REDIS_URL from the environment (PostgreSQL and Redis in production shape).
+Run under `flock /tmp/quintet-bench.lock`.
 """
 
 import asyncio
 import hashlib
+import importlib.util
 import json
+import math
 import os
 import resource
 import secrets
@@ -32,7 +42,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import Report, free_port, percentile, process, rss_kib, wait_for_port  # noqa: E402
+from bench.harness import (  # noqa: E402
+    Report,
+    cpu_seconds,
+    free_port,
+    percentile,
+    process,
+    wait_for_port,
+)
 
 IDLE = int(os.environ.get("BENCH_RT_IDLE", "5000"))
 FANOUT_SUBS = int(os.environ.get("BENCH_RT_FANOUT_SUBS", "1000"))
@@ -65,10 +82,85 @@ SERVER_ENV = {
 }
 
 
+# --- the servers -----------------------------------------------------------------------------
+
+APP = "config.asgi:application"
+UVICORN = [sys.executable, "-m", "uvicorn", APP, "--host", "127.0.0.1", "--no-access-log"]
+UVICORN += ["--lifespan", "off", "--log-level", "warning"]
+#: The production WebSocket server flags (compose, Procfile): the websockets Sans-I/O protocol
+#: without permessage-deflate (a compressor per socket, and every broadcast frame compressed once
+#: per socket), no proxy-headers middleware frame per connection (the proxy's address policy is
+#: common/network.py's). Frames above --ws-max-size are closed 1009 by the server; up to it an
+#: oversized frame gets the app's `frame_too_large` error and the socket stays open.
+PRODUCTION_WS_FLAGS = [
+    "--ws",
+    "websockets-sansio",
+    "--ws-per-message-deflate",
+    "false",
+    "--ws-max-size",
+    "1048576",
+    "--no-proxy-headers",
+]
+PLAIN = ["--ws-per-message-deflate", "false", "--no-proxy-headers"]
+#: Candidates by name. `uvicorn-websockets` is the command before this choice (websockets'
+#: legacy protocol, permessage-deflate negotiated); `*-nodeflate` the same implementations with
+#: the production flags; granian (`asginl`: ASGI without lifespan, as uvicorn's `--lifespan off`).
+SERVERS: dict[str, list[str]] = {
+    "uvicorn-sansio": [*UVICORN, *PRODUCTION_WS_FLAGS],
+    "uvicorn-websockets": [*UVICORN, "--ws", "websockets"],
+    "uvicorn-websockets-nodeflate": [*UVICORN, "--ws", "websockets", *PLAIN],
+    "uvicorn-wsproto-nodeflate": [*UVICORN, "--ws", "wsproto", *PLAIN],
+    "granian-asgi": [
+        str(Path(sys.executable).parent / "granian"),
+        *("--interface", "asginl", APP, "--host", "127.0.0.1", "--workers", "1"),
+        *("--log-level", "warning", "--backlog", "4096", "--backpressure", "100000"),
+    ],
+}
+CHOSEN = "uvicorn-sansio"
+
+
+def server_args(name: str, port: int) -> list[str]:
+    args = SERVERS[name]
+    at = args.index("--host") + 2
+    return [*args[:at], "--port", str(port), *args[at:]]
+
+
+def servers_selected() -> list[str]:
+    wanted = os.environ.get("BENCH_RT_SERVERS", "")
+    names = [n.strip() for n in wanted.split(",") if n.strip()] or list(SERVERS)
+    unknown = [n for n in names if n not in SERVERS]
+    if unknown:
+        raise SystemExit(f"unknown BENCH_RT_SERVERS {unknown}; choose from {list(SERVERS)}")
+    return [CHOSEN, *(n for n in names if n != CHOSEN)]
+
+
+def server_unavailable(name: str) -> str | None:
+    if "wsproto" in name and importlib.util.find_spec("wsproto") is None:
+        return "wsproto is not installed"
+    return None
+
+
+def rss_tree_kib(pid: int) -> int:
+    """Resident memory of a process and all its descendants (granian serves from children)."""
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
 # --- the baseline server --------------------------------------------------------------------
 
 
-async def bare_server(port: int) -> None:
+async def bare_server(port: int, compression: str | None) -> None:
     from websockets.asyncio.server import ServerConnection, broadcast, serve
 
     clients: set[ServerConnection] = set()
@@ -87,7 +179,9 @@ async def bare_server(port: int) -> None:
         finally:
             clients.discard(ws)
 
-    async with serve(handler, "127.0.0.1", port, ping_interval=None, max_queue=None):
+    async with serve(
+        handler, "127.0.0.1", port, ping_interval=None, max_queue=None, compression=compression
+    ):
         await asyncio.Future()
 
 
@@ -274,75 +368,161 @@ def in_order_without_loss(subs: list[Sub], expected: int) -> tuple[int, int]:
 # --- scenarios --------------------------------------------------------------------------------
 
 
-async def idle_scenario(report: Report, ours: str, ours_pid: int, bare: str, bare_pid: int) -> None:
-    user_ids = await asyncio.to_thread(users_ensure, IDLE)
-    tickets = await asyncio.to_thread(tickets_issue, user_ids)
-    results = {}
-    for name, base, pid, ticketed in (
-        ("ours", ours, ours_pid, True),
-        ("bare", bare, bare_pid, False),
-    ):
-        before = rss_kib(pid)
-        began = time.perf_counter()
-        subs = await subscribers(base, tickets if ticketed else None, IDLE, None)
-        opened = time.perf_counter() - began
-        await asyncio.sleep(2)
-        after = rss_kib(pid)
-        alive = sum(1 for s in subs if s.task and not s.task.done())
-        results[name] = ((after - before) * 1024 / IDLE, alive, opened)
-        await close_all(subs)
-        await asyncio.sleep(1)
-    per_conn, alive, opened = results["ours"]
-    report.figure("idle_connections", IDLE, f"idle: {IDLE} connections, opened in {opened:.1f} s")
-    report.compare(
-        "idle_bytes_per_connection", per_conn, results["bare"][0], "B", "memory per idle connection"
-    )
-    report.check(alive == IDLE, f"only {alive} of {IDLE} idle connections stayed open")
-    report.target(
-        "idle_memory", per_conn <= 40 * 1024 and alive == IDLE, "5,000 idle at <= 40 KB each"
+WARM = 20  # sockets opened and closed first, so lazy imports and pools are not counted
+
+
+async def idle_measure(base: str, pid: int, tickets: list[str] | None) -> tuple[float, int, float]:
+    """(bytes of server RSS per idle socket, sockets still open after 2 s, seconds to open)."""
+    warm = await subscribers(base, tickets[:WARM] if tickets else None, WARM, None)
+    await close_all(warm)
+    await asyncio.sleep(1)
+    before = rss_tree_kib(pid)
+    began = time.perf_counter()
+    subs = await subscribers(base, tickets[WARM:] if tickets else None, IDLE, None)
+    opened = time.perf_counter() - began
+    await asyncio.sleep(2)
+    after = rss_tree_kib(pid)
+    alive = sum(1 for s in subs if s.task and not s.task.done())
+    await close_all(subs)
+    await asyncio.sleep(1)
+    return (after - before) * 1024 / IDLE, alive, opened
+
+
+@dataclass
+class Fanout:
+    rate: float  # deliveries/s
+    cpu_us: float  # server CPU (user + system, process tree) per delivered message
+    delivered: int
+    lost: int
+    disordered: int
+
+
+async def fanout_measure(base: str, pid: int, user_ids: list[int] | None) -> Fanout:
+    """One room (ours: `bench-fanout`, joined; bare: every socket) of FANOUT_SUBS subscribers and
+    FANOUT_MESSAGES messages sent back to back by one more socket."""
+    tickets = await asyncio.to_thread(tickets_issue, user_ids) if user_ids else None
+    room = "bench-fanout" if tickets else None
+    subs = await subscribers(base, tickets[1:] if tickets else None, FANOUT_SUBS, room)
+    sender = await sender_open(base, tickets[0] if tickets else None)
+    cpu_before = cpu_seconds(pid)
+    began = time.perf_counter()
+    await send_burst(sender, room, FANOUT_MESSAGES)
+    await drain(subs, FANOUT_MESSAGES, 120)
+    cpu = cpu_seconds(pid) - cpu_before
+    finished = max((s.last_at for s in subs), default=began)
+    delivered = sum(len(s.seqs) for s in subs)
+    lost, disordered = in_order_without_loss(subs, FANOUT_MESSAGES)
+    await close_all([*subs, sender])
+    await asyncio.sleep(1)
+    return Fanout(
+        rate=delivered / (finished - began) if finished > began else 0.0,
+        cpu_us=cpu * 1e6 / delivered if delivered else math.nan,
+        delivered=delivered,
+        lost=lost,
+        disordered=disordered,
     )
 
 
-async def fanout_scenario(report: Report, ours: str, bare: str) -> None:
-    user_ids = await asyncio.to_thread(users_ensure, FANOUT_SUBS + 1)
+@dataclass
+class Baseline:
+    idle: float  # bytes per idle socket, bare server with its defaults (deflate)
+    idle_plain: float  # bytes per idle socket, bare server without compression
+    fanout: Fanout
+
+
+async def baseline_measure(bare: str, bare_pid: int, plain: str, plain_pid: int) -> Baseline:
+    idle, _, _ = await idle_measure(bare, bare_pid, None)
+    idle_plain, _, _ = await idle_measure(plain, plain_pid, None)
+    fanout = await fanout_measure(bare, bare_pid, None)
+    print(
+        f"bare websockets server: {idle / 1024:.1f} KiB per idle socket with its default"
+        f" permessage-deflate, {idle_plain / 1024:.1f} KiB without;"
+        f" fan-out {fanout.rate:,.0f} deliveries/s at {fanout.cpu_us:.1f} us CPU each",
+        flush=True,
+    )
+    return Baseline(idle, idle_plain, fanout)
+
+
+async def candidate_measure(
+    report: Report, name: str, base: str, pid: int, baseline: Baseline
+) -> dict[str, Any]:
+    """Idle memory and fan-out of one server; correctness checked, figures printed."""
+    user_ids = await asyncio.to_thread(users_ensure, max(IDLE + WARM, FANOUT_SUBS + 1))
+    tickets = await asyncio.to_thread(tickets_issue, user_ids[: IDLE + WARM])
+    per_socket, alive, opened = await idle_measure(base, pid, tickets)
+    report.check(alive == IDLE, f"{name}: only {alive} of {IDLE} idle sockets stayed open")
     await asyncio.to_thread(room_ensure, "bench-fanout")
-    rates = {}
-    for name, base in (("ours", ours), ("bare", bare)):
-        ticketed = name == "ours"
-        tickets = await asyncio.to_thread(tickets_issue, user_ids) if ticketed else None
-        subs = await subscribers(
-            base,
-            tickets[1:] if tickets else None,
-            FANOUT_SUBS,
-            "bench-fanout" if ticketed else None,
-        )
-        sender = await sender_open(base, tickets[0] if tickets else None)
-        began = time.perf_counter()
-        await send_burst(sender, "bench-fanout" if ticketed else None, FANOUT_MESSAGES)
-        await drain(subs, FANOUT_MESSAGES, 120)
-        finished = max((s.last_at for s in subs), default=began)
-        delivered = sum(len(s.seqs) for s in subs)
-        rates[name] = delivered / (finished - began)
-        lost, disordered = in_order_without_loss(subs, FANOUT_MESSAGES)
-        if ticketed:
-            report.check(lost == 0, f"fanout: {lost} subscribers missed messages")
-            report.check(disordered == 0, f"fanout: {disordered} subscribers out of order")
-            report.figure("fanout_delivered", delivered)
-        await close_all([*subs, sender])
-        await asyncio.sleep(1)
+    fanout = await fanout_measure(base, pid, user_ids[: FANOUT_SUBS + 1])
+    report.check(fanout.lost == 0, f"{name}: fanout: {fanout.lost} subscribers missed messages")
+    report.check(fanout.disordered == 0, f"{name}: fanout: {fanout.disordered} out of order")
+    ratio = per_socket / baseline.idle
+    print(
+        f"  {name:<38} idle {per_socket / 1024:6.1f} KiB/socket  ratio {ratio:5.2f}"
+        f" (to bare without deflate {per_socket / baseline.idle_plain:5.2f})"
+        f"  fan-out {fanout.rate:8,.0f}/s  cpu {fanout.cpu_us:6.1f} us/delivery"
+        f"  (opened {IDLE} in {opened:.1f} s)",
+        flush=True,
+    )
+    return {
+        "idle_bytes": per_socket,
+        "idle_ratio": ratio,
+        "idle_ratio_bare_no_deflate": per_socket / baseline.idle_plain,
+        "idle_alive": alive,
+        "fanout_per_s": fanout.rate,
+        "fanout_cpu_us_per_delivery": fanout.cpu_us,
+        "fanout_lost": fanout.lost,
+        "fanout_delivered": fanout.delivered,
+    }
+
+
+def chosen_report(report: Report, figures: dict[str, Any], baseline: Baseline) -> None:
+    """The chosen server's figures against the bare server, with the targets."""
+    per_socket = figures["idle_bytes"]
+    report.figure("idle_connections", IDLE, f"idle: {IDLE} authenticated sockets on {CHOSEN}")
+    report.compare(
+        "idle_bytes_per_connection",
+        per_socket,
+        baseline.idle,
+        "B",
+        "memory per idle socket (bare: default deflate)",
+    )
+    report.compare(
+        "idle_bytes_per_connection_bare_no_deflate",
+        per_socket,
+        baseline.idle_plain,
+        "B",
+        "memory per idle socket (bare: no compression)",
+    )
+    alive_all = figures["idle_alive"] == IDLE
+    report.target(
+        "idle_memory_ratio",
+        per_socket <= 1.2 * baseline.idle and alive_all,
+        "memory per idle socket <= 1.20 x the bare websockets server's",
+    )
+    report.target(
+        "idle_memory", per_socket <= 40 * 1024 and alive_all, f"{IDLE:,} idle at <= 40 KB each"
+    )
     report.figure(
         "fanout_size",
         [FANOUT_SUBS, FANOUT_MESSAGES],
         f"fanout: {FANOUT_SUBS} subscribers x {FANOUT_MESSAGES} messages",
     )
+    report.figure("fanout_delivered", figures["fanout_delivered"])
     report.compare(
         "fanout_deliveries_per_s",
-        rates["ours"],
-        rates["bare"],
+        figures["fanout_per_s"],
+        baseline.fanout.rate,
         "/s",
         "deliveries/s into one room (persisted)",
     )
-    report.target("fanout", rates["ours"] >= 10_000, ">= 10,000 deliveries/s, zero loss")
+    report.compare(
+        "fanout_cpu_us_per_delivery",
+        figures["fanout_cpu_us_per_delivery"],
+        baseline.fanout.cpu_us,
+        "us",
+        "server CPU per delivered message",
+    )
+    report.target("fanout", figures["fanout_per_s"] >= 10_000, ">= 10,000 deliveries/s, zero loss")
 
 
 async def latency_run(
@@ -523,25 +703,15 @@ async def recovery_scenario(report: Report, ours: str, bare: str) -> None:
 
 
 class server:
-    """Our ASGI app under uvicorn in a child process."""
+    """One of `SERVERS` serving our ASGI app in a child process."""
 
-    def __init__(self, port: int, env: dict[str, str]) -> None:
+    def __init__(self, port: int, env: dict[str, str], name: str = CHOSEN) -> None:
         self.port = port
-        args = [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1"]
-        args += [
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--lifespan",
-            "off",
-            "--log-level",
-            "warning",
-        ]
-        self.cm = process(args, env=env)
+        self.cm = process(server_args(name, port), env=env)
 
     def __enter__(self) -> Any:
         child = self.cm.__enter__()
-        wait_for_port(self.port)
+        wait_for_port(self.port, 60)
         return child
 
     def __exit__(self, *exc: Any) -> None:
@@ -554,22 +724,42 @@ async def main() -> None:
     await asyncio.to_thread(django_setup)
     report = Report("realtime")
     env = {**SERVER_ENV}
-    ours_port, bare_port = free_port(), free_port()
-    bare_args = [sys.executable, __file__, "--bare", str(bare_port)]
+    bare_port, plain_port = free_port(), free_port()
+    names = servers_selected()
     print(
         f"database {os.environ.get('DATABASE_URL', '(default)')};"
-        " single node without Redis for 1-3 and 5"
+        f" single node without Redis for 1-3 and 5; servers: {', '.join(names)}"
     )
     # The single node runs without Redis: the child inherits os.environ.
     redis_url = os.environ.pop("REDIS_URL", "")
+    servers: dict[str, Any] = {}
     try:
-        with server(ours_port, env) as ours_child, process(bare_args) as bare_child:
+        with (
+            process([sys.executable, __file__, "--bare", str(bare_port)]) as bare_child,
+            process([sys.executable, __file__, "--bare", str(plain_port), "--no-deflate"]) as plain,
+        ):
             wait_for_port(bare_port)
-            ours, bare = f"ws://127.0.0.1:{ours_port}", f"ws://127.0.0.1:{bare_port}"
-            await idle_scenario(report, ours, ours_child.pid, bare, bare_child.pid)
-            await fanout_scenario(report, ours, bare)
-            await latency_scenario(report, ours, bare)
-            await recovery_scenario(report, ours, bare)
+            wait_for_port(plain_port)
+            bare = f"ws://127.0.0.1:{bare_port}"
+            baseline = await baseline_measure(
+                bare, bare_child.pid, f"ws://127.0.0.1:{plain_port}", plain.pid
+            )
+            for name in names:
+                missing = server_unavailable(name)
+                if missing:
+                    print(f"  {name:<38} skipped: {missing}", flush=True)
+                    servers[name] = {"skipped": missing}
+                    continue
+                port = free_port()
+                with server(port, env, name) as child:
+                    ours = f"ws://127.0.0.1:{port}"
+                    servers[name] = await candidate_measure(report, name, ours, child.pid, baseline)
+                    if name == CHOSEN:
+                        chosen_report(report, servers[name], baseline)
+                        await latency_scenario(report, ours, bare)
+                        await recovery_scenario(report, ours, bare)
+            report.figure("servers", servers)
+            report.figure("chosen_server", server_args(CHOSEN, 8000), f"chosen: {CHOSEN}")
             if redis_url:
                 os.environ["REDIS_URL"] = redis_url
             await redis_scenario(report, bare)
@@ -580,11 +770,10 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--bare":
-        import uvloop
+    import uvloop
 
-        uvloop.run(bare_server(int(sys.argv[2])))
+    if len(sys.argv) >= 3 and sys.argv[1] == "--bare":
+        compression = None if "--no-deflate" in sys.argv else "deflate"
+        uvloop.run(bare_server(int(sys.argv[2]), compression))
     else:
-        import uvloop
-
         uvloop.run(main())

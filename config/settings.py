@@ -345,6 +345,16 @@ SPECTACULAR_SETTINGS = {
 WS_ALLOWED_ORIGINS = env.list("WS_ALLOWED_ORIGINS", default=[])
 REALTIME_TICKET_TTL_SECONDS = env.int("REALTIME_TICKET_TTL_SECONDS", default=30)
 REALTIME_MAX_FRAME_BYTES = env.int("REALTIME_MAX_FRAME_BYTES", default=16 * 1024)
+# The WebSocket server's options (uvicorn), measured by bench/realtime.py: the sans-I/O
+# websockets protocol without per-message compression (compression kept ~100 KiB per idle socket
+# and compressed every broadcast once per socket); frames over 1 MiB are closed with 1009, those
+# between REALTIME_MAX_FRAME_BYTES and it get `frame_too_large`. `runall` and the tests use these;
+# the Procfile and compose command lines spell them out (tests/test_deployment_files.py).
+ASGI_WEBSOCKET_OPTIONS: dict[str, object] = {
+    "ws": "websockets-sansio",
+    "ws_per_message_deflate": False,
+    "ws_max_size": 1 << 20,
+}
 REALTIME_MAX_TOPICS_PER_CONNECTION = env.int("REALTIME_MAX_TOPICS_PER_CONNECTION", default=100)
 CELERY_BEAT_SCHEDULE["common-api-tokens-purge"] = {
     "task": "common.api_tokens_purge",

@@ -33,6 +33,7 @@ from typing import Any
 import structlog
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from prometheus_client import Gauge
@@ -61,6 +62,8 @@ CONNECTIONS = Gauge("realtime_ws_connections", "Open WebSocket connections on th
 
 Frame = dict[str, Any]
 Ref = str | int | None
+
+_NO_TOPICS: frozenset[str] = frozenset()
 
 # Fire-and-forget cleanup tasks are kept referenced until done (the loop holds only weak refs).
 _background: set[asyncio.Task[Any]] = set()
@@ -113,7 +116,8 @@ class HubConsumer(AsyncWebsocketConsumer):
     # No channel-layer channel per socket: room messages and hub events arrive through the
     # process's fan-out hub. A per-socket channel would cost a layer receive loop per socket and
     # tie every socket's life to Redis (channels_redis raises out of the consumer when it goes).
-    channel_layer_alias = "realtime-no-per-socket-channel"
+    channel_layer = None
+    groups: tuple[str, ...] = ()  # shared, so Channels does not give every socket a list
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -123,7 +127,8 @@ class HubConsumer(AsyncWebsocketConsumer):
         self.user_id = 0  # no user has id 0: the hub's per-user index ignores it
         self.username = ""
         self.hub: FanoutHub = hub()
-        self.topics: set[str] = set()
+        # A shared empty frozenset until the first subscribe: most sockets never subscribe.
+        self.topics: set[str] | frozenset[str] = _NO_TOPICS
         self.rooms: dict[str, int] = {}
         self.attached = False
         self.counted = False
@@ -133,21 +138,31 @@ class HubConsumer(AsyncWebsocketConsumer):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """The connection's catch-all: an exception that escapes connect, a frame's own
         catch-all or disconnect is logged once (with the connection's correlation id), the
-        socket is closed with 1011, and `_release` runs on every exit path."""
+        socket is closed with 1011, and `_release` runs on every exit path.
+
+        Replaces Channels' `AsyncConsumer.__call__`, whose `await_many_dispatch` keeps a task,
+        a future and an `asyncio.wait` frame per socket to wait on one source (this consumer
+        has no channel-layer channel). The log context is bound in the server's per-connection
+        task, where it ends with the connection (no context-manager generator kept alive)."""
+        self.scope = scope
+        self.base_send = send
         self.outbox = Outbox(
             send, settings.REALTIME_SEND_BUFFER_FRAMES, self._overflow, self._outbox_failed
         )
-        with structlog.contextvars.bound_contextvars(ws_connection=self.connection_id):
-            try:
-                await super().__call__(scope, receive, send)
-            except Exception as error:
-                if isinstance(error, OSError):  # the client went away (ClientDisconnected)
-                    logger.info("realtime_ws_client_gone", error=str(error))
-                else:
-                    logger.exception("realtime_ws_consumer_failed")
-                await self._close_transport(CLOSE_INTERNAL_ERROR)
-            finally:
-                await self._release()
+        structlog.contextvars.bind_contextvars(ws_connection=self.connection_id)
+        try:
+            while True:
+                await self.dispatch(await receive())
+        except StopConsumer:
+            pass
+        except Exception as error:
+            if isinstance(error, OSError):  # the client went away (ClientDisconnected)
+                logger.info("realtime_ws_client_gone", error=str(error))
+            else:
+                logger.exception("realtime_ws_consumer_failed")
+            await self._close_transport(CLOSE_INTERNAL_ERROR)
+        finally:
+            await self._release()
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # Channels closes stale DB connections before every frame with a thread hop; the
@@ -199,7 +214,7 @@ class HubConsumer(AsyncWebsocketConsumer):
         room_ids = list(self.rooms.values())
         self.hub.release(self, room_ids, self.topics)
         self.rooms.clear()
-        self.topics.clear()
+        self.topics = _NO_TOPICS
         return room_ids
 
     async def _presence_release(self, room_ids: list[int]) -> None:
@@ -456,6 +471,8 @@ class HubConsumer(AsyncWebsocketConsumer):
             if len(self.topics) >= settings.REALTIME_MAX_TOPICS_PER_CONNECTION:
                 raise ValidationFailed("too many subscriptions", code="too_many_topics")
             self.hub.topic_add(topic, self)
+            if isinstance(self.topics, frozenset):
+                self.topics = set()
             self.topics.add(topic)
         await self.send_frame({"type": "subscribed", "topic": topic, "ref": ref})
 
@@ -464,5 +481,6 @@ class HubConsumer(AsyncWebsocketConsumer):
         if topic not in self.topics:
             raise ValidationFailed("not subscribed to that topic", code="not_subscribed")
         self.hub.topic_remove(topic, self)
+        assert isinstance(self.topics, set)
         self.topics.discard(topic)
         await self.send_frame({"type": "unsubscribed", "topic": topic, "ref": ref})

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 import uvicorn
+from django.conf import settings
 
 SERVICE_URL_VARIABLES = {
     "postgres": "DATABASE_URL",
@@ -94,7 +95,12 @@ def start_live_server(app: Any = "config.asgi:application") -> LiveServer:
     sock.listen(512)
     # As in production: the client address is the socket's (common/network.py decides on proxies).
     config = uvicorn.Config(
-        app, lifespan="off", log_config=None, ws_ping_interval=None, proxy_headers=False
+        app,
+        lifespan="off",
+        log_config=None,
+        ws_ping_interval=None,
+        proxy_headers=False,
+        **settings.ASGI_WEBSOCKET_OPTIONS,  # type: ignore[arg-type]
     )
     server = uvicorn.Server(config)
     loop = asyncio.new_event_loop()

@@ -79,6 +79,13 @@ def test_compose_has_one_public_http_port_in_front_of_the_wsgi_and_asgi_servers(
         services["web"]["command"]
     )
     assert services["asgi"]["command"][:2] == ["uvicorn", "config.asgi:application"]
+    procfile_asgi = next(
+        line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("asgi:")
+    )
+    for command in (" ".join(services["asgi"]["command"]), procfile_asgi):
+        # The WebSocket server options the tests and `runall` use (settings).
+        assert "--ws websockets-sansio --ws-per-message-deflate false" in command
+        assert "--ws-max-size 1048576" in command
     for name in ("web", "asgi"):  # behind exactly one proxy, which sets X-Forwarded-For
         assert services[name]["environment"]["TRUSTED_PROXY_HOPS"] == "1"
     conf = (ROOT / "docker" / "nginx.conf").read_text()

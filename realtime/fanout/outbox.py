@@ -43,7 +43,9 @@ class Outbox:
         on_failure: Callable[[Exception], Awaitable[None]] | None = None,
     ) -> None:
         self._send = send
-        self._queue: deque[str | tuple[int, str]] = deque()
+        # Created with the first frame and dropped once drained: an empty deque is a 64-slot
+        # block, the largest part of an idle socket's outbox.
+        self._queue: deque[str | tuple[int, str]] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._on_overflow = on_overflow
         self._on_failure = on_failure
@@ -55,7 +57,7 @@ class Outbox:
         Ignored once closed."""
         if self.closed:
             return
-        if len(self._queue) >= self.limit:
+        if self._queue is not None and len(self._queue) >= self.limit:
             self.close()
             self._on_overflow()
             return
@@ -69,6 +71,8 @@ class Outbox:
             self.closed = True
 
     def _append(self, item: str | tuple[int, str]) -> None:
+        if self._queue is None:
+            self._queue = deque()
         self._queue.append(item)
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._drain())
@@ -76,7 +80,7 @@ class Outbox:
     def close(self) -> None:
         """Drop what is queued and refuse everything after; idempotent."""
         self.closed = True
-        self._queue.clear()
+        self._queue = None
 
     async def _drain(self) -> None:
         try:
@@ -85,7 +89,7 @@ class Outbox:
                 if isinstance(item, tuple):
                     code, reason = item
                     await self._send({"type": "websocket.close", "code": code, "reason": reason})
-                    self._queue.clear()
+                    self._queue = None
                 else:
                     await self._send({"type": "websocket.send", "text": item})
         except Exception as error:
@@ -94,3 +98,4 @@ class Outbox:
                 await self._on_failure(error)
         finally:
             self._writer = None
+            self._queue = None

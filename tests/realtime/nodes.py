@@ -1,6 +1,6 @@
 """Real processes for the scale-out and outage tests: `uvicorn config.asgi:application`
-subprocesses on free ports, and throwaway `redis-server`s of the test's own (never the shared
-Redis: a test may stop, kill or restart them)."""
+subprocesses on free ports with the production WebSocket flags, and throwaway `redis-server`s
+of the test's own (never the shared Redis: a test may stop, kill or restart them)."""
 
 import os
 import shutil
@@ -18,6 +18,8 @@ import redis
 from django.db import connection
 
 from bench.harness import free_port
+from bench.realtime import PRODUCTION_WS_FLAGS
+from tests.realtime.conftest import PRODUCTION_WS_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,6 +67,7 @@ def asgi_process(redis_url: str, **env: str) -> Iterator[Node]:
     environment.pop("CELERY_BROKER_URL", None)
     command = [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--lifespan", "off", "--no-access-log"]
+    command += [*PRODUCTION_WS_FLAGS, "--ws", PRODUCTION_WS_OPTIONS["ws"]]  # the last --ws wins
     process = subprocess.Popen([*command, "--log-level", "warning"], cwd=ROOT, env=environment)
     try:
         deadline = time.monotonic() + 30

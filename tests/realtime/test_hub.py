@@ -12,7 +12,7 @@ from django.conf import settings
 from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
 from django.db import transaction
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from realtime import services
 from realtime.services import TopicAccess
@@ -94,6 +94,64 @@ async def test_session_cookie_authenticates(asgi_server: LiveServer) -> None:
         assert (await request(ws, {"type": "ping"}))["type"] == "pong"
 
 
+async def test_a_bad_ticket_is_refused_even_with_a_valid_session(asgi_server: LiveServer) -> None:
+    user = await sync_to_async(UserFactory.create)()
+    session = await sync_to_async(_session_of)(user)
+    async with connect(
+        f"{asgi_server.ws_url}/ws/?ticket=forged",
+        additional_headers={"Cookie": f"{settings.SESSION_COOKIE_NAME}={session}"},
+    ) as ws:
+        assert await closed_code(ws) == 4401
+
+
+async def test_a_session_of_a_changed_password_is_refused(asgi_server: LiveServer) -> None:
+    user = await sync_to_async(UserFactory.create)()
+    session = await sync_to_async(_session_of)(user)
+    user.set_password("another one entirely")
+    await sync_to_async(user.save)()
+    async with connect(
+        f"{asgi_server.ws_url}/ws/",
+        additional_headers={"Cookie": f"{settings.SESSION_COOKIE_NAME}={session}"},
+    ) as ws:
+        assert await closed_code(ws) == 4401
+
+
+async def test_a_websocket_on_another_path_is_refused_at_the_handshake(
+    asgi_server: LiveServer,
+) -> None:
+    user = await sync_to_async(UserFactory.create)()
+    ticket = await ticket_for(asgi_server, user)
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(f"{asgi_server.ws_url}/elsewhere/?ticket={ticket}", open_timeout=5)
+    assert refused.value.response.status_code == 403
+
+
+async def _server_tasks(server: LiveServer) -> int:
+    async def count() -> int:
+        return len(asyncio.all_tasks())
+
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(count(), server.loop))
+
+
+async def test_an_idle_socket_costs_the_server_one_task(asgi_server: LiveServer) -> None:
+    """Idle memory: the consumer waits on the server's receive in the server's own task (no
+    dispatch task per socket, no timer per socket); the hub has one listener per process."""
+    users = [await sync_to_async(UserFactory.create)() for _ in range(10)]
+    warm = await open_socket(asgi_server, users[0])
+    assert await request(warm, {"type": "ping", "ref": 0}) == {"type": "pong", "ref": 0}
+    before = await _server_tasks(asgi_server)
+    sockets = [await open_socket(asgi_server, user) for user in users[1:]]
+    for ws in sockets:  # every one accepted and served
+        assert await request(ws, {"type": "ping", "ref": 1}) == {"type": "pong", "ref": 1}
+    # Writer tasks end once their frame is out: wait for that, not for a fixed time.
+    deadline = asyncio.get_running_loop().time() + 5
+    while (extra := await _server_tasks(asgi_server) - before) > len(sockets):
+        assert asyncio.get_running_loop().time() < deadline, f"{extra} tasks for {len(sockets)}"
+        await asyncio.sleep(0.05)
+    for ws in [warm, *sockets]:
+        await ws.close()
+
+
 @pytest.mark.parametrize(
     ("raw", "code"),
     [
@@ -119,6 +177,18 @@ async def test_bad_frames_get_an_error_and_the_connection_survives(
         assert error["code"] == code
         assert error["detail"]
         assert (await request(ws, {"type": "ping", "ref": "after"}))["ref"] == "after"
+
+
+async def test_a_frame_beyond_the_server_bound_is_closed_with_1009(
+    asgi_server: LiveServer,
+) -> None:
+    """Up to the server's bound (`--ws-max-size`, 1 MiB: 64 x REALTIME_MAX_FRAME_BYTES) an
+    oversized frame gets `frame_too_large` and the socket stays open (above); beyond it the
+    server refuses to buffer it and closes with 1009 (message too big)."""
+    user = await sync_to_async(UserFactory.create)()
+    async with await open_socket(asgi_server, user) as ws:
+        await ws.send('{"type": "ping", "pad": "' + "x" * (1 << 20) + '"}')
+        assert await closed_code(ws) == 1009
 
 
 async def test_error_frame_echoes_the_ref(asgi_server: LiveServer) -> None:

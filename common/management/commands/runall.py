@@ -87,7 +87,7 @@ class Command(BaseCommand):
             port=port,
             lifespan="off",
             log_config=None,
-            ws_max_size=settings.REALTIME_MAX_FRAME_BYTES * 4,
+            **settings.ASGI_WEBSOCKET_OPTIONS,  # type: ignore[arg-type]
             # Client addresses are the socket's; TRUSTED_PROXY_HOPS is the one place that trusts
             # X-Forwarded-For (common/network.py), so uvicorn must not rewrite them first.
             proxy_headers=False,
