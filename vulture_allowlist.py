@@ -102,10 +102,17 @@ _.do_rotate_token  # vmcontrol/management/commands/vmctl.py (vmctl: getattr(self
 _.do_update  # vmcontrol/management/commands/vmctl.py (vmctl: getattr(self, "do_" + action))
 
 # Referenced by dotted path from settings or URLconf
+_.exception_handler  # common/api.py (REST_FRAMEWORK EXCEPTION_HANDLER)
+_.json_bad_request  # common/api.py
 _.json_not_found  # common/api.py
+_.json_permission_denied  # common/api.py
 _.json_server_error  # common/api.py
 _.login_lockout_response  # common/api.py
 
 # Used only by tests (kept public on purpose)
 _.LENIENT_DRF_FIELDS  # common/fields.py
 _.reset_for_tests  # docbot/runtime.py
+
+# Read by the framework (Channels' consumer attributes)
+_.groups  # realtime/consumers.py
+_._class  # common/cache.py (Django's RedisCache builds its client from it)

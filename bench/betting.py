@@ -1,24 +1,41 @@
 # ruff: noqa: E402
 """Betting benchmark against the real services (PostgreSQL, Redis, RabbitMQ).
 
-1. POST /api/betting/bet, 16 concurrent clients; baseline: GET /api/auth/me (a trivial
-   authenticated view) on the same uvicorn server (BENCH_BETTING_WEB_WORKERS workers).
-2. GET /api/betting/events?limit=200 with 200 open events, 16 clients; same baseline.
+HTTP load comes from `wrk` (C, 16 connections) against the production server
+(`bench.harness.web_server_args`: granian WSGI, 2 workers); every HTTP figure is printed with
+the server's CPU time per request (its process tree, from /proc) and its ratio to a bare Django
+view (`bench.bare_django:wsgi`, GET /bare) on the same server in the same run.
+
+1. POST /api/betting/bet, every bet on ONE event (the hot-event case), 16 connections:
+   bets/s, p99, web CPU ms per bet, PostgreSQL backend CPU ms per bet (the web servers'
+   backends, from /proc), database transactions per bet (`pg_stat_database.xact_commit`).
+   Meanwhile ten odds changes of that event (the exclusive lock the placements' shared ones must
+   let through), timed against the same changes with no bet in flight.
+   Also GET /api/auth/me, the trivial authenticated view the per-request cost is judged by.
+2. GET /api/betting/events?limit=200 with 200 open events: uncached (a second server with
+   BETTING_EVENTS_CACHE_SECONDS=0) and cached (the default brief cache).
 3. gRPC GetEvent at concurrency 16 against `manage.py run_line_provider`; baseline: a bare
    grpc.aio server returning a constant Event (this file with --bare-grpc), same run.
-4. Settle BENCH_BETTING_SETTLE_BETS (100k) pending bets: time from FinishEvent returning to the
+4. WatchEvents: 100 subscribers, 50 odds changes/s: delivery p99 and no gaps/duplicates.
+5. Settle BENCH_BETTING_SETTLE_BETS (100k) pending bets: time from FinishEvent returning to the
    last bet settled by a real Celery worker; baseline: one raw SQL UPDATE of the same rows;
    a redelivered settlement must change 0 rows.
-5. WatchEvents: 100 subscribers, 50 odds changes/s: delivery p99 and no gaps/duplicates.
+
+The gRPC processes start only after the HTTP phases, so the transaction count per bet is the
+web server's alone.
 
 Run: flock /tmp/quintet-bench.lock .venv/bin/python bench/betting.py
 """
 
 import asyncio
+import math
 import os
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -26,7 +43,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
-import aiohttp
 import django
 import grpc
 
@@ -42,13 +58,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench.harness import (
     Report,
+    WrkResult,
     celery_worker_args,
+    cpu_seconds,
     free_port,
     percentile,
     process,
     run_at_rate,
     run_concurrently,
     wait_for_port,
+    web_server_args,
+    wrk,
 )
 from betting import services
 from betting.grpc.generated import betting_pb2 as pb
@@ -56,15 +76,14 @@ from betting.grpc.generated import betting_pb2_grpc as pb_grpc
 from betting.models import AuditEntry, Bet, BetStatus
 from tests.factories import StaffFactory, UserFactory, token_for
 
-WEB_WORKERS = int(os.environ.get("BENCH_BETTING_WEB_WORKERS", "2"))
-BETS = int(os.environ.get("BENCH_BETTING_BETS", "4000"))
-EVENT_GETS = int(os.environ.get("BENCH_BETTING_EVENT_GETS", "4000"))
+HTTP_SECONDS = float(os.environ.get("BENCH_BETTING_HTTP_SECONDS", "10"))
 GRPC_CALLS = int(os.environ.get("BENCH_BETTING_GRPC_CALLS", "10000"))
 SETTLE_BETS = int(os.environ.get("BENCH_BETTING_SETTLE_BETS", "100000"))
 WATCHERS = int(os.environ.get("BENCH_BETTING_WATCHERS", "100"))
 WATCH_RATE = float(os.environ.get("BENCH_BETTING_WATCH_RATE", "50"))
 WATCH_SECONDS = float(os.environ.get("BENCH_BETTING_WATCH_SECONDS", "10"))
 OPEN_EVENTS = 200
+HOT_EVENT = "open-0"
 CLIENTS = 16
 
 
@@ -120,37 +139,187 @@ def seed() -> tuple[list[str], str]:
     return tokens, staff
 
 
-# --- HTTP -------------------------------------------------------------------------------------
+# --- HTTP (wrk) -------------------------------------------------------------------------------
 
 
-async def http_load(
-    port: int, tokens: list[str], total: int, method: str, path: str, body: Any = None
-) -> Any:
-    sessions = [
-        aiohttp.ClientSession(
-            f"http://127.0.0.1:{port}",
-            headers={"Authorization": f"Token {token}"},
-            connector=aiohttp.TCPConnector(limit=1),
+def backend_pids() -> list[int]:
+    """PostgreSQL backends serving this database, other than this process's own."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "select pid from pg_stat_activity where datname = current_database()"
+            " and backend_type = 'client backend' and pid <> pg_backend_pid()"
         )
-        for token in tokens
-    ]
-    statuses: dict[int, int] = {}
-    try:
+        return [row[0] for row in cursor.fetchall()]
 
-        async def call(index: int) -> None:
-            session = sessions[index % len(sessions)]
-            payload = body(index) if callable(body) else body
-            async with session.request(method, path, json=payload) as response:
-                await response.read()
-                statuses[response.status] = statuses.get(response.status, 0) + 1
-                if response.status >= 400:
-                    raise RuntimeError(f"HTTP {response.status}")
 
-        stats = await run_concurrently(call, concurrency=CLIENTS, total=total)
-    finally:
-        for session in sessions:
-            await session.close()
-    return stats, statuses
+def transactions_committed() -> int:
+    """Committed + rolled-back transactions of this database (`pg_stat_database`), once the
+    figure holds still: a backend flushes its counts within about a second of going idle."""
+    last = -1
+    for _ in range(20):
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "select xact_commit + xact_rollback from pg_stat_database"
+                " where datname = current_database()"
+            )
+            value = int(cursor.fetchone()[0])
+        if value - last <= 2:  # at most our own reads moved it (a few among thousands)
+            return value
+        last = value
+        time.sleep(0.75)
+    return last
+
+
+def metered(run: Callable[[], WrkResult]) -> tuple[WrkResult, float, float]:
+    """`run()` plus the PostgreSQL backend CPU (ms) and transactions it caused, per request.
+    Backends opened during the run count from their start."""
+    before = {pid: cpu_seconds(pid) for pid in backend_pids()}
+    xacts = transactions_committed()
+    result = run()
+    xacts = transactions_committed() - xacts
+    after = {pid: cpu_seconds(pid) for pid in backend_pids()}
+    cpu = sum(after[pid] - before.get(pid, 0.0) for pid in after)
+    count = max(result.requests, 1)
+    return result, cpu * 1000 / count, xacts / count
+
+
+class HotOddsWriter(threading.Thread):
+    """While the bets run, change the hot event's odds now and then (the exclusive lock the
+    placements' shared locks must let through) and time each change, in ms."""
+
+    ODDS = [Decimal("1.90"), Decimal("1.95")]
+
+    def __init__(self, *, delay: float = min(2.0, HTTP_SECONDS / 4)) -> None:
+        super().__init__(daemon=True)
+        self.delay = delay
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        try:
+            time.sleep(self.delay)
+            for change in range(10):
+                started = time.perf_counter()
+                services.event_odds_update(
+                    event_id=HOT_EVENT,
+                    coefficient=self.ODDS[(change + 1) % 2],
+                    actor_id=None,
+                    via="bench",
+                )
+                self.latencies.append((time.perf_counter() - started) * 1000)
+                time.sleep(HTTP_SECONDS / 20)
+        except Exception as error:
+            self.errors.append(repr(error))
+        finally:
+            connection.close()
+
+
+@dataclass(frozen=True)
+class Server:
+    port: int
+    pid: int
+
+
+def http_phases(
+    report: Report, *, bare: Server, web: Server, uncached: Server, tokens: list[str]
+) -> None:
+    base = "http://127.0.0.1"
+    header = {"Authorization": f"Token {tokens[0]}"}
+    events_path = f"/api/betting/events?limit={OPEN_EVENTS}"
+    for server, path in ((bare, "/bare"), (web, "/api/auth/me"), (uncached, events_path)):
+        wrk(f"{base}:{server.port}{path}", server_pids=[], seconds=2, headers=header)  # warm up
+
+    def run(server: Server, path: str, **options: Any) -> WrkResult:
+        url = f"{base}:{server.port}{path}"
+        return wrk(url, server_pids=[server.pid], seconds=HTTP_SECONDS, **options)
+
+    bare_run = run(bare, "/bare")
+    print(bare_run.line("bare Django GET /bare"), flush=True)
+
+    def versus(key: str, label: str, result: WrkResult) -> None:
+        print(result.line(label), flush=True)
+        report.compare(f"{key}_rps", result.rate, bare_run.rate, "req/s", f"  {label} throughput")
+        report.compare(
+            f"{key}_cpu_ms",
+            result.server_cpu_ms_per_request,
+            bare_run.server_cpu_ms_per_request,
+            "ms/req",
+            f"  {label} server CPU",
+        )
+        report.figure(f"{key}_p50_ms", result.p50_ms)
+        report.figure(f"{key}_p99_ms", result.p99_ms)
+        report.check(
+            result.non_2xx == 0 and result.socket_errors == 0,
+            f"{label}: {result.non_2xx} non-2xx, {result.socket_errors} socket errors",
+        )
+
+    me = run(web, "/api/auth/me", headers=header)
+    versus("me", "GET /api/auth/me (trivial authenticated)", me)
+
+    writer = HotOddsWriter()
+    writer.start()
+    bets, pg_cpu, xacts = metered(
+        lambda: run(
+            web,
+            "/api/betting/bet",
+            script="betting_bet.lua",
+            script_env={"BETTING_TOKENS": ",".join(tokens), "BETTING_EVENT_ID": HOT_EVENT},
+        )
+    )
+    writer.join()
+    versus("bet", "POST /api/betting/bet (one event)", bets)
+    idle = HotOddsWriter(delay=0)  # the same changes with no bet in flight
+    idle.start()
+    idle.join()
+    report.compare(
+        "hot_odds_change_p50_ms",
+        percentile(writer.latencies, 50),
+        percentile(idle.latencies, 50),
+        "ms",
+        "  odds change of the hot event during bets, p50",
+    )
+    report.compare(
+        "hot_odds_change_max_ms",
+        max(writer.latencies, default=math.nan),
+        max(idle.latencies, default=math.nan),
+        "ms",
+        "  odds change of the hot event during bets, max",
+    )
+    report.check(
+        not writer.errors and not idle.errors,
+        f"odds changes failed: {(writer.errors + idle.errors)[:3]}",
+    )
+    report.figure(
+        "bet_db",
+        {"postgres_cpu_ms_per_bet": pg_cpu, "transactions_per_bet": xacts},
+        f"  PostgreSQL backend CPU {pg_cpu:.2f} ms/bet; {xacts:.2f} transactions/bet"
+        f" (web + database {bets.server_cpu_ms_per_request + pg_cpu:.2f} ms/bet)",
+    )
+    report.target("bet_rps", bets.rate >= 500, ">= 500 bets/s on one event")
+    report.target("bet_p99", bets.p99_ms <= 60, "p99 <= 60 ms")
+    report.target("bet_cpu", bets.server_cpu_ms_per_request <= 3, "<= 3 ms server CPU per bet")
+    accepted = bets.requests - bets.non_2xx
+    stored = Bet.objects.filter(event_id=HOT_EVENT).count()
+    # wrk stops counting at its deadline; requests still in flight may land after it.
+    report.check(
+        accepted <= stored <= accepted + CLIENTS, f"{stored} bets stored, {accepted} answered 201"
+    )
+    odd = Bet.objects.exclude(status=BetStatus.PENDING, coefficient__in=HotOddsWriter.ODDS).count()
+    report.check(odd == 0, f"{odd} bets not pending at one of the event's coefficients")
+
+    events_uncached, pg_cpu, _ = metered(lambda: run(uncached, events_path, headers=header))
+    versus("events_uncached", "GET /events?limit=200 uncached", events_uncached)
+    report.figure(
+        "events_uncached_postgres_cpu_ms", pg_cpu, f"  PostgreSQL CPU {pg_cpu:.2f} ms/req"
+    )
+    report.target(
+        "events_uncached_cpu",
+        events_uncached.server_cpu_ms_per_request <= 10.8,
+        "uncached <= 10.8 ms CPU/request (the public peer's)",
+    )
+    events = run(web, events_path, headers=header)
+    versus("events", "GET /events?limit=200 (brief cache)", events)
+    report.target("events_rps", events.rate >= 1500, ">= 1500 req/s")
 
 
 # --- gRPC -------------------------------------------------------------------------------------
@@ -303,18 +472,17 @@ def main() -> None:
     report.figure(
         "sizes",
         {
-            "web_workers": WEB_WORKERS,
-            "bets": BETS,
-            "event_gets": EVENT_GETS,
+            "server": "granian WSGI, 2 workers (bench.harness.web_server_args)",
+            "http_seconds": HTTP_SECONDS,
+            "connections": CLIENTS,
+            "open_events": OPEN_EVENTS,
             "grpc_calls": GRPC_CALLS,
             "settle_bets": SETTLE_BETS,
             "watchers": WATCHERS,
             "watch_rate": WATCH_RATE,
             "watch_seconds": WATCH_SECONDS,
-            "clients": CLIENTS,
         },
     )
-    web_port, grpc_port, bare_port = free_port(), free_port(), free_port()
     quiet = {"LOG_LEVEL": "WARNING"}
     web_env = {
         **quiet,
@@ -325,151 +493,118 @@ def main() -> None:
         "DATABASE_POOL": "true",
         "DATABASE_POOL_MAX": "8",
     }
-    web = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "config.asgi:application",
-        "--port",
-        str(web_port),
-        "--workers",
-        str(WEB_WORKERS),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
+    bare_port, web_port, uncached_port = free_port(), free_port(), free_port()
+    with (
+        process(web_server_args(bare_port, app="bench.bare_django:wsgi"), env=quiet) as bare,
+        process(web_server_args(web_port), env=web_env) as web,
+        process(
+            web_server_args(uncached_port), env={**web_env, "BETTING_EVENTS_CACHE_SECONDS": "0"}
+        ) as uncached,
+    ):
+        for port in (bare_port, web_port, uncached_port):
+            wait_for_port(port)
+        http_phases(
+            report,
+            bare=Server(bare_port, bare.pid),
+            web=Server(web_port, web.pid),
+            uncached=Server(uncached_port, uncached.pid),
+            tokens=tokens,
+        )
+
+    grpc_port, bare_grpc_port = free_port(), free_port()
     line_provider = [sys.executable, "manage.py", "run_line_provider", "--port", str(grpc_port)]
-    bare = [sys.executable, "bench/betting.py", "--bare-grpc", str(bare_port)]
-    worker = celery_worker_args()
+    bare_grpc = [sys.executable, "bench/betting.py", "--bare-grpc", str(bare_grpc_port)]
     grpc_env = {**quiet, "DJANGO_DEBUG": "false", "DJANGO_SECRET_KEY": web_env["DJANGO_SECRET_KEY"]}
     with (
-        process(web, env=web_env),
         process(line_provider, env=grpc_env),
-        process(bare, env=quiet),
-        process(worker, env=grpc_env),
+        process(bare_grpc, env=quiet),
+        process(celery_worker_args(), env=grpc_env),
     ):
-        for port in (web_port, grpc_port, bare_port):
+        for port in (grpc_port, bare_grpc_port):
             wait_for_port(port)
-
-        # 1. bets vs trivial authenticated view
-        asyncio.run(http_load(web_port, tokens, 200, "GET", "/api/auth/me"))
-        me, _ = asyncio.run(http_load(web_port, tokens, BETS, "GET", "/api/auth/me"))
-        bets, bet_statuses = asyncio.run(
-            http_load(
-                web_port,
-                tokens,
-                BETS,
-                "POST",
-                "/api/betting/bet",
-                body=lambda i: {"event_id": f"open-{i % OPEN_EVENTS}", "amount": "10.00"},
-            )
-        )
-        report.compare("bet_rps", bets.rate, me.rate, "req/s", "POST /bet throughput (16 clients)")
-        report.compare("bet_p99_ms", bets.p99_ms, me.p99_ms, "ms", "POST /bet p99")
-        report.figure(
-            "bet_p50_ms",
-            bets.p50_ms,
-            f"  POST /bet p50 {bets.p50_ms:.1f} ms; statuses {bet_statuses}",
-        )
-        report.target("bet_rps", bets.rate >= 400, ">= 400 bets/s")
-        report.target("bet_p99", bets.p99_ms <= 60, "p99 <= 60 ms")
-        report.check(bets.errors == 0, f"{bets.errors} failed bet placements")
-        stored = Bet.objects.count()
-        report.check(stored == bets.count, f"{stored} bets stored, {bets.count} accepted")
-
-        # 2. GET events
-        events, _ = asyncio.run(
-            http_load(
-                web_port, tokens, EVENT_GETS, "GET", f"/api/betting/events?limit={OPEN_EVENTS}"
-            )
-        )
-        report.compare(
-            "events_rps", events.rate, me.rate, "req/s", "GET /events (200 open) throughput"
-        )
-        report.compare("events_p99_ms", events.p99_ms, me.p99_ms, "ms", "GET /events p99")
-        report.target("events_rps", events.rate >= 1000, ">= 1000 req/s")
-        report.check(events.errors == 0, f"{events.errors} failed GET /events")
-
-        # 3. gRPC GetEvent vs bare server
-        asyncio.run(grpc_get_load(f"127.0.0.1:{bare_port}", "bare"))
-        bare_stats = asyncio.run(grpc_get_load(f"127.0.0.1:{bare_port}", "bare"))
-        get_stats = asyncio.run(grpc_get_load(f"127.0.0.1:{grpc_port}", "open-7"))
-        report.compare(
-            "grpc_get_cps",
-            get_stats.rate,
-            bare_stats.rate,
-            "calls/s",
-            "gRPC GetEvent (concurrency 16)",
-        )
-        report.compare(
-            "grpc_get_p99_ms", get_stats.p99_ms, bare_stats.p99_ms, "ms", "gRPC GetEvent p99"
-        )
-        report.target("grpc_get_cps", get_stats.rate >= 1500, ">= 1500 calls/s")
-        report.target("grpc_get_p99", get_stats.p99_ms <= 20, "p99 <= 20 ms")
-        report.check(get_stats.errors == 0, f"{get_stats.errors} failed GetEvent calls")
-
-        # 4. WatchEvents
-        watch = asyncio.run(watch_load(f"127.0.0.1:{grpc_port}", staff))
-        delivery_p99 = percentile([value * 1000 for value in watch["latencies"]], 99)
-        delivery_p50 = percentile([value * 1000 for value in watch["latencies"]], 50)
-        report.figure(
-            "watch",
-            {
-                "subscribers": WATCHERS,
-                "changes": watch["writes"].count,
-                "change_rate": watch["writes"].rate,
-                "deliveries": len(watch["latencies"]),
-                "expected_deliveries": watch["expected"],
-                "delivery_p50_ms": delivery_p50,
-                "delivery_p99_ms": delivery_p99,
-                "gaps": len(watch["problems"]),
-                "missing": watch["missing"],
-            },
-            f"WatchEvents {WATCHERS} subscribers, {watch['writes'].rate:.1f} changes/s:"
-            f" {len(watch['latencies'])}/{watch['expected']} deliveries,"
-            f" p50 {delivery_p50:.1f} ms, p99 {delivery_p99:.1f} ms, gaps {len(watch['problems'])}",
-        )
-        report.target("watch_p99", delivery_p99 <= 100, "delivery p99 <= 100 ms")
-        report.check(not watch["problems"], f"gaps/duplicates: {watch['problems'][:5]}")
-        report.check(watch["missing"] == 0, f"{watch['missing']} deliveries missing")
-        report.check(watch["writes"].errors == 0, f"{watch['writes'].errors} failed UpdateOdds")
-
-        # 5. settlement of SETTLE_BETS pending bets
-        services.event_create(
-            event_id="settle-bulk",
-            name="Bulk settlement",
-            coefficient=Decimal("1.90"),
-            deadline=deadline_in(1),
-            actor_id=None,
-            via="bench",
-        )
-        owner = UserFactory.create(username=f"bulk-{uuid.uuid4().hex[:10]}")
-        bulk_pending_bets("settle-bulk", SETTLE_BETS, owner.pk)
-        raw = raw_update_seconds("settle-bulk")
-        settle = asyncio.run(settle_via_worker(f"127.0.0.1:{grpc_port}", staff, "settle-bulk"))
-        report.compare(
-            "settle_seconds", settle, raw, "s", f"settle {SETTLE_BETS} bets (FinishEvent→last)"
-        )
-        report.target("settle_seconds", settle <= 3, "<= 3 s")
-        won = Bet.objects.filter(
-            event_id="settle-bulk", status=BetStatus.WON, payout=Decimal("19.00")
-        ).count()
-        report.check(won == SETTLE_BETS, f"{won}/{SETTLE_BETS} bets won with the right payout")
-        audits = AuditEntry.objects.filter(subject="bet", subject_id="settle-bulk").count()
-        again = services.event_bets_settle(event_id="settle-bulk")
-        from betting.tasks import settle_event
-
-        settle_event.delay("settle-bulk")  # a redelivery through the real worker
-        time.sleep(2)
-        audits_after = AuditEntry.objects.filter(subject="bet", subject_id="settle-bulk").count()
-        report.figure(
-            "redelivery_rows",
-            again,
-            f"  redelivered settlement changed {again} rows"
-            f" (audit entries {audits} -> {audits_after})",
-        )
-        report.check(again == 0 and audits_after == audits == 1, "redelivery changed rows")
+        grpc_phases(report, grpc_port=grpc_port, bare_port=bare_grpc_port, staff=staff)
     report.finish()
+
+
+def grpc_phases(report: Report, *, grpc_port: int, bare_port: int, staff: str) -> None:
+    # 3. gRPC GetEvent vs bare server
+    asyncio.run(grpc_get_load(f"127.0.0.1:{bare_port}", "bare"))
+    bare_stats = asyncio.run(grpc_get_load(f"127.0.0.1:{bare_port}", "bare"))
+    get_stats = asyncio.run(grpc_get_load(f"127.0.0.1:{grpc_port}", "open-7"))
+    report.compare(
+        "grpc_get_cps",
+        get_stats.rate,
+        bare_stats.rate,
+        "calls/s",
+        "gRPC GetEvent (concurrency 16)",
+    )
+    report.compare(
+        "grpc_get_p99_ms", get_stats.p99_ms, bare_stats.p99_ms, "ms", "gRPC GetEvent p99"
+    )
+    report.target("grpc_get_cps", get_stats.rate >= 1500, ">= 1500 calls/s")
+    report.target("grpc_get_p99", get_stats.p99_ms <= 20, "p99 <= 20 ms")
+    report.check(get_stats.errors == 0, f"{get_stats.errors} failed GetEvent calls")
+
+    # 4. WatchEvents
+    watch = asyncio.run(watch_load(f"127.0.0.1:{grpc_port}", staff))
+    delivery_p99 = percentile([value * 1000 for value in watch["latencies"]], 99)
+    delivery_p50 = percentile([value * 1000 for value in watch["latencies"]], 50)
+    report.figure(
+        "watch",
+        {
+            "subscribers": WATCHERS,
+            "changes": watch["writes"].count,
+            "change_rate": watch["writes"].rate,
+            "deliveries": len(watch["latencies"]),
+            "expected_deliveries": watch["expected"],
+            "delivery_p50_ms": delivery_p50,
+            "delivery_p99_ms": delivery_p99,
+            "gaps": len(watch["problems"]),
+            "missing": watch["missing"],
+        },
+        f"WatchEvents {WATCHERS} subscribers, {watch['writes'].rate:.1f} changes/s:"
+        f" {len(watch['latencies'])}/{watch['expected']} deliveries,"
+        f" p50 {delivery_p50:.1f} ms, p99 {delivery_p99:.1f} ms, gaps {len(watch['problems'])}",
+    )
+    report.target("watch_p99", delivery_p99 <= 100, "delivery p99 <= 100 ms")
+    report.check(not watch["problems"], f"gaps/duplicates: {watch['problems'][:5]}")
+    report.check(watch["missing"] == 0, f"{watch['missing']} deliveries missing")
+    report.check(watch["writes"].errors == 0, f"{watch['writes'].errors} failed UpdateOdds")
+
+    # 5. settlement of SETTLE_BETS pending bets
+    services.event_create(
+        event_id="settle-bulk",
+        name="Bulk settlement",
+        coefficient=Decimal("1.90"),
+        deadline=deadline_in(1),
+        actor_id=None,
+        via="bench",
+    )
+    owner = UserFactory.create(username=f"bulk-{uuid.uuid4().hex[:10]}")
+    bulk_pending_bets("settle-bulk", SETTLE_BETS, owner.pk)
+    raw = raw_update_seconds("settle-bulk")
+    settle = asyncio.run(settle_via_worker(f"127.0.0.1:{grpc_port}", staff, "settle-bulk"))
+    report.compare(
+        "settle_seconds", settle, raw, "s", f"settle {SETTLE_BETS} bets (FinishEvent→last)"
+    )
+    report.target("settle_seconds", settle <= 3, "<= 3 s")
+    won = Bet.objects.filter(
+        event_id="settle-bulk", status=BetStatus.WON, payout=Decimal("19.00")
+    ).count()
+    report.check(won == SETTLE_BETS, f"{won}/{SETTLE_BETS} bets won with the right payout")
+    audits = AuditEntry.objects.filter(subject="bet", subject_id="settle-bulk").count()
+    again = services.event_bets_settle(event_id="settle-bulk")
+    from betting.tasks import settle_event
+
+    settle_event.delay("settle-bulk")  # a redelivery through the real worker
+    time.sleep(2)
+    audits_after = AuditEntry.objects.filter(subject="bet", subject_id="settle-bulk").count()
+    report.figure(
+        "redelivery_rows",
+        again,
+        f"  redelivered settlement changed {again} rows (audit entries {audits} -> {audits_after})",
+    )
+    report.check(again == 0 and audits_after == audits == 1, "redelivery changed rows")
 
 
 if __name__ == "__main__":

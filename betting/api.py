@@ -6,13 +6,16 @@ limits the gRPC door uses (`services.STAKE`, `services.COEFFICIENT`).
 """
 
 import hashlib
+import time
 from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
+from django.http import HttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import IsAdminUser, IsAuthenticated
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -24,6 +27,9 @@ from common.pagination import CursorPagination, LimitOffsetPagination
 
 
 class EventOutputSerializer(serializers.ModelSerializer):
+    """An event on the wire. The open-events list builds the same bytes with
+    `schemas.event_json` (no serializer per row; tests/betting/test_budget.py holds them equal)."""
+
     coefficient = MoneyField(read_only=True)
 
     class Meta:
@@ -32,6 +38,9 @@ class EventOutputSerializer(serializers.ModelSerializer):
 
 
 class BetOutputSerializer(serializers.ModelSerializer):
+    """A bet on the wire, for the OpenAPI schema: the views build the same bytes with
+    `schemas.bet_json` (`_bet_body`; tests/betting/test_budget.py holds them equal)."""
+
     amount = MoneyField(read_only=True)
     coefficient = MoneyField(read_only=True)
     potential_payout = MoneyField(read_only=True)
@@ -58,16 +67,58 @@ class BetOutputSerializer(serializers.ModelSerializer):
         return data
 
 
+def _bet_body(bet: Bet) -> dict[str, object]:
+    """`BetOutputSerializer`'s output, built directly."""
+    return schemas.bet_json(
+        bet_id=bet.pk,
+        event_id=bet.event_id,
+        amount=bet.amount,
+        coefficient=bet.coefficient,
+        potential_payout=bet.potential_payout,
+        status=bet.status,
+        payout=bet.payout,
+        created_at=bet.created_at,
+        settled_at=bet.settled_at,
+    )
+
+
 def _user_id(request: Request) -> int:
     return int(request.user.pk or 0)
 
 
+class _RenderedPages:
+    """Per-process store of rendered open-event pages, so a hit costs one cache read (the
+    generation) and no rendering. A key embeds the generation every event change bumps in the
+    shared cache, so a change made through any process retires every page at once; a page also
+    expires after BETTING_EVENTS_CACHE_SECONDS. Keys follow client query strings, so past
+    `MAX_PAGES` the store starts over."""
+
+    MAX_PAGES = 256
+
+    def __init__(self) -> None:
+        self._pages: dict[str, tuple[float, bytes]] = {}
+
+    def get(self, key: str) -> bytes | None:
+        page = self._pages.get(key)
+        return page[1] if page is not None and time.monotonic() < page[0] else None
+
+    def put(self, key: str, body: bytes, seconds: float) -> None:
+        if len(self._pages) >= self.MAX_PAGES:
+            self._pages.clear()
+        self._pages[key] = (time.monotonic() + seconds, body)
+
+
+_EVENT_PAGES = _RenderedPages()
+
+
 class EventListApi(APIView):
-    """Events open for betting, briefly cached; any event change invalidates the cache.
+    """Events open for betting, briefly cached (BETTING_EVENTS_CACHE_SECONDS; 0 turns the cache
+    off); any event change invalidates the cache in every process.
 
     `limit`/`offset` are parsed before the cache is consulted, so a bad one is a 400 and never a
     cache entry; the key is a digest of the host and query (the page links echo both), so its
-    length does not grow with what a client sends."""
+    length does not grow with what a client sends. Without a readable generation (first use,
+    cache outage) the page is served fresh and not kept."""
 
     class Pagination(LimitOffsetPagination):
         default_limit = 50
@@ -80,20 +131,38 @@ class EventListApi(APIView):
             OpenApiParameter("offset", int, required=False),
         ],
     )
-    def get(self, request: Request) -> Response:
+    def get(self, request: Request) -> HttpResponse:
         paginator = self.Pagination()
         limit, offset = paginator.get_limit(request), paginator.get_offset(request)
-        generation = cache.get(services.EVENTS_CACHE_GENERATION_KEY, 0)
+        assert limit is not None  # default_limit is set
+        seconds = settings.BETTING_EVENTS_CACHE_SECONDS
+        generation = cache.get(services.EVENTS_CACHE_GENERATION_KEY) if seconds > 0 else None
+        if generation is None:
+            if seconds > 0:
+                cache.add(services.EVENTS_CACHE_GENERATION_KEY, time.time_ns(), None)
+            return self._page(paginator, request, limit=limit, offset=offset)
         query = f"{request.get_host()}?{request.META.get('QUERY_STRING', '')}"
         digest = hashlib.sha256(query.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        key = f"betting:events:{generation}:{limit}:{offset}:{digest}"
-        cached = cache.get(key)
-        if cached is not None:
-            return Response(cached)
-        page = paginator.paginate_queryset(selectors.events_open(), request, view=self)
-        response = paginator.get_paginated_response(EventOutputSerializer(page, many=True).data)
-        cache.set(key, response.data, settings.BETTING_EVENTS_CACHE_SECONDS)
-        return response
+        key = f"{generation}:{limit}:{offset}:{digest}"
+        body = _EVENT_PAGES.get(key)
+        if body is None:
+            response = self._page(paginator, request, limit=limit, offset=offset)
+            _EVENT_PAGES.put(key, response.content, seconds)
+            return response
+        return HttpResponse(body, content_type=JSONRenderer.media_type)
+
+    @staticmethod
+    def _page(
+        paginator: LimitOffsetPagination, request: Request, *, limit: int, offset: int
+    ) -> HttpResponse:
+        """One query, rows formatted without a serializer per row, rendered here (as DRF's
+        JSONRenderer would) so a cached copy is the same bytes. The paginator gets what its
+        `paginate_queryset` would have set, so the links and the envelope are DRF's."""
+        count, rows = selectors.events_open_page(limit=limit, offset=offset)
+        paginator.request, paginator.limit, paginator.offset = request, limit, offset
+        paginator.count = count
+        data = paginator.get_paginated_response([schemas.event_json(*row) for row in rows]).data
+        return HttpResponse(JSONRenderer().render(data), content_type=JSONRenderer.media_type)
 
 
 class BetPlaceApi(APIView):
@@ -143,9 +212,7 @@ class BetPlaceApi(APIView):
             **serializer.validated_data,
         )
         headers = {"Idempotent-Replayed": "true"} if placement.replayed else {}
-        return Response(
-            BetOutputSerializer(placement.bet).data, status=placement.status_code, headers=headers
-        )
+        return Response(_bet_body(placement.bet), status=placement.status_code, headers=headers)
 
 
 class BetListApi(APIView):
@@ -175,7 +242,7 @@ class BetListApi(APIView):
         bets = selectors.bets_of_user(user_id=_user_id(request), **filters.validated_data)
         paginator = self.Pagination()
         page = paginator.paginate_queryset(bets, request, view=self)
-        return paginator.get_paginated_response(BetOutputSerializer(page, many=True).data)
+        return paginator.get_paginated_response([_bet_body(bet) for bet in page or []])
 
 
 class BetDetailApi(APIView):
@@ -185,7 +252,7 @@ class BetDetailApi(APIView):
     @extend_schema(operation_id="betting_bet_get", responses=BetOutputSerializer)
     def get(self, request: Request, bet_id: int) -> Response:
         bet = selectors.bet_of_user(user_id=_user_id(request), bet_id=bet_id)
-        return Response(BetOutputSerializer(bet).data)
+        return Response(_bet_body(bet))
 
 
 class BetCollectionApi(BetListApi, BetPlaceApi):

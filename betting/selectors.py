@@ -1,6 +1,9 @@
 """Betting reads. Querysets are lazy and unlocked; ordering is part of each contract."""
 
-from django.db.models import Max, QuerySet
+from datetime import datetime
+from decimal import Decimal
+
+from django.db.models import Count, Max, QuerySet, Window
 from django.utils import timezone
 
 from betting.models import Bet, Event, EventChange, EventState
@@ -12,6 +15,26 @@ def events_open() -> QuerySet[Event]:
     return Event.objects.filter(state=EventState.NEW, deadline__gt=timezone.now()).order_by(
         "deadline", "id"
     )
+
+
+#: An open event as `events_open_page` reads it: (id, name, coefficient, deadline, state,
+#: version, sequence), the arguments of `schemas.event_json`.
+EventRow = tuple[str, str, Decimal, datetime, str, int, int]
+
+
+def events_open_page(*, limit: int, offset: int) -> tuple[int, list[EventRow]]:
+    """The number of open events and one page of them (`events_open` order) as plain rows, in
+    one query (a window count rides along); past the end, a COUNT tells the total."""
+    rows = list(
+        events_open()
+        .annotate(total=Window(Count("*")))
+        .values_list(
+            "id", "name", "coefficient", "deadline", "state", "version", "sequence", "total"
+        )[offset : offset + limit]
+    )
+    if not rows:
+        return (events_open().count() if offset else 0), []
+    return rows[0][-1], [row[:-1] for row in rows]
 
 
 def events_list(*, state: str | None = None, open_only: bool = False) -> QuerySet[Event]:

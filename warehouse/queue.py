@@ -214,7 +214,6 @@ class MovementConsumer:
         self.linger = (linger_ms if linger_ms is not None else settings.WAREHOUSE_LINGER_MS) / 1000
         self.name = name or consumer_name()
         self.pending: list[Delivery] = []
-        self._channel: Any = None
         self.batches = 0
         self.started_at: datetime = timezone.now()
         self._last_beat = 0.0
@@ -311,7 +310,7 @@ class MovementConsumer:
             connection_open(self.url) as conn,
             ThreadPoolExecutor(1, thread_name_prefix="warehouse-commit") as committer,
         ):
-            channel = self._channel = conn.channel()
+            channel = conn.channel()
             consumer = Consumer(channel, queues=[self.queue], on_message=self._on_message)
             consumer.qos(prefetch_count=self.prefetch)
             in_flight: tuple[Future[None], list[Delivery]] | None = None

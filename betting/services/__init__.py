@@ -3,7 +3,7 @@
 coefficient ranges (`ranges`) and the audit trail (`audit`) they share. Other code imports
 them from here.
 
-Lock order everywhere: event row, then the change-sequence row (see lock_objects).
+Lock order everywhere: the event (gate, row), then the change-sequence row (see lock_objects).
 """
 
 from betting.services.events import (

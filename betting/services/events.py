@@ -1,8 +1,9 @@
 """Events of the line provider: create, change the odds, finish, cancel.
 
-Lock order everywhere: event row, then the change-sequence row (see lock_objects). Every change
-appends one `EventChange` row numbered by the gapless global sequence, one audit row, and after
-commit invalidates the cached open-events list and publishes `event.<kind>` on `betting.events`.
+Lock order everywhere: the event (gate, row), then the change-sequence row (see lock_objects).
+Every change appends one `EventChange` row numbered by the gapless global sequence, one audit
+row, and after commit invalidates the cached open-events list and publishes `event.<kind>` on
+`betting.events`.
 """
 
 import time
@@ -131,9 +132,9 @@ def event_create(
 
 
 def event_locked(event_id: str) -> Event:
-    """The event row, locked (select_for_update) until the caller's transaction ends; raises
-    `NotFound` (`event_not_found`)."""
-    event = event_for_update(event_id=event_id).first()
+    """The event, locked exclusively (`lock_objects.event_for_update`) until the caller's
+    transaction ends; raises `NotFound` (`event_not_found`)."""
+    event = event_for_update(event_id=event_id)
     if event is None:
         raise NotFound(f"event {event_id} not found", code="event_not_found")
     return event
@@ -144,7 +145,7 @@ def event_odds_update(
     *, event_id: str, coefficient: Decimal, actor_id: int | None, via: str
 ) -> Event:
     """Change the coefficient (decimal odds, 2 places, within `COEFFICIENT`) of a NEW event
-    under its row lock; the version goes up by one. Idempotent: the same value is a no-op.
+    under its exclusive lock; the version goes up by one. Idempotent: the same value is a no-op.
     Raises `InvalidValue`, `NotFound` (`event_not_found`) and `PreconditionFailed`
     (`event_closed`) once the event is finished or cancelled."""
     coefficient = COEFFICIENT.check(coefficient, field="coefficient")
@@ -179,11 +180,11 @@ def _event_terminate(
 
 @transaction.atomic
 def event_finish(*, event_id: str, outcome: str, actor_id: int | None, via: str) -> Event:
-    """Finish a NEW event with outcome "win" or "lose" under the event row lock (which placement
-    also takes), then settle its bets after commit (the `betting.settle_event` task).
-    Idempotent: re-sending the same outcome is a no-op. Raises `ValidationFailed`
-    (`invalid_outcome`), `NotFound` (`event_not_found`) and `PreconditionFailed`
-    (`event_already_final`) when it already ended otherwise."""
+    """Finish a NEW event with outcome "win" or "lose" under the event's exclusive lock (it
+    waits for the placements holding the event shared), then settle its bets after commit (the
+    `betting.settle_event` task). Idempotent: re-sending the same outcome is a no-op. Raises
+    `ValidationFailed` (`invalid_outcome`), `NotFound` (`event_not_found`) and
+    `PreconditionFailed` (`event_already_final`) when it already ended otherwise."""
     if outcome not in OUTCOME_STATES:
         raise ValidationFailed("outcome must be win or lose", code="invalid_outcome")
     return _event_terminate(
@@ -197,7 +198,7 @@ def event_finish(*, event_id: str, outcome: str, actor_id: int | None, via: str)
 
 @transaction.atomic
 def event_cancel(*, event_id: str, actor_id: int | None, via: str) -> Event:
-    """Cancel a NEW event under its row lock; its bets become void with the stake refunded
+    """Cancel a NEW event under its exclusive lock; its bets become void with the stake refunded
     (settled after commit). Idempotent: cancelling again is a no-op. Raises `NotFound`
     (`event_not_found`) and `PreconditionFailed` (`event_already_final`) once finished."""
     return _event_terminate(

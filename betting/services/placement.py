@@ -1,20 +1,32 @@
-"""Bet placement: at the event's current coefficient, checked under the event row lock, with
-an optional Idempotency-Key so a retried request never places a second bet."""
+"""Bet placement: at the event's current coefficient, checked under the event row's shared lock
+(placements on one event run concurrently; writers of the event exclude them), with an optional
+Idempotency-Key so a retried request never places a second bet.
+
+Database work per bet: on PostgreSQL one statement (its own transaction) without a key, two with
+one (the claim commits first, so a duplicate sees it in flight); on SQLite one transaction."""
 
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 
-from django.db import IntegrityError, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from prometheus_client import Counter
 
 from betting import schemas
-from betting.models import Bet, EventState, IdempotencyKey
-from betting.services.events import event_locked
+from betting.lock_objects import EVENT_FOR_SHARE_SQL
+from betting.models import Bet, BetStatus, Event, EventState, IdempotencyKey
 from betting.services.ranges import COEFFICIENT, STAKE
-from common.exceptions import Conflict, PreconditionFailed, Unprocessable, ValidationFailed
+from common.exceptions import (
+    ApplicationError,
+    Conflict,
+    NotFound,
+    PreconditionFailed,
+    Unprocessable,
+    ValidationFailed,
+)
 
 BETS_PLACED = Counter("betting_bets_placed_total", "Bets accepted")
 
@@ -45,15 +57,26 @@ def _request_hash(
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _idempotency_claim(*, user_id: int, key: str, request_hash: str) -> IdempotencyKey:
-    """Claim (user, key) in its own transaction; an existing claim decides the answer."""
-    try:
-        with transaction.atomic():
-            return IdempotencyKey.objects.create(
-                user_id=user_id, key=key, request_hash=request_hash
-            )
-    except IntegrityError:
-        pass
+def _idempotency_claim(*, user_id: int, key: str, request_hash: str) -> int | IdempotencyKey:
+    """Claim (user, key) with one statement that commits on its own (autocommit) and never
+    fails on a duplicate, so it needs no savepoint: the new claim's id, or the finished earlier
+    claim to replay. Raises `Unprocessable` (`idempotency_key_reused`) or `Conflict`
+    (`in_flight`) as `bet_place` says."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            'INSERT INTO betting_idempotencykey (user_id, "key", request_hash, state, created_at)'
+            ' VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id, "key") DO NOTHING RETURNING id',
+            [
+                user_id,
+                key,
+                request_hash,
+                IdempotencyKey.State.IN_FLIGHT,
+                connection.ops.adapt_datetimefield_value(timezone.now()),
+            ],
+        )
+        row = cursor.fetchone()
+    if row is not None:
+        return int(row[0])
     existing = IdempotencyKey.objects.filter(user_id=user_id, key=key).first()
     if existing is None:  # the other request failed and released the key meanwhile
         raise Conflict("the request with this Idempotency-Key is in flight", code="in_flight")
@@ -67,36 +90,163 @@ def _idempotency_claim(*, user_id: int, key: str, request_hash: str) -> Idempote
     return existing
 
 
-def _bet_insert(
+def _refusal(
+    *,
+    event_id: str,
+    terms: tuple[str, datetime, Decimal],
+    now: datetime,
+    expected_coefficient: Decimal | None,
+    odds_change: str,
+) -> ApplicationError | None:
+    """Why an event with these (state, deadline, coefficient) takes no bet now, if it does not.
+    `_PLACE_SQL` states the same rules in SQL."""
+    state, deadline, current = terms
+    if state != EventState.NEW:
+        return PreconditionFailed(f"event {event_id} is {state}", code="event_closed")
+    if now >= deadline:
+        return PreconditionFailed("the betting deadline has passed", code="betting_closed")
+    if expected_coefficient is not None and current != expected_coefficient:
+        moved_up = current > expected_coefficient
+        if odds_change == "none" or (odds_change == "higher" and not moved_up):
+            return Conflict(
+                "the coefficient has changed",
+                code="odds_changed",
+                details={"coefficient": schemas.money_format(current)},
+            )
+    return None
+
+
+def _place_sql(odds_rule: str) -> str:
+    """PostgreSQL placement in one statement (one round trip, one transaction in autocommit):
+    the event row under the shared lock, the bet inserted only if `_refusal` would find nothing
+    (the same rules, `odds_rule` being its odds rule; `round` of a positive numeric is half-up,
+    as `schemas.payout_of`), the claim of an Idempotency-Key marked done with it. Answers the
+    event's terms and the new bet, if any; no row when the event does not exist."""
+    return f"""WITH event AS ({EVENT_FOR_SHARE_SQL}),
+bet AS (
+    INSERT INTO betting_bet (user_id, event_id, amount, coefficient, potential_payout, status,
+                             payout, created_at, settled_at)
+    SELECT %(user_id)s, %(event_id)s, %(amount)s, coefficient,
+           round(%(amount)s * coefficient, 2), '{BetStatus.PENDING.value}', NULL, %(now)s, NULL
+    FROM event
+    WHERE state = '{EventState.NEW.value}' AND %(now)s < deadline AND {odds_rule}
+    RETURNING id, potential_payout
+),
+claim AS (
+    UPDATE betting_idempotencykey
+    SET state = '{IdempotencyKey.State.DONE.value}', bet_id = bet.id, response_status = 201
+    FROM bet WHERE betting_idempotencykey.id = %(claim_id)s
+)
+SELECT event.state, event.deadline, event.coefficient, bet.id, bet.potential_payout
+FROM event LEFT JOIN bet ON TRUE"""  # noqa: S608 (code constants only; values are parameters)
+
+
+#: The placement statement by odds policy (`any` also when no coefficient is expected).
+_PLACE_SQL = {
+    "any": _place_sql("TRUE"),
+    "none": _place_sql("coefficient = %(expected)s"),
+    "higher": _place_sql("coefficient >= %(expected)s"),
+}
+
+_BET_FIELDS = [field.attname for field in Bet._meta.concrete_fields]
+
+
+def _bet_insert_shared(
     *,
     user_id: int,
     event_id: str,
     amount: Decimal,
     expected_coefficient: Decimal | None,
     odds_change: str,
+    claim_id: int | None,
 ) -> Bet:
-    event = event_locked(event_id)
-    if event.state != EventState.NEW:
-        raise PreconditionFailed(f"event {event_id} is {event.state}", code="event_closed")
-    if timezone.now() >= event.deadline:
-        raise PreconditionFailed("the betting deadline has passed", code="betting_closed")
-    current = event.coefficient
-    if expected_coefficient is not None and current != expected_coefficient:
-        moved_up = current > expected_coefficient
-        if odds_change == "none" or (odds_change == "higher" and not moved_up):
-            raise Conflict(
-                "the coefficient has changed",
-                code="odds_changed",
-                details={"coefficient": schemas.money_format(current)},
+    """PostgreSQL: `_place_sql`. Its shared lock lets placements on one event run concurrently;
+    finishing, cancelling and odds changes (exclusive lock) wait for them and they for those."""
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _PLACE_SQL["any" if expected_coefficient is None else odds_change],
+            {
+                "event_id": event_id,
+                "user_id": user_id,
+                "amount": amount,
+                "now": now,
+                "expected": expected_coefficient,
+                "claim_id": claim_id,
+            },
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise NotFound(f"event {event_id} not found", code="event_not_found")
+    state, deadline, coefficient, bet_id, payout = row
+    if bet_id is None:
+        refusal = _refusal(
+            event_id=event_id,
+            terms=(state, deadline, coefficient),
+            now=now,
+            expected_coefficient=expected_coefficient,
+            odds_change=odds_change,
+        )
+        if refusal is None:  # the SQL and Python rules disagree: a bug, never a silent no-op
+            raise RuntimeError(f"placement on {event_id} refused by SQL alone")
+        raise refusal
+    values = {
+        "id": bet_id,
+        "user_id": user_id,
+        "event_id": event_id,
+        "amount": amount,
+        "coefficient": coefficient,
+        "potential_payout": payout,
+        "status": BetStatus.PENDING.value,
+        "payout": None,
+        "created_at": now,
+        "settled_at": None,
+    }
+    return Bet.from_db(connection.alias, _BET_FIELDS, [values[name] for name in _BET_FIELDS])
+
+
+def _bet_insert_serialized(
+    *,
+    user_id: int,
+    event_id: str,
+    amount: Decimal,
+    expected_coefficient: Decimal | None,
+    odds_change: str,
+    claim_id: int | None,
+) -> Bet:
+    """SQLite: read, judge and insert in one transaction; SQLite has no row locks, and its
+    write transactions (BEGIN IMMEDIATE, see settings) exclude each other and every writer of
+    the event."""
+    with transaction.atomic():
+        now = timezone.now()
+        terms = (
+            Event.objects.filter(pk=event_id)
+            .values_list("state", "deadline", "coefficient")
+            .first()
+        )
+        if terms is None:
+            raise NotFound(f"event {event_id} not found", code="event_not_found")
+        refusal = _refusal(
+            event_id=event_id,
+            terms=terms,
+            now=now,
+            expected_coefficient=expected_coefficient,
+            odds_change=odds_change,
+        )
+        if refusal is not None:
+            raise refusal
+        coefficient = terms[2]
+        bet = Bet.objects.create(
+            user_id=user_id,
+            event_id=event_id,
+            amount=amount,
+            coefficient=coefficient,
+            potential_payout=schemas.payout_of(amount, coefficient),
+        )
+        if claim_id is not None:
+            IdempotencyKey.objects.filter(pk=claim_id).update(
+                state=IdempotencyKey.State.DONE, bet=bet, response_status=201
             )
-    bet = Bet.objects.create(
-        user_id=user_id,
-        event_id=event_id,
-        amount=amount,
-        coefficient=current,
-        potential_payout=schemas.payout_of(amount, current),
-    )
-    BETS_PLACED.inc()
     return bet
 
 
@@ -111,8 +261,10 @@ def bet_place(
 ) -> Placement:
     """Accept a bet of `amount` (2 decimal places) at the current coefficient (frozen on the
     bet, with `potential_payout = amount * coefficient` rounded half up to cents) if the event
-    is NEW and `now < deadline`, checked under the event row lock inside the inserting
-    transaction (finishing takes the same lock, so no bet lands after a finish).
+    is NEW and `now < deadline`, checked inside the inserting transaction under the event
+    row's shared lock (`lock_objects`): placements do not wait for each other, finishing,
+    cancelling or changing the odds takes the row exclusively, so no bet lands after a finish
+    commits and the coefficient frozen on the bet is the one current when it commits.
 
     `amount` and `expected_coefficient` are judged by `STAKE`/`COEFFICIENT` and the key by
     `schemas.idempotency_key` (the same rules the doors applied; this guards other callers).
@@ -134,7 +286,7 @@ def bet_place(
             code="invalid_policy",
             details={"odds_change": ["must be one of none, higher, any"]},
         )
-    claim: IdempotencyKey | None = None
+    claim_id: int | None = None
     if idempotency_key is not None:
         idempotency_key = schemas.idempotency_key(idempotency_key)
         claim = _idempotency_claim(
@@ -147,27 +299,26 @@ def bet_place(
                 odds_change=odds_change,
             ),
         )
-        if claim.state == IdempotencyKey.State.DONE:
+        if isinstance(claim, IdempotencyKey):
             assert claim.bet_id is not None
             bet = Bet.objects.get(pk=claim.bet_id)
             return Placement(bet=bet, replayed=True, status_code=claim.response_status or 201)
+        claim_id = claim
+    insert = _bet_insert_shared if connection.vendor == "postgresql" else _bet_insert_serialized
     try:
-        with transaction.atomic():
-            bet = _bet_insert(
-                user_id=user_id,
-                event_id=event_id,
-                amount=amount,
-                expected_coefficient=expected_coefficient,
-                odds_change=odds_change,
-            )
-            if claim is not None:
-                IdempotencyKey.objects.filter(pk=claim.pk).update(
-                    state=IdempotencyKey.State.DONE, bet=bet, response_status=201
-                )
+        bet = insert(
+            user_id=user_id,
+            event_id=event_id,
+            amount=amount,
+            expected_coefficient=expected_coefficient,
+            odds_change=odds_change,
+            claim_id=claim_id,
+        )
     except Exception:
-        if claim is not None:
+        if claim_id is not None:
             IdempotencyKey.objects.filter(
-                pk=claim.pk, state=IdempotencyKey.State.IN_FLIGHT
+                pk=claim_id, state=IdempotencyKey.State.IN_FLIGHT
             ).delete()
         raise
+    BETS_PLACED.inc()
     return Placement(bet=bet, replayed=False)
