@@ -17,6 +17,7 @@ Run: flock /tmp/quintet-bench.lock .venv/bin/python bench/http_servers.py
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,7 @@ def main() -> None:
     if not settings.DATABASE_IS_POSTGRES or not settings.REDIS_URL:
         raise SystemExit("run against the real services: DATABASE_URL=postgres://…, REDIS_URL")
     report = Report("http_servers")
-    token = token_for(UserFactory.create())
+    token = token_for(UserFactory.create(username=f"bench-{uuid.uuid4().hex[:12]}"))
     auth = {"Authorization": f"Token {token}"}
     table: dict[str, dict[str, Any]] = {}
     for name in servers("", "", 0):
