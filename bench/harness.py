@@ -393,5 +393,9 @@ def web_server_args(
         str(workers),
         "--log-level",
         "warning",
-        *(["--blocking-threads", "8", "--no-ws"] if interface == "wsgi" else []),
+        *(
+            ["--blocking-threads", os.environ.get("WEB_THREADS", "2"), "--no-ws"]
+            if interface == "wsgi"
+            else []
+        ),
     ]
