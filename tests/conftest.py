@@ -88,7 +88,9 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
-def start_live_server(app: Any = "config.asgi:application") -> LiveServer:
+def start_live_server(
+    app: Any = "config.asgi:application", ws_options: dict[str, Any] | None = None
+) -> LiveServer:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -100,7 +102,7 @@ def start_live_server(app: Any = "config.asgi:application") -> LiveServer:
         log_config=None,
         ws_ping_interval=None,
         proxy_headers=False,
-        **settings.ASGI_WEBSOCKET_OPTIONS,  # type: ignore[arg-type]
+        **(ws_options or settings.ASGI_WEBSOCKET_OPTIONS),
     )
     server = uvicorn.Server(config)
     loop = asyncio.new_event_loop()
