@@ -116,3 +116,12 @@ _.reset_for_tests  # docbot/runtime.py
 # Read by the framework (Channels' consumer attributes)
 _.groups  # realtime/consumers.py
 _._class  # common/cache.py (Django's RedisCache builds its client from it)
+# Console sample shapes (common/console.py, common/console_api.py), read by key
+_.cells  # common/console.py, common/console_api.py
+_.tables  # common/console.py, common/console_api.py
+_.ws  # common/console_api.py (the snapshot answer)
+# Celery signal receivers, connected by decorator
+_worker_heartbeat  # config/celery.py
+_worker_heartbeat_stop  # config/celery.py
+_beat_heartbeat  # config/celery.py
+_.index_template  # common/apps.py (Django admin reads it)

@@ -10,13 +10,16 @@ class BettingConfig(AppConfig):
     def ready(self) -> None:
         from django.conf import settings
 
+        from betting import console
         from betting.grpc.server import serve
         from betting.grpc.transport import configured_mode
+        from common.console import console_panel_register
         from common.processes import EmbeddedProcess, embedded_process_register
         from realtime.services import TopicAccess, topic_register
 
         topic_register("betting.events", access=TopicAccess.AUTHENTICATED)
         topic_register("betting.bets", access=TopicAccess.OWNER)
+        console_panel_register(console.panel)
 
         async def run(stop: asyncio.Event) -> None:
             await serve(stop, host=settings.BIND_HOST, port=settings.GRPC_PORT)

@@ -45,9 +45,31 @@ def event_for_update(*, event_id: str) -> Event | None:
     return Event.objects.select_for_update().filter(pk=event_id).first()
 
 
+#: PostgreSQL notification channel on which every committed change announces its sequence
+#: (payload: the sequence as decimal text). NOTIFY is delivered at commit, in commit order, to
+#: the listeners of the same database; each line-provider copy listens to learn at once of
+#: changes made elsewhere (`grpc.feed.ChangeFeed`). The change log stays the source of truth.
+CHANGES_CHANNEL = "betting_changes"
+
+#: The sequence row (`ChangeSequence`, created by the first change) bumped, locked to commit,
+#: and the NOTIFY queued, in one round trip.
+_SEQUENCE_NEXT_PG = (
+    "INSERT INTO betting_changesequence (id, value) VALUES (1, 1)"
+    " ON CONFLICT (id) DO UPDATE SET value = betting_changesequence.value + 1"
+    " RETURNING value, pg_notify(%s, value::text)"
+)
+
+
 def change_sequence_next() -> int:
     """Take the next global sequence number; the row lock is held until commit, so numbers
-    commit in order and without gaps."""
+    commit in order and without gaps. On PostgreSQL the same statement queues a NOTIFY on
+    `CHANGES_CHANNEL` with the number, sent only if and when the transaction commits."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(_SEQUENCE_NEXT_PG, [CHANGES_CHANNEL])
+            row = cursor.fetchone()
+        assert row is not None
+        return int(row[0])
     counter, _ = ChangeSequence.objects.select_for_update().get_or_create(id=1)
     counter.value += 1
     counter.save(update_fields=["value"])

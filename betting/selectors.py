@@ -1,12 +1,24 @@
 """Betting reads. Querysets are lazy and unlocked; ordering is part of each contract."""
 
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 
-from django.db.models import Count, Max, QuerySet, Window
+from django.db.models import (
+    Count,
+    DecimalField,
+    Exists,
+    Max,
+    Min,
+    OuterRef,
+    QuerySet,
+    Subquery,
+    Sum,
+    Window,
+)
 from django.utils import timezone
 
-from betting.models import Bet, Event, EventChange, EventState
+from betting.models import AuditEntry, Bet, BetStatus, Event, EventChange, EventState
 from common.exceptions import NotFound
 
 
@@ -92,3 +104,68 @@ def event_changes_latest_per_event(*, up_to: int) -> list[EventChange]:
 def change_sequence_current() -> int:
     """The highest committed change sequence, 0 before the first change."""
     return EventChange.objects.aggregate(m=Max("sequence"))["m"] or 0
+
+
+# --- the operator console (`betting.console`) -----------------------------------------------
+
+
+def _pending_sum(column: str) -> Subquery:
+    return Subquery(
+        Bet.objects.filter(event_id=OuterRef("pk"), status=BetStatus.PENDING)
+        .order_by()
+        .values("event_id")
+        .annotate(total=Sum(column))
+        .values("total")[:1],
+        output_field=DecimalField(max_digits=24, decimal_places=2),
+    )
+
+
+def console_events_open(*, limit: int = 20) -> tuple[int, Sequence[Event]]:
+    """The number of open events (`events_open`) and the `limit` soonest, each annotated with
+    its exposure: `pending_stake` (Σ amount) and `pending_payout` (Σ potential_payout) of its
+    pending bets (Decimal, None without any). One query (a window count rides along; the sums
+    read the `(event, status)` index), no lock."""
+    events = list(
+        events_open().annotate(
+            total=Window(Count("*")),
+            pending_stake=_pending_sum("amount"),
+            pending_payout=_pending_sum("potential_payout"),
+        )[:limit]
+    )
+    return (events[0].total if events else 0), events
+
+
+def console_events_overdue(*, limit: int = 20) -> tuple[int, Sequence[Event]]:
+    """Events still NEW whose deadline has passed (nobody finished or cancelled them): their
+    number and the `limit` longest overdue first. One query on the `(state, deadline)` index,
+    no lock."""
+    events = list(
+        Event.objects.filter(state=EventState.NEW, deadline__lte=timezone.now())
+        .annotate(total=Window(Count("*")))
+        .order_by("deadline", "id")[:limit]
+    )
+    return (events[0].total if events else 0), events
+
+
+def console_settlement_backlog() -> tuple[int, datetime | None]:
+    """Finished or cancelled events that still have pending bets (their settlement has not
+    run yet, or failed): how many, and the oldest one's `finished_at` (None when there is
+    none). One query (an index probe per ended event), no lock."""
+    pending = Bet.objects.filter(event_id=OuterRef("pk"), status=BetStatus.PENDING)
+    backlog = (
+        Event.objects.exclude(state=EventState.NEW)
+        .filter(Exists(pending))
+        .aggregate(n=Count("id"), oldest=Min("finished_at"))
+    )
+    return backlog["n"], backlog["oldest"]
+
+
+def console_settlements_redone(*, since: datetime, limit: int = 20) -> list[AuditEntry]:
+    """Settlements the reconciler had to do because the settlement task had not (audit rows
+    of bets settled `via="reconciler"`) at or after `since`, newest first. One query on the
+    audit `at` index, no lock."""
+    return list(
+        AuditEntry.objects.filter(
+            at__gte=since, subject=AuditEntry.Subject.BET, via="reconciler"
+        ).order_by("-at", "-id")[:limit]
+    )

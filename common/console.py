@@ -18,12 +18,23 @@ An action reference in a row is `{"action": name, "label": str, "params": {...}}
 posts `{"panel", "action", "params"}` to `POST /api/console/actions`, which runs the panel's
 `ConsoleAction.run(params=..., user=...)`. `run` parses `params` with `common.parsers`, calls
 the app's service, returns one line for the operator and raises `ApplicationError` to refuse.
+
+Global numbers a panel reads without a query: `console_count` (monotonic counters, totals from
+`console_count_totals`) and `console_gauge_register` (a process-local level such as open
+sockets, reported in each process's heartbeat and summed over the live processes by
+`console_gauge_totals`). The page, the snapshot API and the publisher live in `console_*`
+modules beside this one (`common.console_publisher` holds the contract of what is published).
 """
 
+import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NotRequired, TypedDict
+
+import structlog
+
+logger = structlog.get_logger(__name__)
 
 
 class ActionRef(TypedDict):
@@ -102,6 +113,9 @@ class ConsoleHub:
     declare_staff_topic: Callable[[str], None]
     publish: Callable[[str, Any], None]
     """Send now (not on commit), at-most-once, never raises."""
+    hello: Sequence[Mapping[str, Any]] = ()
+    """Frames the console page sends right after its socket opens, before subscribing (e.g.
+    leaving a room the hub joins every socket to, so a console gets no chat traffic)."""
 
 
 _PANELS: dict[str, ConsolePanel] = {}
@@ -118,12 +132,68 @@ def console_count(key: str, amount: int = 1) -> None:
         _COUNTS[key] = _COUNTS.get(key, 0) + amount
 
 
+def _forget_in_child() -> None:
+    # A forked child (a Celery prefork worker) starts with its parent's pending increments,
+    # which the parent flushes itself, and possibly a lock another parent thread held.
+    global _COUNTS_LOCK
+    _COUNTS_LOCK = threading.Lock()
+    _COUNTS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def console_counts_take() -> dict[str, int]:
     """This process's increments since the last call (the flusher adds them to the cache)."""
     with _COUNTS_LOCK:
         taken = dict(_COUNTS)
         _COUNTS.clear()
     return taken
+
+
+def console_count_totals(keys: Iterable[str]) -> dict[str, int]:
+    """The global totals of `console_count` keys (every process's flushed increments, from the
+    shared cache in one round trip); a key never counted reads 0. Lags the hot path by at most
+    CONSOLE_FLUSH_SECONDS (the publisher flushes its own process first). Reads 0 while the
+    cache is unreachable."""
+    from common.console_store import counters_get
+
+    return counters_get(list(keys))
+
+
+_GAUGES: dict[str, Callable[[], int | float]] = {}
+
+
+def console_gauge_register(key: str, read: Callable[[], int | float]) -> None:
+    """Declare a process-local gauge (e.g. `realtime.sockets`, the sockets this process holds);
+    `read` is called from the heartbeat thread every CONSOLE_HEARTBEAT_SECONDS, so it must be
+    cheap and thread-safe (read, never lock or query). Registering a key again replaces it."""
+    _GAUGES[key] = read
+
+
+def console_gauges_read() -> dict[str, float]:
+    """This process's gauges now; a gauge whose `read` raises is left out (and logged)."""
+    values: dict[str, float] = {}
+    for key, read in list(_GAUGES.items()):
+        try:
+            values[key] = float(read())
+        except Exception:
+            logger.exception("console_gauge_failed", gauge=key)
+    return values
+
+
+def console_gauge_totals(keys: Iterable[str]) -> dict[str, float]:
+    """Each gauge summed over the processes whose heartbeat is fresh (at most three heartbeats
+    old); a gauge no live process reports reads 0. One cache round trip."""
+    from common.heartbeat import processes_alive
+
+    wanted = list(keys)
+    totals = dict.fromkeys(wanted, 0.0)
+    for process in processes_alive():
+        gauges = process.get("gauges") or {}
+        for key in wanted:
+            totals[key] += float(gauges.get(key, 0))
+    return totals
 
 
 _HUB: list[ConsoleHub] = []
@@ -167,7 +237,11 @@ __all__ = [
     "Row",
     "Table",
     "console_count",
+    "console_count_totals",
     "console_counts_take",
+    "console_gauge_register",
+    "console_gauge_totals",
+    "console_gauges_read",
     "console_hub",
     "console_hub_register",
     "console_panel",

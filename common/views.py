@@ -14,6 +14,7 @@ def landing(request: HttpRequest) -> HttpResponse:
     host = request.get_host()
     scheme = "wss" if request.is_secure() else "ws"
     http_doors = [
+        ("Console", "/console/", "operators: every system live on one page, with actions"),
         ("Admin", "/admin/", "operators: every table, actions through the apps' services"),
         ("API docs", "/api/docs/", "every REST operation, its errors; Authorize with a token"),
         ("OpenAPI schema", "/api/schema/", "machine-readable"),

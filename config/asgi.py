@@ -10,6 +10,7 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
+from common.heartbeat import process_heartbeat_start  # noqa: E402
 from common.static import asgi_with_static  # noqa: E402
 from realtime.routing import websocket_application  # noqa: E402
 
@@ -17,3 +18,5 @@ from realtime.routing import websocket_application  # noqa: E402
 application = ProtocolTypeRouter(
     {"http": asgi_with_static(django_asgi_app), "websocket": websocket_application}
 )
+# The console's platform panel: this process's heartbeat (a no-op under runall, which names it).
+process_heartbeat_start("asgi")

@@ -376,6 +376,8 @@ REALTIME_RECENT_ROOMS = env.int("REALTIME_RECENT_ROOMS", default=1000)
 REALTIME_SEND_BUFFER_FRAMES = env.int("REALTIME_SEND_BUFFER_FRAMES", default=512)
 REALTIME_RATE_PER_SECOND = env.float("REALTIME_RATE_PER_SECOND", default=20.0)
 REALTIME_RATE_BURST = env.int("REALTIME_RATE_BURST", default=40)
+# Per user, across all of their sockets on every process (one budget in Redis with REDIS_URL):
+# at most BURST frames in any BURST/RATE seconds (a sliding window, taken in leases).
 REALTIME_USER_RATE_PER_SECOND = env.float("REALTIME_USER_RATE_PER_SECOND", default=40.0)
 REALTIME_USER_RATE_BURST = env.int("REALTIME_USER_RATE_BURST", default=80)
 # Seconds of continuous rate-limiting (no second without a refused frame) before close 1008.
@@ -396,7 +398,7 @@ for _name in (
 REALTIME_FANOUT_CHANNEL = env.str("REALTIME_FANOUT_CHANNEL", default="quintet:realtime:fanout")
 
 # --- vmcontrol ---
-VMCONTROL_SERVER_NAME = env.str("VMCONTROL_SERVER_NAME", default="vmcontrol-1")
+VMCONTROL_SERVER_NAME = env.str("VMCONTROL_SERVER_NAME", default="{host}:{port}")
 VMCONTROL_HEARTBEAT_INTERVAL_SECONDS = env.float(
     "VMCONTROL_HEARTBEAT_INTERVAL_SECONDS", default=5.0
 )
@@ -499,6 +501,12 @@ DOCBOT_FLOOD_MAX_PER_SECOND = env.int("DOCBOT_FLOOD_MAX_PER_SECOND", default=5)
 DOCBOT_SHARE_LINK_TTL_SECONDS = env.int("DOCBOT_SHARE_LINK_TTL_SECONDS", default=24 * 3600)
 DOCBOT_MAX_FILE_BYTES = env.int("DOCBOT_MAX_FILE_BYTES", default=20 * 1024 * 1024)
 DOCBOT_STATE_TTL_SECONDS = env.int("DOCBOT_STATE_TTL_SECONDS", default=7 * 24 * 3600)
+# Polling mode runs one poller at a time: the holder of this lease (Redis with REDIS_URL, else a
+# database row) calls getUpdates and renews it every third of this; a copy on standby takes over
+# within this plus a fifth after the holder dies (at once after a clean stop).
+DOCBOT_POLL_LEASE_SECONDS = env.float("DOCBOT_POLL_LEASE_SECONDS", default=15.0)
+if not DOCBOT_POLL_LEASE_SECONDS > 0:
+    raise ImproperlyConfigured("DOCBOT_POLL_LEASE_SECONDS must be > 0")
 DOCBOT_RATE_LIMIT_PER_SECOND = env.float("DOCBOT_RATE_LIMIT_PER_SECOND", default=30.0)
 # Without TELEGRAM_BOT_TOKEN, `make run` serves the bot against a built-in Bot API stand-in with a
 # staff chat page at /docbot/sandbox/; off with DJANGO_DEBUG=false unless set explicitly.
@@ -519,6 +527,11 @@ BETTING_GRPC_REFLECTION = env.bool("BETTING_GRPC_REFLECTION", default=DEBUG)
 BETTING_WATCH_HEARTBEAT_SECONDS = env.float("BETTING_WATCH_HEARTBEAT_SECONDS", default=5.0)
 BETTING_WATCH_POLL_SECONDS = env.float("BETTING_WATCH_POLL_SECONDS", default=0.05)
 BETTING_RECONCILE_SECONDS = env.float("BETTING_RECONCILE_SECONDS", default=60.0)
+# An Idempotency-Key claim still in flight this long was left by a dead request: a retry takes
+# it over (longer than any placement can take: the claim and the bet are one round trip apart).
+BETTING_IDEMPOTENCY_IN_FLIGHT_SECONDS = env.float(
+    "BETTING_IDEMPOTENCY_IN_FLIGHT_SECONDS", default=30.0
+)
 # gRPC transport (betting/grpc/transport.py): TLS with a PEM certificate chain and key; with a
 # client CA as well, clients must present a certificate it signed (mutual TLS). Without TLS a
 # non-debug line provider refuses a non-loopback bind host unless plaintext is explicitly allowed
@@ -534,6 +547,36 @@ if BETTING_GRPC_TLS_CLIENT_CA and not BETTING_GRPC_TLS_CERT:
 CELERY_BEAT_SCHEDULE["betting-reconcile-settlements"] = {
     "task": "betting.reconcile_settlements",
     "schedule": BETTING_RECONCILE_SECONDS,
+}
+
+# --- operator console (/console/) ---
+# One publisher samples every panel every CONSOLE_SAMPLE_SECONDS (a beat task; runall's beat loop
+# in embedded mode) and keeps CONSOLE_WINDOW_SECONDS of rate points per counter. Each process
+# flushes its counters every CONSOLE_FLUSH_SECONDS and writes its heartbeat every
+# CONSOLE_HEARTBEAT_SECONDS; three missed heartbeats make it "silent" on the platform panel, and
+# it is forgotten CONSOLE_PROCESS_FORGET_SECONDS after its last one. CONSOLE_EXPECTED_PROCESSES
+# (e.g. web,asgi,worker,beat,consumer,tcp,grpc,bot) are flagged when none of that kind reports.
+CONSOLE_SAMPLE_SECONDS = env.float("CONSOLE_SAMPLE_SECONDS", default=2.0)
+CONSOLE_WINDOW_SECONDS = env.int("CONSOLE_WINDOW_SECONDS", default=900)
+CONSOLE_FLUSH_SECONDS = env.float("CONSOLE_FLUSH_SECONDS", default=1.0)
+CONSOLE_HEARTBEAT_SECONDS = env.float("CONSOLE_HEARTBEAT_SECONDS", default=5.0)
+CONSOLE_PROCESS_FORGET_SECONDS = env.int("CONSOLE_PROCESS_FORGET_SECONDS", default=3600)
+CONSOLE_READINESS_SECONDS = env.float("CONSOLE_READINESS_SECONDS", default=10.0)
+CONSOLE_EXPECTED_PROCESSES = env.list("CONSOLE_EXPECTED_PROCESSES", default=[])
+for _name in (
+    "CONSOLE_SAMPLE_SECONDS",
+    "CONSOLE_WINDOW_SECONDS",
+    "CONSOLE_FLUSH_SECONDS",
+    "CONSOLE_HEARTBEAT_SECONDS",
+    "CONSOLE_PROCESS_FORGET_SECONDS",
+    "CONSOLE_READINESS_SECONDS",
+):
+    if not globals()[_name] > 0:
+        raise ImproperlyConfigured(f"{_name} must be > 0")
+CELERY_BEAT_SCHEDULE["common-console-publish"] = {
+    "task": "common.console_publish",
+    "schedule": CONSOLE_SAMPLE_SECONDS,
+    "options": {"expires": CONSOLE_SAMPLE_SECONDS},
 }
 
 # Observability.

@@ -4,7 +4,8 @@ only in its owner's types, a deleted document's stored file removed after commit
 added, renamed and deleted, documents renamed, moved and deleted, through `services`. What the
 bot and the workers own is read-only: the service identity (`docbot_service_account` makes
 and rotates it), Telegram accounts and received files (the bot records them), ingestion
-failures (an append-only log); documents are only ever made from a file sent to the bot."""
+failures (an append-only log), the polling lease (the pollers take and renew it); documents are
+only ever made from a file sent to the bot."""
 
 from typing import Any
 
@@ -21,6 +22,7 @@ from docbot.models import (
     Document,
     DocumentType,
     IngestionFailure,
+    PollerLease,
     ReceivedFile,
     ServiceAccount,
     TelegramAccount,
@@ -191,3 +193,11 @@ class IngestionFailureAdmin(ReadOnlyAdmin):
     list_display = ["document_id", "user", "created_at", "error"]
     list_filter = ["created_at"]
     search_fields = ["document_id", "error"]
+
+
+@admin.register(PollerLease)
+class PollerLeaseAdmin(ReadOnlyAdmin):
+    """Which polling process holds a bot's getUpdates loop, until when (without REDIS_URL; the
+    pollers take, renew and release it themselves)."""
+
+    list_display = ["bot", "holder", "expires_at"]

@@ -6,8 +6,9 @@ class DocbotConfig(AppConfig):
     verbose_name = "Docbot: Telegram document vault"
 
     def ready(self) -> None:
+        from common.console import console_gauge_register, console_panel_register
         from common.processes import EmbeddedProcess, embedded_process_register
-        from docbot import runtime
+        from docbot import console, metrics, runtime
         from docbot.bot import application
 
         # The wiring hands the bot down to the per-process state below it (runtime may not
@@ -20,3 +21,5 @@ class DocbotConfig(AppConfig):
         embedded_process_register(
             EmbeddedProcess(name="docbot", run=runtime.run_embedded, describe=runtime.describe)
         )
+        console_panel_register(console.panel)
+        console_gauge_register(console.DIALOGS, metrics.dialogs_active)

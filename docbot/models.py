@@ -149,3 +149,16 @@ class IngestionFailure(models.Model):
 
     def __str__(self) -> str:
         return f"document {self.document_id}: {self.error[:60]}"
+
+
+class PollerLease(models.Model):
+    """Which `run_docbot --mode polling` process may call getUpdates for a bot, until when (the
+    lease on the database, used without REDIS_URL; `services.poll_lease_claim`). One row per
+    bot; times are the database's clock, so the processes need no clock agreement."""
+
+    bot = models.CharField(max_length=64, unique=True)
+    holder = models.CharField(max_length=128)
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"bot {self.bot}: {self.holder} until {self.expires_at:%H:%M:%S}"

@@ -2,7 +2,13 @@
 
 Both answer every refusal in JSON (`{"error": {"code", "message", "details"}}`) naming the
 field: a webhook body that is not clean JSON or not an Update is a 400 (never a 500, so
-Telegram does not retry a poison update forever), a share token outside its charset a 404."""
+Telegram does not retry a poison update forever), a share token outside its charset a 404.
+
+The webhook answers 2xx only for an update that is finished (handled, dropped on purpose, or
+done before). One that another delivery is handling right now (a retry that overtook the first
+attempt, or the first attempt's process died less than DOCBOT_UPDATE_CLAIM_SECONDS ago) is a
+503: the Bot API repeats a webhook request that got no 2xx, so the update is delivered again
+and handled once its claim is done (then a 200 duplicate) or expired (then handled here)."""
 
 import hmac
 import re
@@ -56,7 +62,7 @@ async def webhook(request: HttpRequest) -> HttpResponse:
             error_body("invalid", "body: is too large", {"body": ["is too large"]}), status=400
         )
     try:
-        await runtime.webhook_deliver(body)
+        finished = await runtime.webhook_deliver(body)
     except services.ServiceAccountRefused as exc:
         logger.error("docbot_refused_to_start", code=exc.code, reason=exc.message)
         return JsonResponse(
@@ -64,6 +70,12 @@ async def webhook(request: HttpRequest) -> HttpResponse:
         )
     except parsers.InvalidValue as exc:
         return JsonResponse(error_body(exc.code, exc.message, exc.details), status=400)
+    if not finished:
+        return JsonResponse(
+            error_body("update_busy", "The update is being handled; deliver it again later."),
+            status=503,
+            headers={"Retry-After": "5"},
+        )
     return HttpResponse(status=200)
 
 

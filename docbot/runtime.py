@@ -1,13 +1,16 @@
 """Per-process state of docbot: whether the bot is on (Telegram with a token, or the built-in
 sandbox), the service token it calls the backend with (checked once per process), the webhook
-bot of each event loop, and runall's embedded polling process (which also makes this process
-the one that serves the sandbox).
+bot of each event loop, this process's claim on the polling lease (`poll_lease`), and runall's
+embedded polling process (which also makes this process the one that serves the sandbox).
 
 The bot package (`docbot/bot/`) is an inbound edge, a floor above this module, so it is not
 imported here: `DocbotConfig.ready` hands its two entry points down once (`bot_install`)."""
 
 import asyncio
+import os
+import socket
 import threading
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -19,9 +22,38 @@ from docbot import services, telegram, texts
 
 logger = structlog.get_logger(__name__)
 
-#: Hands one webhook body to an initialized bot; raises `InvalidValue` for a body that is not
-#: an Update.
-WebhookDeliver = Callable[[bytes], Awaitable[None]]
+#: Hands one webhook body to an initialized bot: True when the update is finished, False when it
+#: is being handled elsewhere (deliver it again later); raises `InvalidValue` for a body that
+#: is not an Update.
+WebhookDeliver = Callable[[bytes], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class ServiceLease:
+    """This process's claim on one bot's polling lease (`docbot.bot.polling.PollLease`),
+    through `services.poll_lease_claim` / `poll_lease_release` (Redis with REDIS_URL, else the
+    database), each in a worker thread."""
+
+    bot: str
+    holder: str
+    ttl: float
+
+    async def claim(self) -> bool:
+        return await orm_async(services.poll_lease_claim)(
+            bot=self.bot, holder=self.holder, ttl_seconds=self.ttl
+        )
+
+    async def release(self) -> None:
+        await orm_async(services.poll_lease_release)(bot=self.bot, holder=self.holder)
+
+
+def poll_lease(bot_token: str) -> ServiceLease:
+    """A fresh claimant of the polling lease of the bot `bot_token` names (its numeric id, the
+    part before ':'), lasting DOCBOT_POLL_LEASE_SECONDS per claim; the holder names this host,
+    process and claimant."""
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    ttl = settings.DOCBOT_POLL_LEASE_SECONDS
+    return ServiceLease(bot=bot_token.partition(":")[0], holder=holder, ttl=ttl)
 
 
 @dataclass(frozen=True)
@@ -29,7 +61,7 @@ class BotEntry:
     """How this process starts the bot, given the service token (`docbot.bot.application`)."""
 
     webhook_start: Callable[[str], Awaitable[WebhookDeliver]]
-    polling_run: Callable[[str, asyncio.Event], Awaitable[None]]
+    polling_run: Callable[[str, asyncio.Event, ServiceLease | None], Awaitable[None]]
 
 
 _lock = threading.Lock()
@@ -129,13 +161,15 @@ async def _webhook_bot_start() -> WebhookDeliver:
     return await _bot_entry().webhook_start(await service_token())
 
 
-async def webhook_deliver(body: bytes) -> None:
+async def webhook_deliver(body: bytes) -> bool:
     """Hand one webhook body to this event loop's bot (dedupe, the update policy and flood
-    control happen inside). Raises `services.ServiceAccountRefused` when the bot may not start
-    (the service token is refused) and `InvalidValue` when the body is not clean JSON or not
-    an Update; handler failures never leave the bot (its catch-all answers them)."""
+    control happen inside): True when the update is finished (handled, dropped on purpose, or
+    done before), False when another delivery is handling it right now (Telegram must deliver
+    it again later). Raises `services.ServiceAccountRefused` when the bot may not start (the
+    service token is refused) and `InvalidValue` when the body is not clean JSON or not an
+    Update; handler failures never leave the bot (its catch-all answers them)."""
     deliver = await _webhook_bot()
-    await deliver(body)
+    return await deliver(body)
 
 
 async def run_embedded(stop: asyncio.Event) -> None:
@@ -163,7 +197,9 @@ async def run_embedded(stop: asyncio.Event) -> None:
             return
         if sandbox:
             logger.info("docbot_sandbox", chat_page=sandbox_url())
-        await _bot_entry().polling_run(token, stop)
+        # The sandbox's Bot API is this process's own: no other poller can reach it.
+        lease = None if sandbox else poll_lease(settings.TELEGRAM_BOT_TOKEN)
+        await _bot_entry().polling_run(token, stop, lease)
     finally:
         _sandbox_here = False
 

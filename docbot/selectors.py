@@ -8,10 +8,16 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import is_password_usable
 from django.db import connection
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Exists, OuterRef, Q, QuerySet, Subquery
 
 from common.exceptions import NotFound
-from docbot.models import Document, DocumentType, ServiceAccount, TelegramAccount
+from docbot.models import (
+    Document,
+    DocumentType,
+    IngestionFailure,
+    ServiceAccount,
+    TelegramAccount,
+)
 
 
 def service_account() -> ServiceAccount | None:
@@ -138,3 +144,34 @@ def document_get(*, user: Any, document_id: int) -> Document:
     if found is None:
         raise NotFound("No such document.", code="document_not_found")
     return found
+
+
+# --- the operator console (`docbot.console`) ------------------------------------------------
+
+
+def console_documents_pending() -> int:
+    """Documents waiting for ingestion (`pending`). One count, no lock."""
+    return Document.objects.filter(status=Document.Status.PENDING).count()
+
+
+def console_documents_failed() -> int:
+    """Documents whose ingestion gave up (`failed`), each retryable. One count, no lock."""
+    return Document.objects.filter(status=Document.Status.FAILED).count()
+
+
+def console_ingestion_failures(*, limit: int = 20) -> list[IngestionFailure]:
+    """The newest failure record of each document still `failed` (a retried and stored one
+    needs nobody), newest first, at most `limit`, each annotated with `document_name`. One
+    query walking the failures backwards by id, no lock."""
+    still_failed = Document.objects.filter(
+        pk=OuterRef("document_id"), status=Document.Status.FAILED
+    )
+    rows = (
+        IngestionFailure.objects.filter(Exists(still_failed))
+        .annotate(document_name=Subquery(still_failed.values("name")[:1]))
+        .order_by("-id")[: limit * 3]
+    )
+    newest: dict[int, IngestionFailure] = {}
+    for failure in rows:
+        newest.setdefault(failure.document_id, failure)
+    return list(newest.values())[:limit]

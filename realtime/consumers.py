@@ -10,7 +10,8 @@ Frames in: messenger `sendMessage {text, room?, client_id?}`, `join {room}`, `le
 Bad input (`input-policy.md`): every frame is decoded by `common.parsers.json_document` and every
 field by the shared parsers (`realtime.protocol`); a refusal is answered with
 `error {code, detail, ref, field, reason}` and the connection stays open. Every frame costs a
-token of the connection's and the user's bucket; a frame without one is answered
+token of the connection's bucket and a frame of the user's budget (one budget across all of the
+user's sockets on every process, `realtime.fanout.limits`); a frame without both is answered
 `error {code: "rate_limited"}` and not handled. A connection whose frames keep being refused
 for `REALTIME_RATE_STRIKE_SECONDS` (no pause of a full second without a refused frame) is told
 so (`error {code: "rate_limit_exceeded"}`) and closed with 1008 (policy violation). Any other
@@ -38,6 +39,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from prometheus_client import Gauge
 
+from common.console import console_count
 from common.exceptions import ApplicationError, RateLimited, ValidationFailed
 from common.parsers import InvalidValue
 from realtime import protocol, selectors, services
@@ -160,6 +162,7 @@ class HubConsumer(AsyncWebsocketConsumer):
                 logger.info("realtime_ws_client_gone", error=str(error))
             else:
                 logger.exception("realtime_ws_consumer_failed")
+                console_count("realtime.socket_errors")
             await self._close_transport(CLOSE_INTERNAL_ERROR)
         finally:
             await self._release()
@@ -254,6 +257,7 @@ class HubConsumer(AsyncWebsocketConsumer):
                 logger.info("realtime_ws_send_failed_disconnected", error=str(error))
             else:
                 logger.error("realtime_ws_send_failed", exc_info=error)
+                console_count("realtime.socket_errors")
             room_ids = self._release_local()
             await self._close_transport(CLOSE_INTERNAL_ERROR)
             if room_ids:
@@ -288,7 +292,7 @@ class HubConsumer(AsyncWebsocketConsumer):
                     if isinstance(error, InvalidValue) and error.reason in ("encoding", "control"):
                         ref = protocol.ref_salvage(raw)
                 # Every frame costs a token, a refused one too, so bad frames are rate-limited.
-                self._rate_check()
+                await self._rate_check()
                 if refused is not None:
                     raise refused
                 handler = protocol.frame_type(frame, choices=HANDLERS)
@@ -297,6 +301,7 @@ class HubConsumer(AsyncWebsocketConsumer):
                 self._refuse(error, ref)
             except Exception:
                 logger.exception("realtime_ws_frame_failed")
+                console_count("realtime.socket_errors")
                 await self.send_frame(
                     {
                         "type": "error",
@@ -314,12 +319,16 @@ class HubConsumer(AsyncWebsocketConsumer):
             frame["reason"] = error.reason
         self.outbox.push(dumps(frame))
 
-    def _rate_check(self) -> None:
-        """Charge one token; raise `RateLimited` without one. A violation that has lasted
-        `REALTIME_RATE_STRIKE_SECONDS` queues the closing error frame and close 1008 instead."""
-        # Both buckets are charged so that opening more tabs does not multiply a user's rate.
-        allowed = self.bucket.take()
-        allowed = self.hub.user_bucket(self.user_id).take() and allowed
+    async def _rate_check(self) -> None:
+        """Charge one token of the connection's bucket and one frame of the user's budget
+        (global across processes with Redis); raise `RateLimited` without both. A violation that
+        has lasted `REALTIME_RATE_STRIKE_SECONDS` queues the closing error frame and close 1008
+        instead."""
+        # The user's budget is charged too, so that opening more tabs, here or on another
+        # process, does not multiply a user's rate; only for frames the connection admits, so a
+        # flood on one socket neither spends the user's budget on frames it refuses nor costs
+        # a Redis reservation per frame.
+        allowed = self.bucket.take() and await self.hub.user_frame_allowed(self.user_id)
         if allowed:
             return
         lasted = self.violation.refused()
@@ -345,6 +354,7 @@ class HubConsumer(AsyncWebsocketConsumer):
     def _overflow(self) -> None:
         """The client stopped reading and its outbox is full: drop it, and it alone."""
         SLOW_CLIENTS.inc()
+        console_count("realtime.socket_errors")
         logger.warning(
             "realtime_slow_client_dropped", user_id=self.user_id, ws_connection=self.connection_id
         )

@@ -10,6 +10,11 @@ revoked or rotated token, a wrong enrollment secret) is definitive: after `max_a
 of them in a row the agent gives up (`Agent.gave_up`) instead of retrying forever; network
 failures and `rate_limited` refusals are transient and retried with backoff.
 
+An agent may know several servers (copies of the control server sharing one database and
+channel layer): when its connection fails or ends, the next attempt dials the next server in
+turn, so the agents of a server that died come back on the others. A fleet spreads its agents
+over the servers from the start. Refusals and `rate_limited` keep the same server.
+
 Over TLS (`client_tls_context`) the agent verifies the server's certificate against the given
 CA file (or the system's trust store) and checks the host name; there is no way to turn either
 check off. A certificate it does not trust ends the attempt before a byte of the protocol is
@@ -22,7 +27,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,14 +148,19 @@ class Agent:
         record_rtts: bool = True,
         max_auth_failures: int | None = None,
         chatty: bool = True,
+        more_servers: Sequence[tuple[str, int]] = (),
+        start_at: int = 0,
     ) -> None:
         """`max_auth_failures`: refusals of the credentials in a row after which `run` gives
         up (None: never). `chatty`: log connects, authorizations and reconnects at INFO and
-        WARNING (a simulated fleet logs them at DEBUG; refusals are always ERROR)."""
-        self.host = host
+        WARNING (a simulated fleet logs them at DEBUG; refusals are always ERROR).
+        `more_servers`: (host, port) of other copies of the server, dialed in turn after
+        `host`:`port` when a connection fails or ends; the first attempt dials the one at
+        `start_at` (modulo their number) in that list."""
+        self.servers: list[tuple[str, int]] = [(host, port), *more_servers]
+        self._server_index = start_at % len(self.servers)
         self.server_hostname = server_hostname
         """the name the server certificate must carry, when it is not `host` (TLS only)"""
-        self.port = port
         self.identity = identity
         self.stats = stats or FleetStats()
         self.enroll_secret = enroll_secret
@@ -172,6 +182,19 @@ class Agent:
         """monotonic time of every connection attempt (tests check the backoff)"""
         self._writer: asyncio.StreamWriter | None = None
         self._counter = 0
+
+    @property
+    def host(self) -> str:
+        """The host of the server the agent dials now (or is connected to)."""
+        return self.servers[self._server_index][0]
+
+    @property
+    def port(self) -> int:
+        """The port of the server the agent dials now (or is connected to)."""
+        return self.servers[self._server_index][1]
+
+    def _next_server(self) -> None:
+        self._server_index = (self._server_index + 1) % len(self.servers)
 
     def _next_id(self) -> str:
         self._counter += 1
@@ -230,19 +253,23 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, serve, and on any failure wait a jittered backoff and connect again (at
-        least the `retry_after` of a `rate_limited` refusal). Returns when `stop` is set, or
-        when the credentials were refused `max_auth_failures` times in a row (`gave_up`)."""
+        least the `retry_after` of a `rate_limited` refusal), to the next server when the
+        connection failed or ended (not after a refusal). Returns when `stop` is set, or when
+        the credentials were refused `max_auth_failures` times in a row (`gave_up`)."""
         attempt = 0
         tls_failing = False
         while not stop.is_set():
             self.attempts.append(time.monotonic())
             at_least = 0.0
             reason = "the server closed the connection"
+            # The server judged us: another copy shares its database and would judge the same.
+            judged = False
             try:
                 await self._session(stop)
                 attempt = 0
             except AgentRefused as refused:
                 reason = str(refused)
+                judged = True
                 if self._refused(refused):
                     self._disconnected()
                     return
@@ -250,6 +277,7 @@ class Agent:
                 self.stats.rate_limited += 1
                 at_least = limited.retry_after
                 reason = f"rate limited for {limited.retry_after:g} s after failed attempts"
+                judged = True
             except ssl.SSLCertVerificationError as error:
                 self.stats.tls_failures += 1
                 if not tls_failing:
@@ -270,6 +298,8 @@ class Agent:
                 attempt = 0
             if stop.is_set():
                 break
+            if not judged:
+                self._next_server()
             delay = max(
                 at_least, backoff_delay(attempt, base=self.backoff_base, cap=self.backoff_cap)
             )
@@ -280,6 +310,7 @@ class Agent:
                 reason=reason,
                 delay_seconds=round(delay, 2),
                 attempt=attempt,
+                next_server=f"{self.host}:{self.port}",
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
@@ -486,7 +517,10 @@ class AgentFleet:
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         max_auth_failures: int | None = None,
+        more_servers: Sequence[tuple[str, int]] = (),
     ) -> None:
+        """`more_servers`: other copies of the server (see `Agent`); agent i dials server
+        i mod n first, so the fleet starts spread over all of them."""
         self.stats = FleetStats()
         self.state_file = state_file
         known = identities or self._load()
@@ -509,8 +543,10 @@ class AgentFleet:
                 max_auth_failures=max_auth_failures,
                 # One agent narrates its life; a simulated fleet leaves that to the summaries.
                 chatty=count == 1,
+                more_servers=more_servers,
+                start_at=index,
             )
-            for identity in known[:count]
+            for index, identity in enumerate(known[:count])
         ]
 
     def _load(self) -> list[AgentIdentity]:

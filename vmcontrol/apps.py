@@ -10,10 +10,12 @@ class VmcontrolConfig(AppConfig):
     def ready(self) -> None:
         from django.conf import settings
 
+        from common.console import console_panel_register
         from common.processes import EmbeddedProcess, embedded_process_register
-        from vmcontrol import services
+        from vmcontrol import console, services
 
         services.topics_register()
+        console_panel_register(console.panel)
 
         async def run(stop: asyncio.Event) -> None:
             from vmcontrol.consumers import application

@@ -28,6 +28,7 @@ from channels.exceptions import StopConsumer
 from channels.routing import ProtocolTypeRouter
 from django.utils import timezone
 
+from common.console import console_count
 from common.db import orm_async
 from common.exceptions import ApplicationError
 from vmcontrol import bus, services
@@ -367,6 +368,7 @@ class AgentConsumer(AsyncConsumer):
         await self._write(self._reply("auth_ok", frame, vm_id=vm_id))
 
     async def on_ping(self, frame: Frame) -> None:
+        console_count("vmcontrol.heartbeats")
         if self.vm_id is not None:
             self.state.mark_seen(self.vm_id)
         await self._write(self._reply("pong", frame))

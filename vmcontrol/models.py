@@ -143,7 +143,15 @@ class Command(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["vm", "-created_at"])]
+        indexes = [
+            models.Index(fields=["vm", "-created_at"]),
+            # The sweep of abandoned commands (`services.commands_expire`) reads only open ones.
+            models.Index(
+                fields=["created_at"],
+                condition=models.Q(status__in=["queued", "sent"]),
+                name="command_open_created",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} → VM {self.vm_id} ({self.status})"

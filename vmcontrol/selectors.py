@@ -7,16 +7,20 @@ exposes the *live* status (`live_status`), so a VM whose server was killed shows
 within VMCONTROL_SERVER_LEASE_TTL_SECONDS even before a reaper has closed its rows.
 """
 
+import uuid
+from datetime import datetime
 from typing import Any
 
 from django.db.models import (
     Case,
     CharField,
+    Count,
     Exists,
     F,
     OuterRef,
     Prefetch,
     QuerySet,
+    Subquery,
     Value,
     When,
 )
@@ -26,6 +30,7 @@ from common.exceptions import NotFound, ValidationFailed
 from vmcontrol.models import (
     AgentSession,
     Command,
+    CommandStatus,
     Disk,
     ServerLease,
     VirtualMachine,
@@ -114,3 +119,89 @@ def vm_commands(*, vm_id: int) -> QuerySet[Command]:
 def disk_list() -> QuerySet[Disk]:
     """Every disk with its VM, ordered by VM id then disk name (lazy: the caller paginates)."""
     return Disk.objects.select_related("vm").order_by("vm_id", "name")
+
+
+# --- the operator console (`vmcontrol.console`) ---------------------------------------------
+
+#: Command statuses the console counts (succeeded ones are history, not work).
+CONSOLE_COMMAND_STATUSES = (
+    CommandStatus.QUEUED,
+    CommandStatus.SENT,
+    CommandStatus.FAILED,
+    CommandStatus.TIMED_OUT,
+)
+
+
+def console_vm_counts() -> dict[str, int]:
+    """VMs by live status: `{"connected": n, "authorized": n, "offline": n}` (disjoint; a VM
+    whose server's lease expired is offline). Two queries, no lock: a count of all VMs, and the
+    live status of those whose stored status is not offline (`status` index)."""
+    total = VirtualMachine.objects.count()
+    counts = {VmStatus.CONNECTED.value: 0, VmStatus.AUTHORIZED.value: 0}
+    rows = (
+        with_live_status(VirtualMachine.objects.exclude(status=VmStatus.OFFLINE))
+        .values_list("live_status")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    for status, n in rows:
+        if status in counts:
+            counts[status] = n
+    return {**counts, VmStatus.OFFLINE.value: total - sum(counts.values())}
+
+
+def console_command_counts() -> dict[str, int]:
+    """Commands in each of `CONSOLE_COMMAND_STATUSES` (all time), `{status: n}` with every
+    status present. One GROUP BY over the command table (no status index: commands are
+    operator actions, a small table), no lock."""
+    counts = dict.fromkeys((str(status) for status in CONSOLE_COMMAND_STATUSES), 0)
+    rows = (
+        Command.objects.filter(status__in=CONSOLE_COMMAND_STATUSES)
+        .values_list("status")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    for status, n in rows:
+        counts[str(status)] = n
+    return counts
+
+
+def console_vms_live(*, limit: int = 20) -> list[VirtualMachine]:
+    """Up to `limit` VMs live now (connected or authorized), by id, each with `live_status`
+    and `last_seen_at`. One query, no lock."""
+    return list(
+        with_live_status(VirtualMachine.objects.exclude(status=VmStatus.OFFLINE))
+        .filter(live_status__in=[VmStatus.CONNECTED, VmStatus.AUTHORIZED])
+        .order_by("id")[:limit]
+    )
+
+
+def console_vms_gone_offline(*, since: datetime, limit: int = 20) -> list[VirtualMachine]:
+    """Up to `limit` VMs offline now that were last seen at or after `since` (aware), most
+    recently seen first, each annotated with `last_end_reason` (its newest session's
+    `end_reason`, "" while that session is open: its server died). One query, no lock."""
+    newest_session = AgentSession.objects.filter(vm_id=OuterRef("pk")).order_by("-started_at")
+    return list(
+        with_live_status(VirtualMachine.objects.filter(last_seen_at__gte=since))
+        .filter(live_status=VmStatus.OFFLINE)
+        .annotate(last_end_reason=Subquery(newest_session.values("end_reason")[:1]))
+        .order_by("-last_seen_at", "-id")[:limit]
+    )
+
+
+def console_commands_failed(*, limit: int = 20) -> list[Command]:
+    """Up to `limit` failed or timed-out commands, newest first, with their VM. One query, no
+    lock."""
+    return list(
+        Command.objects.filter(status__in=[CommandStatus.FAILED, CommandStatus.TIMED_OUT])
+        .select_related("vm")
+        .order_by("-created_at")[:limit]
+    )
+
+
+def command_get(*, command_id: uuid.UUID) -> Command:
+    """One command. Raises NotFound (`command_not_found`)."""
+    command = Command.objects.filter(pk=command_id).first()
+    if command is None:
+        raise NotFound(f"Command {command_id} does not exist.", code="command_not_found")
+    return command

@@ -26,6 +26,9 @@ from vmcontrol.sessions import ServerConfig, ServerState
 logger = structlog.get_logger(__name__)
 
 MAX_QUEUED_MESSAGES = 64
+DEFAULT_SERVER_NAME = "{host}:{port}"
+"""A name unique among copies (two copies on one host cannot bind one port) and stable across
+a copy's restarts, so a restarted copy closes what it left open at once."""
 CRASHED_FRAME = encode_frame(error_frame(INTERNAL, "the server could not serve this connection"))
 
 
@@ -140,15 +143,19 @@ async def serve(
     """Run the agent server until `stop` is set; `started(port)` is called once listening.
     Each connection is an instance of `app` (`vmcontrol.consumers.application`).
 
-    At start, sessions a killed predecessor (same VMCONTROL_SERVER_NAME) left open are closed
-    and the server's lease is taken (then renewed every third of its TTL; see
-    `ServerState.lease_keeper`). On stop every connection ends with reason `server_shutdown`,
-    queued writes are drained and the lease is released. With a TLS certificate the handshake
-    counts against the authorization deadline (`ssl_handshake_timeout` = `auth_timeout`).
+    The port is bound first (not yet accepting), so `{host}` and `{port}` in the server name
+    (VMCONTROL_SERVER_NAME; empty means `DEFAULT_SERVER_NAME`) become this host's name and
+    the bound port; then the server's lease is taken (waiting for a predecessor's to lapse;
+    `services.LeaseHeld` when a live process holds the name) and renewed every third of its
+    TTL (`ServerState.lease_keeper`), sessions a killed predecessor of the same name left open
+    are closed, and only then are agents accepted. On stop every connection ends with reason
+    `server_shutdown`, queued writes are drained and the lease is released; a server that
+    finds another live process serving under its name stops so and raises `LeaseHeld`. With a TLS
+    certificate the handshake counts against the authorization deadline
+    (`ssl_handshake_timeout` = `auth_timeout`).
     """
     state = ServerState(config or ServerConfig())
     tls = tls_context(state.config)
-    await state.open()
     instances: set[_TcpConnection] = set()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
@@ -159,9 +166,28 @@ async def serve(
         ssl_handshake_timeout=state.config.auth_timeout if tls is not None else None,
         backlog=4096,
         reuse_address=True,
+        start_serving=False,
     )
     bound_port = int(server.sockets[0].getsockname()[1])
-    logger.info("vmcontrol_server_listening", port=bound_port, tls=tls is not None)
+    # Within the 128 characters a session row keeps.
+    state.config.server_name = (
+        (state.config.server_name or DEFAULT_SERVER_NAME)
+        .replace("{host}", state.host[:120])
+        .replace("{port}", str(bound_port))
+    )[:128]
+    try:
+        await state.open()
+    except BaseException:
+        server.close()
+        state.close()
+        raise
+    await server.start_serving()
+    logger.info(
+        "vmcontrol_server_listening",
+        port=bound_port,
+        tls=tls is not None,
+        server=state.config.server_name,
+    )
     state.start(stop)
     if started is not None:
         started(bound_port)
@@ -176,3 +202,5 @@ async def serve(
             await asyncio.wait(tasks, timeout=10)
         await state.shutdown()
         logger.info("vmcontrol_server_stopped")
+    if state.fatal is not None:
+        raise state.fatal

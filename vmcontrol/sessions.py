@@ -64,6 +64,9 @@ class ServerConfig:
         default_factory=lambda: settings.VMCONTROL_LAST_SEEN_FLUSH_INTERVAL_SECONDS
     )
     server_name: str = field(default_factory=lambda: settings.VMCONTROL_SERVER_NAME)
+    """names the sessions and the lease of this process; `{host}` and `{port}` are filled in
+    by `server.serve` once the port is bound (empty: `{host}:{port}`, unique among copies and
+    stable across restarts)"""
     auth_attempts: int = field(default_factory=lambda: settings.VMCONTROL_AUTH_ATTEMPTS)
     failure_burst: int = field(default_factory=lambda: settings.VMCONTROL_AUTH_FAILURE_BURST)
     failures_per_minute: float = field(
@@ -86,6 +89,9 @@ class ServerState:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        """the lease holder's identity (`services.server_lease_acquire`)"""
         self.connections: dict[uuid.UUID, Expirable] = {}
         self.last_seen: dict[int, datetime] = {}
         self._queue: list[tuple[AgentEvent, asyncio.Future[AgentEventResult] | None]] = []
@@ -97,6 +103,9 @@ class ServerState:
         self._watchdog: asyncio.Task[None] | None = None
         self._lease_keeper: asyncio.Task[None] | None = None
         self._lease_stop = asyncio.Event()
+        self._server_stop: asyncio.Event | None = None
+        self.fatal: Exception | None = None
+        """why the server stopped itself (another live process took its name), if it did"""
         self.limiter = FailureLimiter(
             burst=config.failure_burst,
             per_minute=config.failures_per_minute,
@@ -118,19 +127,24 @@ class ServerState:
     # Lifecycle ------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Before accepting agents: close the sessions a killed predecessor (same server name)
-        left open, publish their VMs going offline, and take this server's lease."""
+        """Before accepting agents: take this server's lease (waiting for a predecessor's to
+        lapse; raises `services.LeaseHeld` when a live process holds the name), then close the
+        sessions a killed predecessor of the same name left open and publish their VMs going
+        offline. The lease comes first: a second copy started under a name in use must not
+        close the live copy's sessions."""
+        await self.lease_acquire()
         closed, changes = await self.run_sync(
             services.server_sessions_recover, server_name=self.config.server_name
         )
         if closed:
             logger.info("vmcontrol_sessions_recovered", sessions=closed)
         await self._publish(changes, after=None)
-        await self.lease_acquire()
 
     def start(self, stop: asyncio.Event) -> None:
         """Start the event writer, the lease keeper and the watchdog (which ends with `stop`:
-        closing connections are not expired)."""
+        closing connections are not expired). The lease keeper sets `stop` if another live
+        process turns out to hold this server's name."""
+        self._server_stop = stop
         self._writer = asyncio.create_task(self.writer(self._writer_stop), name="vmcontrol-writer")
         self._watchdog = asyncio.create_task(self.watchdog(stop), name="vmcontrol-watchdog")
         self._lease_keeper = asyncio.create_task(
@@ -304,25 +318,55 @@ class ServerState:
         return await asyncio.to_thread(orm_call, fn, **kwargs)
 
     async def lease_acquire(self) -> None:
-        """Take this server's lease (`services.server_lease_acquire`)."""
-        await self._lease_call(
-            services.server_lease_acquire,
-            server_name=self.config.server_name,
-            ttl=self.config.lease_ttl,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-        )
+        """Take this server's lease (`services.server_lease_acquire`). While another process
+        holds it, wait (polling every sixth of the TTL, at most a second) until its lease
+        lapses; a holder seen renewing it is alive: raises `services.LeaseHeld`."""
+        poll = max(0.05, min(1.0, self.config.lease_ttl / 6))
+        first_seen: services.LeaseHolder | None = None
+        while True:
+            holder: services.LeaseHolder | None = await self._lease_call(
+                services.server_lease_acquire,
+                server_name=self.config.server_name,
+                ttl=self.config.lease_ttl,
+                host=self.host,
+                pid=self.pid,
+            )
+            if holder is None:
+                return
+            if first_seen is None:
+                first_seen = holder
+                logger.warning(
+                    "vmcontrol_lease_waiting",
+                    server=self.config.server_name,
+                    holder=f"{holder.host}:{holder.pid}",
+                    expires_at=holder.expires_at.isoformat(),
+                )
+            elif holder.renewed_at != first_seen.renewed_at or holder.pid != first_seen.pid:
+                raise services.LeaseHeld(
+                    f"server name {self.config.server_name!r} is in use by the live process "
+                    f"{holder.pid} on {holder.host}: give each copy its own "
+                    "VMCONTROL_SERVER_NAME (such as {host}:{port})",
+                    details={"holder": f"{holder.host}:{holder.pid}"},
+                )
+            await asyncio.sleep(poll)
 
     async def lease_release(self) -> None:
         """Give the lease back at a clean stop (`services.server_lease_release`)."""
-        await self._lease_call(services.server_lease_release, server_name=self.config.server_name)
+        await self._lease_call(
+            services.server_lease_release,
+            server_name=self.config.server_name,
+            host=self.host,
+            pid=self.pid,
+        )
 
     async def lease_keeper(self, stop: asyncio.Event) -> None:
-        """Every third of the lease TTL: renew this server's lease and reap the sessions of
-        servers whose lease expired. A lease found gone (reaped while this process stalled or
+        """Every third of the lease TTL: renew this server's lease, reap the sessions of
+        servers whose lease expired, and time out commands whose waiting process died
+        (`services.commands_expire`). A lease found gone (reaped while this process stalled or
         was cut off from the database) means the database already closed this server's
-        sessions: their connections are dropped (the agents reconnect) and the lease is taken
-        again."""
+        sessions: the lease is taken again, then the connections are dropped (the agents
+        reconnect; retaking first leaves no moment in which a new session could be reaped as
+        orphaned). A lease another live process took over stops this server."""
         every = max(0.05, self.config.lease_ttl / 3)
         while not stop.is_set():
             try:
@@ -330,18 +374,33 @@ class ServerState:
                     services.server_lease_renew,
                     server_name=self.config.server_name,
                     ttl=self.config.lease_ttl,
+                    host=self.host,
+                    pid=self.pid,
                 )
                 if not renewed:
                     logger.error("vmcontrol_lease_lost", server=self.config.server_name)
-                    for connection in list(self.connections.values()):
-                        if connection.persisted:
-                            await connection.drop("lease_lost")
-                    await self.lease_acquire()
+                    try:
+                        await self.lease_acquire()
+                    finally:
+                        for connection in list(self.connections.values()):
+                            if connection.persisted:
+                                await connection.drop("lease_lost")
                 _, changes = await self._lease_call(
                     services.server_leases_reap, keep=self.config.server_name
                 )
                 for change in changes:
                     await apublish(VMS_TOPIC, change)
+                await self._lease_call(services.commands_expire)
+            except services.LeaseHeld as held:
+                logger.critical(
+                    "vmcontrol_lease_held_elsewhere",
+                    server=self.config.server_name,
+                    error=held.message,
+                )
+                self.fatal = held
+                if self._server_stop is not None:
+                    self._server_stop.set()
+                return
             except Exception:
                 logger.exception("vmcontrol_lease_failed", server=self.config.server_name)
             with contextlib.suppress(TimeoutError):

@@ -61,6 +61,11 @@ class Stock(models.Model):
     product_id = models.UUIDField()
     balance = models.BigIntegerField(default=0)
     updated_at = models.DateTimeField()
+    version = models.BigIntegerField(
+        default=0,
+        db_default=0,
+        help_text="Raised by every write of the row, under its lock: orders the cached copies.",
+    )
 
     class Meta:
         verbose_name_plural = "stock"

@@ -13,6 +13,14 @@ frame parser measured faster but is protocol code a maintained library should ow
 between commit and ack redelivers the batch; each message's key (`schemas.message_key`: its
 `message_id` and body) finds the ledger row, duplicate record or dead letter it already
 produced, so the redelivery changes nothing.
+
+Any number of consumers (`run_warehouse_consumer` processes, on one host or many) can drain one
+queue: the broker spreads the messages and each unacked batch goes back to the others when its
+consumer dies. They share only the database and the cache: copies of one event reaching two of
+them at once are settled by the ingest (`services.ingest`, one stored row, the rest counted as
+repeats) and the read cache keeps the newest committed value whatever order their after-commit
+writes land in (`read_cache`). Each consumer commits its own batches in order; there is no
+order between consumers, and none is needed.
 """
 
 import asyncio
@@ -189,8 +197,15 @@ def envelopes_publish(
     return sent
 
 
+def consumer_name_prefix() -> str:
+    """What the default names of this host's consumers of the configured queue start with."""
+    return f"{socket.gethostname()}:{settings.WAREHOUSE_QUEUE}:"
+
+
 def consumer_name() -> str:
-    return f"{socket.gethostname()}:{settings.WAREHOUSE_QUEUE}"
+    """The default heartbeat name, `host:queue:pid`: one per copy, so copies on one host do not
+    share (and clear) one heartbeat."""
+    return f"{consumer_name_prefix()}{os.getpid()}"
 
 
 class MovementConsumer:
@@ -213,6 +228,8 @@ class MovementConsumer:
         self.prefetch = max(prefetch or settings.WAREHOUSE_PREFETCH, self.batch_size)
         self.linger = (linger_ms if linger_ms is not None else settings.WAREHOUSE_LINGER_MS) / 1000
         self.name = name or consumer_name()
+        # Only default names carry a pid to check; a given name is the operator's to manage.
+        self._siblings = consumer_name_prefix() if name is None else None
         self.pending: list[Delivery] = []
         self.batches = 0
         self.started_at: datetime = timezone.now()
@@ -226,6 +243,9 @@ class MovementConsumer:
         if time.monotonic() - self._last_beat < settings.WAREHOUSE_HEARTBEAT_SECONDS:
             return
         orm_call(services.consumer_heartbeat_beat, name=self.name, started_at=self.started_at)
+        if self._siblings is not None:
+            # A copy killed on this host left its heartbeat behind; its restart has a new pid.
+            orm_call(services.consumer_heartbeats_prune, prefix=self._siblings)
         # Entries an outage kept stale are invalidated once the cache is back, even when no
         # batch arrives to do it.
         read_cache.write_through_resync()

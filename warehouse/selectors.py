@@ -8,11 +8,13 @@ callers cannot grow the cache by asking for random ids (they are throttled per c
 invalidation tombstone) reads as a miss."""
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TypedDict
 
 from django.conf import settings
-from django.db.models import QuerySet, Sum
+from django.db import connection
+from django.db.models import Count, Max, QuerySet, Sum, Window
 from django.utils import timezone
 
 from warehouse import read_cache
@@ -39,8 +41,9 @@ def stock_body_get(
     """The JSON body (`read_cache.body_of`) of the pair's `StockView` (`quantity =
     max(balance, 0)`, `short` when negative), or None when no stock row exists. From the cache
     (`cached`: the value already fetched for the pair's key, else one cache get), else one query
-    that fills the cache (only when the row exists). No lock; never raises for a missing pair; a
-    cache outage reads the database."""
+    that fills the cache (only when the row exists, and never over an entry of a newer row
+    version: `read_cache.stock_body_fill`). No lock; never raises for a missing pair; a cache
+    outage reads the database."""
     key = read_cache.stock_cache_key(warehouse_id, product_id)
     body = read_cache.body_get(key, cached)
     if body is not None:
@@ -48,7 +51,7 @@ def stock_body_get(
     stock = Stock.objects.filter(warehouse_id=warehouse_id, product_id=product_id).first()
     if stock is None:
         return None
-    return read_cache.body_fill(key, read_cache.stock_view_of(stock))
+    return read_cache.stock_body_fill(read_cache.stock_view_of(stock), stock.version)
 
 
 def stock_list(*, warehouse_id: uuid.UUID) -> QuerySet[Stock]:
@@ -110,14 +113,18 @@ def movement_body_get(
 ) -> bytes | None:
     """The JSON body (`read_cache.body_of`) of the `MovementView` (`movement_view`), or None
     when no event of it is stored. From the cache (`cached` as in `stock_body_get`), else one
-    query that fills the cache (only when the movement exists). No lock; a cache outage reads
-    the database."""
+    query that fills the cache (only when the movement exists, and not when an event committed
+    since is missing from the view: `read_cache.movement_body_fill`). No lock; a cache outage
+    reads the database."""
     key = read_cache.movement_cache_key(movement_id)
     body = read_cache.body_get(key, cached)
     if body is not None:
         return body
-    view = movement_view(list(LedgerEntry.objects.filter(movement_id=movement_id)))
-    return None if view is None else read_cache.body_fill(key, view)
+    entries = list(LedgerEntry.objects.filter(movement_id=movement_id))
+    view = movement_view(entries)
+    if view is None:
+        return None
+    return read_cache.movement_body_fill(view, read_cache.events_of(e.event for e in entries))
 
 
 def ledger_list(
@@ -192,3 +199,87 @@ def consumer_heartbeat_check() -> None:
     stale = [name for name, beat_at in beats if beat_at < limit]
     if stale:
         raise RuntimeError(f"warehouse consumer heartbeat stale: {', '.join(stale)[:200]}")
+
+
+# --- the operator console (`warehouse.console`) ---------------------------------------------
+
+#: Replay outcomes after which a dead letter needs no one any more.
+REPLAYED_OUTCOMES = ("stored", "duplicate")
+
+
+class IngestLag(TypedDict):
+    """The newest ledger row's timing: `lag_seconds` from the envelope's time (producer clock)
+    to the commit that stored it, and when that was (`recorded_at`); both None before any."""
+
+    lag_seconds: float | None
+    recorded_at: datetime | None
+
+
+def console_ledger_rows(*, exact_up_to: int = 100_000) -> tuple[int, bool]:
+    """The number of ledger rows and whether it is exact: `(n, True)` up to `exact_up_to`
+    rows (a count that stops reading there), else on PostgreSQL the planner's estimate
+    (`pg_class.reltuples`, kept by autovacuum) as `(n, False)`, so a sample never scans a
+    large ledger. One or two queries, no lock."""
+    estimate = -1
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+                [LedgerEntry._meta.db_table],
+            )
+            row = cursor.fetchone()
+        estimate = int(row[0]) if row else -1
+        if estimate > 2 * exact_up_to:
+            return estimate, False
+    counted = LedgerEntry.objects.order_by()[: exact_up_to + 1].count()
+    if counted <= exact_up_to:
+        return counted, True
+    return max(counted, estimate), False
+
+
+def console_ingest_lag() -> IngestLag:
+    """`IngestLag` of the newest ledger row (by primary key). One indexed query, no lock."""
+    newest = LedgerEntry.objects.order_by("-pk").values("sent_at", "recorded_at").first()
+    if newest is None:
+        return {"lag_seconds": None, "recorded_at": None}
+    lag = (newest["recorded_at"] - newest["sent_at"]).total_seconds()
+    return {"lag_seconds": max(0.0, lag), "recorded_at": newest["recorded_at"]}
+
+
+def console_consumers_alive() -> int:
+    """Consumers whose heartbeat is fresher than WAREHOUSE_HEARTBEAT_STALE_SECONDS. One query
+    on a table of one row per consumer, no lock."""
+    limit = timezone.now() - timedelta(seconds=settings.WAREHOUSE_HEARTBEAT_STALE_SECONDS)
+    return ConsumerHeartbeat.objects.filter(beat_at__gte=limit).count()
+
+
+def console_dead_letters_waiting() -> QuerySet[DeadLetter]:
+    """Dead letters not yet replayed successfully (never replayed, or replayed into another
+    failure), newest first. Lazy queryset, no lock."""
+    return DeadLetter.objects.exclude(replay_outcome__in=REPLAYED_OUTCOMES).order_by(
+        "-received_at", "-pk"
+    )
+
+
+def console_dead_letter_reasons() -> list[tuple[str, int, datetime]]:
+    """`console_dead_letters_waiting` grouped by reason: `(reason, count, newest
+    received_at)`, the reason with the newest letter first. One GROUP BY, no lock."""
+    rows = (
+        DeadLetter.objects.exclude(replay_outcome__in=REPLAYED_OUTCOMES)
+        .values("reason")
+        .annotate(n=Count("id"), newest=Max("received_at"))
+        .order_by("-newest", "reason")
+    )
+    return [(row["reason"], row["n"], row["newest"]) for row in rows]
+
+
+def console_stock_short(*, limit: int = 20) -> tuple[int, Sequence[Stock]]:
+    """Stock rows whose balance went below zero: their number and the `limit` most short
+    (lowest balance first), in one query (a window count rides along; no index on `balance`,
+    which would cost every stock update its HOT update). No lock."""
+    rows = list(
+        Stock.objects.filter(balance__lt=0)
+        .annotate(total=Window(Count("*")))
+        .order_by("balance", "pk")[:limit]
+    )
+    return (rows[0].total if rows else 0), rows

@@ -10,12 +10,15 @@ live in one place, `interceptor.DoorInterceptor`, which every method goes throug
 
 Transport security (TLS, mutual TLS, the plaintext rule) is decided by `transport.py` at start.
 
-Reads of events are served from the server's one `feed.ChangeFeed` where it can.
+Reads of events are served from the server's one `feed.ChangeFeed` where it can. Several
+copies of this server may run side by side on one database (see `feed` for how each learns of
+the others' writes and the staleness bound of what it answers from memory).
 """
 
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +37,7 @@ from betting.grpc.feed import (
     ChangeFeed,
     change_to_pb,
     event_to_pb,
+    listen_params,
     timestamp_pb,
 )
 from betting.grpc.generated import betting_pb2 as pb
@@ -138,10 +142,14 @@ class LineProviderServicer(pb_grpc.LineProviderServicer):
     async def GetEvent(
         self, request: pb.GetEventRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.Event:
+        """From memory once the view is within the staleness bound (`ChangeFeed.fresh`); from
+        the database when the event is not in it yet or the view cannot catch up."""
+        arrived = time.monotonic()
         event_id = schemas.event_id(request.id, field="id")
-        cached = self.feed.events.get(event_id)
-        if cached is not None:
-            return cached
+        if await self.feed.fresh(arrived):
+            cached = self.feed.events.get(event_id)
+            if cached is not None:
+                return cached
         return event_to_pb(await orm_async(selectors.event_get)(event_id=event_id))
 
     async def ListEvents(
@@ -222,11 +230,15 @@ class LineProviderServicer(pb_grpc.LineProviderServicer):
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchEventsResponse]:
+        arrived = time.monotonic()
         await self.feed.loaded.wait()
         heartbeat = settings.BETTING_WATCH_HEARTBEAT_SECONDS
         if request.HasField("from_sequence"):
             cursor = await self._resume_point(request)
         else:
+            # Within the staleness bound like GetEvent; the snapshot names its own sequence
+            # and the changes after it follow, so even a late one loses nothing.
+            await self.feed.fresh(arrived)
             cursor, events = self.feed.snapshot()
             for event in events:
                 yield pb.WatchEventsResponse(snapshot=event)
@@ -262,7 +274,10 @@ async def serve(
     forbid plaintext on `host` (`transport.server_transport`)."""
     transport = server_transport(host)
     server = grpc.aio.server(interceptors=[DoorInterceptor()])
-    feed = ChangeFeed(poll_seconds=settings.BETTING_WATCH_POLL_SECONDS)
+    feed = ChangeFeed(
+        poll_seconds=settings.BETTING_WATCH_POLL_SECONDS,
+        listen=await orm_async(listen_params)(),
+    )
     pb_grpc.add_LineProviderServicer_to_server(LineProviderServicer(feed), server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

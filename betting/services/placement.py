@@ -8,9 +8,10 @@ one (the claim commits first, so a duplicate sees it in flight); on SQLite one t
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 from prometheus_client import Counter
@@ -19,6 +20,7 @@ from betting import schemas
 from betting.lock_objects import EVENT_FOR_SHARE_SQL
 from betting.models import Bet, BetStatus, Event, EventState, IdempotencyKey
 from betting.services.ranges import COEFFICIENT, STAKE
+from common.console import console_count
 from common.exceptions import (
     ApplicationError,
     Conflict,
@@ -57,26 +59,48 @@ def _request_hash(
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _idempotency_claim(*, user_id: int, key: str, request_hash: str) -> int | IdempotencyKey:
+@dataclass(frozen=True)
+class _Claim:
+    """This request's claim of an Idempotency-Key: its row and the instant it was (re)taken,
+    which is the claim's token: a request whose token is no longer on the row lost its claim."""
+
+    id: int
+    taken_at: datetime
+
+
+def _idempotency_claim(*, user_id: int, key: str, request_hash: str) -> _Claim | IdempotencyKey:
     """Claim (user, key) with one statement that commits on its own (autocommit) and never
-    fails on a duplicate, so it needs no savepoint: the new claim's id, or the finished earlier
-    claim to replay. Raises `Unprocessable` (`idempotency_key_reused`) or `Conflict`
-    (`in_flight`) as `bet_place` says."""
+    fails on a duplicate, so it needs no savepoint: the new claim, or the finished earlier
+    claim to replay. A claim still in flight after `BETTING_IDEMPOTENCY_IN_FLIGHT_SECONDS` was
+    left by a request that died between its claim and its bet (a killed web process) and is
+    taken over (same body only); its late original, if it is alive after all, then finds its
+    token gone and places nothing (`_place_sql`). Raises `Unprocessable`
+    (`idempotency_key_reused`) or `Conflict` (`in_flight`) as `bet_place` says."""
+    now = timezone.now()
+    stale_before = now - timedelta(seconds=settings.BETTING_IDEMPOTENCY_IN_FLIGHT_SECONDS)
+    in_flight = IdempotencyKey.State.IN_FLIGHT.value
     with connection.cursor() as cursor:
         cursor.execute(
             'INSERT INTO betting_idempotencykey (user_id, "key", request_hash, state, created_at)'
-            ' VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id, "key") DO NOTHING RETURNING id',
+            ' VALUES (%s, %s, %s, %s, %s) ON CONFLICT (user_id, "key") DO UPDATE'
+            " SET created_at = excluded.created_at"
+            " WHERE betting_idempotencykey.state = %s"
+            " AND betting_idempotencykey.created_at < %s"
+            " AND betting_idempotencykey.request_hash = excluded.request_hash"
+            " RETURNING id",
             [
                 user_id,
                 key,
                 request_hash,
-                IdempotencyKey.State.IN_FLIGHT,
-                connection.ops.adapt_datetimefield_value(timezone.now()),
+                in_flight,
+                connection.ops.adapt_datetimefield_value(now),
+                in_flight,
+                connection.ops.adapt_datetimefield_value(stale_before),
             ],
         )
         row = cursor.fetchone()
     if row is not None:
-        return int(row[0])
+        return _Claim(id=int(row[0]), taken_at=now)
     existing = IdempotencyKey.objects.filter(user_id=user_id, key=key).first()
     if existing is None:  # the other request failed and released the key meanwhile
         raise Conflict("the request with this Idempotency-Key is in flight", code="in_flight")
@@ -88,6 +112,13 @@ def _idempotency_claim(*, user_id: int, key: str, request_hash: str) -> int | Id
     if existing.state == IdempotencyKey.State.IN_FLIGHT:
         raise Conflict("the request with this Idempotency-Key is in flight", code="in_flight")
     return existing
+
+
+def _claim_lost() -> Conflict:
+    return Conflict(
+        "this request's Idempotency-Key claim expired and was taken over by a retry",
+        code="in_flight",
+    )
 
 
 def _refusal(
@@ -120,9 +151,17 @@ def _place_sql(odds_rule: str) -> str:
     """PostgreSQL placement in one statement (one round trip, one transaction in autocommit):
     the event row under the shared lock, the bet inserted only if `_refusal` would find nothing
     (the same rules, `odds_rule` being its odds rule; `round` of a positive numeric is half-up,
-    as `schemas.payout_of`), the claim of an Idempotency-Key marked done with it. Answers the
-    event's terms and the new bet, if any; no row when the event does not exist."""
+    as `schemas.payout_of`), the claim of an Idempotency-Key marked done with it. The claim row
+    is locked by its token first (`_idempotency_claim`): a claim taken over meanwhile places no
+    bet, and a takeover waits for this statement. Answers the event's terms, the new bet, if
+    any, and whether the claim was held; no row when the event does not exist."""
     return f"""WITH event AS ({EVENT_FOR_SHARE_SQL}),
+held AS (
+    SELECT id FROM betting_idempotencykey
+    WHERE id = %(claim_id)s AND created_at = %(claim_at)s
+          AND state = '{IdempotencyKey.State.IN_FLIGHT.value}'
+    FOR UPDATE
+),
 bet AS (
     INSERT INTO betting_bet (user_id, event_id, amount, coefficient, potential_payout, status,
                              payout, created_at, settled_at)
@@ -130,6 +169,7 @@ bet AS (
            round(%(amount)s * coefficient, 2), '{BetStatus.PENDING.value}', NULL, %(now)s, NULL
     FROM event
     WHERE state = '{EventState.NEW.value}' AND %(now)s < deadline AND {odds_rule}
+          AND (%(claim_id)s::bigint IS NULL OR EXISTS (SELECT 1 FROM held))
     RETURNING id, potential_payout
 ),
 claim AS (
@@ -137,7 +177,8 @@ claim AS (
     SET state = '{IdempotencyKey.State.DONE.value}', bet_id = bet.id, response_status = 201
     FROM bet WHERE betting_idempotencykey.id = %(claim_id)s
 )
-SELECT event.state, event.deadline, event.coefficient, bet.id, bet.potential_payout
+SELECT event.state, event.deadline, event.coefficient, bet.id, bet.potential_payout,
+       %(claim_id)s::bigint IS NULL OR EXISTS (SELECT 1 FROM held)
 FROM event LEFT JOIN bet ON TRUE"""  # noqa: S608 (code constants only; values are parameters)
 
 
@@ -158,7 +199,7 @@ def _bet_insert_shared(
     amount: Decimal,
     expected_coefficient: Decimal | None,
     odds_change: str,
-    claim_id: int | None,
+    claim: _Claim | None,
 ) -> Bet:
     """PostgreSQL: `_place_sql`. Its shared lock lets placements on one event run concurrently;
     finishing, cancelling and odds changes (exclusive lock) wait for them and they for those."""
@@ -172,13 +213,16 @@ def _bet_insert_shared(
                 "amount": amount,
                 "now": now,
                 "expected": expected_coefficient,
-                "claim_id": claim_id,
+                "claim_id": claim.id if claim else None,
+                "claim_at": claim.taken_at if claim else None,
             },
         )
         row = cursor.fetchone()
     if row is None:
         raise NotFound(f"event {event_id} not found", code="event_not_found")
-    state, deadline, coefficient, bet_id, payout = row
+    state, deadline, coefficient, bet_id, payout, held = row
+    if not held:
+        raise _claim_lost()
     if bet_id is None:
         refusal = _refusal(
             event_id=event_id,
@@ -212,7 +256,7 @@ def _bet_insert_serialized(
     amount: Decimal,
     expected_coefficient: Decimal | None,
     odds_change: str,
-    claim_id: int | None,
+    claim: _Claim | None,
 ) -> Bet:
     """SQLite: read, judge and insert in one transaction; SQLite has no row locks, and its
     write transactions (BEGIN IMMEDIATE, see settings) exclude each other and every writer of
@@ -243,10 +287,12 @@ def _bet_insert_serialized(
             coefficient=coefficient,
             potential_payout=schemas.payout_of(amount, coefficient),
         )
-        if claim_id is not None:
-            IdempotencyKey.objects.filter(pk=claim_id).update(
-                state=IdempotencyKey.State.DONE, bet=bet, response_status=201
-            )
+        if claim is not None and not (
+            IdempotencyKey.objects.filter(
+                pk=claim.id, created_at=claim.taken_at, state=IdempotencyKey.State.IN_FLIGHT
+            ).update(state=IdempotencyKey.State.DONE, bet=bet, response_status=201)
+        ):
+            raise _claim_lost()  # rolls the bet back with the transaction
     return bet
 
 
@@ -286,7 +332,7 @@ def bet_place(
             code="invalid_policy",
             details={"odds_change": ["must be one of none, higher, any"]},
         )
-    claim_id: int | None = None
+    held: _Claim | None = None
     if idempotency_key is not None:
         idempotency_key = schemas.idempotency_key(idempotency_key)
         claim = _idempotency_claim(
@@ -303,7 +349,7 @@ def bet_place(
             assert claim.bet_id is not None
             bet = Bet.objects.get(pk=claim.bet_id)
             return Placement(bet=bet, replayed=True, status_code=claim.response_status or 201)
-        claim_id = claim
+        held = claim
     insert = _bet_insert_shared if connection.vendor == "postgresql" else _bet_insert_serialized
     try:
         bet = insert(
@@ -312,13 +358,14 @@ def bet_place(
             amount=amount,
             expected_coefficient=expected_coefficient,
             odds_change=odds_change,
-            claim_id=claim_id,
+            claim=held,
         )
     except Exception:
-        if claim_id is not None:
+        if held is not None:
             IdempotencyKey.objects.filter(
-                pk=claim_id, state=IdempotencyKey.State.IN_FLIGHT
+                pk=held.id, created_at=held.taken_at, state=IdempotencyKey.State.IN_FLIGHT
             ).delete()
         raise
     BETS_PLACED.inc()
+    console_count("betting.bets")
     return Placement(bet=bet, replayed=False)

@@ -2,7 +2,10 @@
 handed over by the ASGI view. Knows no models: data goes through `Backend`, state through
 `DialogStore`. PTB's Updater is not used: updates are parsed by `update_parse` and fetched by
 the tolerant `Poller` (docbot/bot/polling.py). Updates of different users run concurrently,
-one user's in the order they arrived (`PerUserOrder`)."""
+one user's in the order they arrived (`PerUserOrder`). Both modes hand each update to
+`update_handle`, which makes handling at-least-once: an update is claimed when its handling
+starts and marked done when it ends, so only a finished update is ever dropped as a duplicate
+(the poller confirms it to Telegram only then; the webhook answers 2xx only then)."""
 
 import asyncio
 import contextlib
@@ -22,9 +25,9 @@ from common import parsers
 from docbot import telegram
 from docbot.bot.backend import Backend
 from docbot.bot.handlers import handlers_install
-from docbot.bot.polling import Backoff, Poller, PollPolicy, pause
-from docbot.bot.state import DialogStore
-from docbot.bot.turn import BotConfig
+from docbot.bot.polling import Backoff, Poller, PollLease, PollPolicy, pause
+from docbot.bot.state import CLAIM_SECONDS, DialogStore
+from docbot.bot.turn import BotConfig, Turn, turn_start
 from docbot.bot.updates import MAX_UPDATE_BYTES, update_parse
 
 logger = structlog.get_logger(__name__)
@@ -46,6 +49,7 @@ class BotSettings:
     rate_limit_per_second: float = 30.0
     poll_retry_first: float = 0.5
     poll_retry_max: float = 30.0
+    update_claim_seconds: float = CLAIM_SECONDS
 
 
 def settings_from_django(*, service_token: str, mode: str | None = None) -> BotSettings:
@@ -66,6 +70,7 @@ def settings_from_django(*, service_token: str, mode: str | None = None) -> BotS
         max_file_bytes=settings.DOCBOT_MAX_FILE_BYTES,
         state_ttl_seconds=settings.DOCBOT_STATE_TTL_SECONDS,
         rate_limit_per_second=settings.DOCBOT_RATE_LIMIT_PER_SECOND,
+        update_claim_seconds=float(getattr(settings, "DOCBOT_UPDATE_CLAIM_SECONDS", CLAIM_SECONDS)),
     )
 
 
@@ -131,7 +136,9 @@ def build_application(
     application: DocbotApplication = builder.build()
     backend = Backend(config.backend_url, config.service_token, transport=backend_transport)
     application.bot_data["backend"] = backend
-    application.bot_data["store"] = store or DialogStore(ttl_seconds=config.state_ttl_seconds)
+    application.bot_data["store"] = store or DialogStore(
+        ttl_seconds=config.state_ttl_seconds, claim_seconds=config.update_claim_seconds
+    )
     application.bot_data["config"] = BotConfig(
         mode=config.mode,
         flood_max_per_second=config.flood_max_per_second,
@@ -148,7 +155,7 @@ async def application_close(application: DocbotApplication) -> None:
     await application.bot_data["store"].aclose()
 
 
-async def webhook_start(service_token: str) -> Callable[[bytes], Awaitable[None]]:
+async def webhook_start(service_token: str) -> Callable[[bytes], Awaitable[bool]]:
     """This deployment's webhook bot (Django settings, mode `webhook`), initialized. Returns
     the function that hands it one webhook body (`process_webhook_body`)."""
     application = build_application(
@@ -158,24 +165,61 @@ async def webhook_start(service_token: str) -> Callable[[bytes], Awaitable[None]
     return functools.partial(process_webhook_body, application)
 
 
-async def polling_run(service_token: str, stop: asyncio.Event) -> None:
-    """This deployment's bot long-polling (Django settings, mode `polling`) until `stop`."""
-    await run_polling(settings_from_django(service_token=service_token, mode="polling"), stop)
+async def polling_run(service_token: str, stop: asyncio.Event, lease: PollLease | None) -> None:
+    """This deployment's bot long-polling (Django settings, mode `polling`) until `stop`, while
+    it holds `lease` (`run_polling`)."""
+    config = settings_from_django(service_token=service_token, mode="polling")
+    await run_polling(config, stop, lease=lease)
 
 
-async def process_webhook_body(application: DocbotApplication, body: bytes) -> None:
-    """Parse one webhook body and hand the update to the dialog (dedupe, the update policy and
-    flood control happen inside). Raises `InvalidValue` (the view's 400) when the body is not
-    clean JSON (`json_document`) or not an Update (`update_parse`); handler failures never
-    leave `process_update` (the bot's catch-all answers them)."""
+async def process_webhook_body(application: DocbotApplication, body: bytes) -> bool:
+    """Parse one webhook body and handle the update (`update_handle`): True when it is finished
+    (the view's 2xx), False when it is being handled elsewhere and Telegram must deliver it again
+    later. Raises `InvalidValue` (the view's 400) when the body is not clean JSON
+    (`json_document`) or not an Update (`update_parse`)."""
     data = parsers.json_document(body, field="body", max_bytes=MAX_UPDATE_BYTES)
     update = update_parse(data, application.bot)
+    return await update_handle(application, update)
+
+
+async def update_handle(application: DocbotApplication, update: Update) -> bool:
+    """Handle one update to the end, at least once across processes: dedupe, the update policy,
+    flood control and the dialog run inside (`handlers.middleware` claims the update; handler
+    failures are answered by the bot's catch-all). A claim is renewed every third of its TTL
+    while the update is handled, marked done (`DialogStore.finish`) once it is, and released
+    when the handling is cancelled (the webhook's client hung up), so a redelivery handles it
+    at once. Returns True when the update is finished (handled, deliberately dropped, or done
+    before), False when another delivery's claim on it is fresh (`busy`: deliver it again
+    later). Raises CancelledError when cancelled."""
+    store: DialogStore = application.bot_data["store"]
+    current = turn_start(update.update_id)
+    keeper = asyncio.ensure_future(_claim_keep(store, current, update.update_id))
     try:
         await application.update_processor.process_update(
             update, application.process_update(update)
         )
+    except asyncio.CancelledError:
+        if current.claimed:
+            try:
+                await store.claim_release(update.update_id)
+            except Exception as exc:  # it expires after claim_seconds anyway
+                logger.warning("docbot_claim_release_failed", error=repr(exc)[:300])
+        raise
     finally:
+        keeper.cancel()
         structlog.contextvars.unbind_contextvars("request_id")
+    if current.claimed:
+        await store.finish(update.update_id)
+    return not current.busy
+
+
+async def _claim_keep(store: DialogStore, current: Turn, update_id: int) -> None:
+    """Renew the turn's claim every third of its TTL while the update is being handled (most
+    updates finish before the first renewal)."""
+    while True:
+        await asyncio.sleep(store.claim_seconds / 3)
+        if current.claimed:
+            await store.claim_renew(update_id)
 
 
 async def _initialize(
@@ -199,9 +243,18 @@ async def _initialize(
 
 
 async def run_polling(
-    config: BotSettings, stop: asyncio.Event, *, poll_timeout: int = 10, poll_interval: float = 0
+    config: BotSettings,
+    stop: asyncio.Event,
+    *,
+    lease: PollLease | None,
+    poll_timeout: int = 10,
+    poll_interval: float = 0,
 ) -> None:
-    """Long-poll getUpdates until `stop` is set, then finish in-flight updates and return."""
+    """Long-poll getUpdates until `stop` is set, then finish in-flight updates, confirm them
+    and return.
+    With `lease`, getUpdates is called only while this process holds it (standby otherwise;
+    `docbot.bot.polling`); None only where no other poller can exist (the in-process
+    sandbox)."""
     application = build_application(config)
     try:
         if not await _initialize(application, config, stop):
@@ -214,7 +267,14 @@ async def run_polling(
             retry_first=config.poll_retry_first,
             retry_max=config.poll_retry_max,
         )
-        await Poller(application.bot, application.update_queue, policy, mode=config.mode).run(stop)
+        poller = Poller(
+            application.bot,
+            functools.partial(update_handle, application),
+            policy,
+            mode=config.mode,
+            lease=lease,
+        )
+        await poller.run(stop)
         await application.stop()
     finally:
         await application_close(application)

@@ -31,12 +31,13 @@ from telegram.ext import (
 )
 
 from common import parsers
+from common.console import console_count
 from common.parsers import InvalidValue
 from docbot import metrics, schemas, texts
 from docbot.bot.backend import Backend, BackendError
 from docbot.bot.buttons import PAGE_SIZE, on_callback
 from docbot.bot.state import DialogStore
-from docbot.bot.turn import answer, deps, turn, turn_start
+from docbot.bot.turn import answer, deps, turn, turn_of, turn_start
 from docbot.bot.updates import Route, route
 
 logger = structlog.get_logger(__name__)
@@ -122,13 +123,16 @@ def carries_file(update: Update) -> bool:
 
 
 async def middleware(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
-    """Runs first for every update: starts its turn, binds `tg-<update_id>`, drops a repeated
-    update id, applies the update policy (`updates.route`) and flood control (a message
-    carrying a file is never dropped by it), and stops (`ApplicationHandlerStop`) whatever the
-    dialog must not see; a button press it stops is still answered, once."""
-    turn_start()
+    """Runs first for every update: joins its turn, binds `tg-<update_id>`, claims the update
+    (an update already done is dropped; one being handled elsewhere is left for a later
+    delivery, `Turn.busy`), applies the update policy (`updates.route`) and flood control (a
+    message carrying a file is never dropped by it), and stops (`ApplicationHandlerStop`)
+    whatever the dialog must not see; a button press it stops is still answered, once."""
     if not isinstance(update, Update):
+        turn_start()
         raise ApplicationHandlerStop
+    current = turn_of(update.update_id)
+    console_count("docbot.updates")
     _, store, config = deps(context)
     structlog.contextvars.bind_contextvars(request_id=f"tg-{update.update_id}")
     verdict = route(update)
@@ -140,6 +144,12 @@ async def middleware(update: object, context: ContextTypes.DEFAULT_TYPE) -> None
         metrics.UPDATES.labels(config.mode, "duplicate").inc()
         logger.info("docbot_update_duplicate", update_id=update.update_id)
         raise ApplicationHandlerStop
+    if flood == "busy":
+        current.busy = True
+        metrics.UPDATES.labels(config.mode, "busy").inc()
+        logger.info("docbot_update_busy", update_id=update.update_id)
+        raise ApplicationHandlerStop
+    current.claimed = True
     if verdict is not Route.SERVE:
         metrics.UPDATES.labels(config.mode, verdict.value).inc()
         logger.info("docbot_update_not_served", update_id=update.update_id, route=verdict.value)
@@ -149,6 +159,7 @@ async def middleware(update: object, context: ContextTypes.DEFAULT_TYPE) -> None
             await answer(update.callback_query, texts.STALE_BUTTON)
         raise ApplicationHandlerStop
     assert user is not None
+    metrics.dialog_seen(user.id)
     if flood != "ok" and carries_file(update):
         # A file is the user's data, not noise: counted, never dropped (an album or several
         # files at once arrive as a burst of messages).

@@ -236,3 +236,25 @@ def document_delete(*, user: Any, document_id: int) -> str:
     if storage_name:
         transaction.on_commit(lambda: default_storage.delete(storage_name))
     return name
+
+
+@transaction.atomic
+def document_ingest_retry(*, document_id: int) -> Document:
+    """Send a failed document through ingestion again (an operator's retry, from the console):
+    the row goes back to `pending` with a conditional update from `failed` (so two retries at
+    once enqueue once) and the ingestion task is enqueued after commit, fetching the same
+    Telegram file. Returns the document. Raises `NotFound` (`document_not_found`) and
+    `Conflict` (`document_not_failed`) when it is pending or stored."""
+    claimed = Document.objects.filter(pk=document_id, status=Document.Status.FAILED).update(
+        status=Document.Status.PENDING
+    )
+    document = Document.objects.filter(pk=document_id).first()
+    if document is None:
+        raise NotFound("No such document.", code="document_not_found")
+    if not claimed:
+        raise Conflict(
+            f"The document is {document.status}, not failed.", code="document_not_failed"
+        )
+    transaction.on_commit(lambda: _enqueue_ingest(document_id))
+    logger.info("docbot_ingest_retry", document_id=document_id)
+    return document

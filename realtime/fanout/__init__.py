@@ -1,6 +1,6 @@
 """The messenger's outbound fan-out, node-local: the hub (`hub`), the per-connection outbox
-(`outbox`), presence (`presence`), the recent-frames cache (`recent`) and the Redis client
-options they share (`redis_clients`).
+(`outbox`), presence (`presence`), the per-user frame limit (`limits`), the recent-frames cache
+(`recent`) and the Redis client options they share (`redis_clients`).
 
 Each process keeps its own sockets indexed by room and by user and writes each event to them
 once; with REDIS_URL every process receives every event once through one Redis pub/sub channel.

@@ -29,6 +29,7 @@ from prometheus_client import Counter
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 
+from realtime.fanout.limits import RedisWindows, UserFrameLimit
 from realtime.fanout.outbox import Outbox, dumps
 from realtime.fanout.presence import (
     MemoryPresence,
@@ -40,7 +41,6 @@ from realtime.fanout.presence import (
 )
 from realtime.fanout.recent import RecentFrames
 from realtime.fanout.redis_clients import async_redis_client_options, redis_client_options
-from realtime.protocol import TokenBucket
 
 logger = structlog.get_logger(__name__)
 
@@ -88,7 +88,7 @@ class FanoutHub:
         self.by_topic: dict[str, set[Connection]] = {}
         self.recent = RecentFrames()
         self.by_user: dict[int, set[Connection]] = {}
-        self.user_buckets: dict[int, TokenBucket] = {}
+        self.user_limit = UserFrameLimit(channel)
         self.room_slugs: dict[int, str] = {}
         self.presence: MemoryPresence | RedisPresence = (
             RedisPresence(
@@ -143,6 +143,7 @@ class FanoutHub:
         self._listener = None
         self._heartbeat_task = None
         self._async_client = None
+        self.user_limit = UserFrameLimit(self.channel)
         self._presence_flush = None
         self._pending_presence = {}
         self._background = set()
@@ -229,13 +230,14 @@ class FanoutHub:
         self.by_user.setdefault(connection.user_id, set()).add(connection)
 
     def detach(self, connection: Connection) -> None:
-        """Forget the socket's user index entry (and the user's bucket with their last one)."""
+        """Forget the socket's user index entry (and the user's local rate state with their
+        last one)."""
         connections = self.by_user.get(connection.user_id)
         if connections is not None:
             connections.discard(connection)
             if not connections:
                 del self.by_user[connection.user_id]
-                self.user_buckets.pop(connection.user_id, None)
+                self.user_limit.forget(connection.user_id)
 
     def release(
         self, connection: Connection, room_ids: Iterable[int], topics: Iterable[str]
@@ -248,15 +250,27 @@ class FanoutHub:
         for room_id in room_ids:
             self.room_stop_delivery(room_id, connection)
 
-    def user_bucket(self, user_id: int) -> TokenBucket:
-        """The token bucket all of a user's sockets on this process draw from (created on first
-        use, dropped with the user's last socket)."""
-        bucket = self.user_buckets.get(user_id)
-        if bucket is None:
-            bucket = self.user_buckets[user_id] = TokenBucket(
-                settings.REALTIME_USER_RATE_PER_SECOND, settings.REALTIME_USER_RATE_BURST
-            )
-        return bucket
+    async def user_frame_allowed(self, user_id: int) -> bool:
+        """Charge one frame to the user's budget, which all of their sockets on every process
+        share (`limits.UserFrameLimit`: REALTIME_USER_RATE_BURST frames per burst/rate seconds);
+        False when it is spent. Mostly answered from this process's lease without a round trip.
+        Never raises: while Redis is unreachable the budget is this process's."""
+        rate = settings.REALTIME_USER_RATE_PER_SECOND
+        burst = settings.REALTIME_USER_RATE_BURST
+        limit = self.user_limit
+        decision = limit.take_local(user_id, rate, burst)
+        if decision is not None:
+            return decision
+        if self.redis_url and self.redis_usable():
+            try:
+                allowed = await limit.reserve(user_id, rate, burst, RedisWindows(self._aclient()))
+            except Exception as error:
+                self._redis_failed(error)
+                logger.debug("realtime_user_limit_unavailable", error=str(error))
+            else:
+                self._redis_ok()
+                return allowed
+        return await limit.reserve(user_id, rate, burst, limit.memory)
 
     async def room_add(
         self,
@@ -449,6 +463,15 @@ class FanoutHub:
                 )
             return self._sync_client
 
+    def _aclient(self) -> aioredis.Redis:
+        """The hub loop's Redis client for publishes and rate reservations."""
+        if self._async_client is None:
+            self._async_client = aioredis.Redis.from_url(
+                self.redis_url,
+                **async_redis_client_options(settings.REALTIME_REDIS_TIMEOUT_SECONDS),
+            )
+        return self._async_client
+
     def publish_threadsafe(self, envelope: dict[str, Any]) -> None:
         """Publish from any thread; never raises (the fact is in the database). While Redis is
         unreachable the event reaches this process's sockets only."""
@@ -467,12 +490,7 @@ class FanoutHub:
         """Publish from the hub's loop; never raises (see `publish_threadsafe`)."""
         if self.redis_url and self.redis_usable():
             try:
-                if self._async_client is None:
-                    self._async_client = aioredis.Redis.from_url(
-                        self.redis_url,
-                        **async_redis_client_options(settings.REALTIME_REDIS_TIMEOUT_SECONDS),
-                    )
-                await self._async_client.publish(self.channel, json.dumps(envelope))
+                await self._aclient().publish(self.channel, json.dumps(envelope))
             except Exception as error:
                 self._redis_failed(error)
             else:

@@ -12,6 +12,7 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 from prometheus_client import Counter
 
+from common.console import console_count
 from common.exceptions import ValidationFailed
 from realtime import selectors
 from realtime.fanout import dumps, hub
@@ -98,6 +99,7 @@ def message_send(
             envelope["users"] = members
         transaction.on_commit(lambda: hub().publish_threadsafe(envelope))
     MESSAGES_STORED.inc()
+    console_count("realtime.messages")
     return message, True
 
 

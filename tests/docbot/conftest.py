@@ -15,6 +15,7 @@ from django.core.management import call_command
 from config.celery import app as celery_app
 from docbot import runtime, texts
 from docbot.bot.application import BotSettings, run_polling, settings_from_django
+from docbot.bot.polling import PollLease
 from tests.conftest import LiveServer
 from tests.docbot.fake_telegram import Call, FakeTelegram
 
@@ -89,8 +90,9 @@ def bot_env(
 class PollingBot:
     """run_polling (the same coroutine runall and run_docbot use) in a thread of its own."""
 
-    def __init__(self, config: BotSettings) -> None:
+    def __init__(self, config: BotSettings, *, lease: PollLease | None = None) -> None:
         self.config = config
+        self.lease = lease or runtime.poll_lease(config.token)  # run_docbot's by default
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -102,7 +104,7 @@ class PollingBot:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
             self._ready.set()
-            await run_polling(self.config, self._stop, poll_timeout=1)
+            await run_polling(self.config, self._stop, lease=self.lease, poll_timeout=1)
 
         try:
             asyncio.run(main())

@@ -3,7 +3,12 @@
 It speaks the Bot API methods docbot uses (getMe, getUpdates with long polling, sendMessage,
 sendDocument, sendPhoto, editMessageText, answerCallbackQuery, getFile, file download,
 setWebhook, deleteWebhook), records every call the bot made, and builds updates for tests:
-queued for getUpdates (polling) or POSTed to the registered webhook (with its secret)."""
+queued for getUpdates (polling) or POSTed to the registered webhook (with its secret).
+
+`hold_replies` keeps the bot's sendMessage calls to some chats in flight (recorded as sent, the
+answer not given) until `release_replies`: the bot is then dying mid-reply whenever the test
+kills it. The held answer trickles JSON whitespace, so the client's read timeout never ends the
+call on its own."""
 
 import asyncio
 import contextlib
@@ -15,12 +20,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from aiohttp import web
 
 BOT_USER = {"id": 700000001, "is_bot": True, "first_name": "Docbot", "username": "docbot_test_bot"}
+
+
+def _chat_of(params: dict[str, Any]) -> int | None:
+    try:
+        return int(params["chat_id"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _update_id(update: Any, default: int) -> int:
@@ -34,6 +46,8 @@ class Call:
     params: dict[str, Any]
     at: float
     upload: bytes | None = None
+    #: the label of the base URL the caller used (`base_url_for`), "" for `base_url`
+    caller: str = ""
 
     @property
     def chat_id(self) -> int | None:
@@ -79,8 +93,22 @@ class FakeTelegram:
     port: int = 0
     #: every getUpdates call as (monotonic time, offset asked for)
     polls: list[tuple[float, int]] = field(default_factory=list)
+    #: the caller of every getUpdates: the label of the base URL it used (`base_url_for`)
+    pollers: list[str] = field(default_factory=list)
+    #: getUpdates calls being answered now, by caller label
+    polls_in_flight: dict[str, int] = field(default_factory=dict)
+    #: every getUpdates answered: (caller label, monotonic start, monotonic end)
+    poll_spans: list[tuple[str, float, float]] = field(default_factory=list)
+    #: (new, other): a getUpdates that arrived while another caller's was being answered
+    #: (Telegram serves one getUpdates loop per bot)
+    overlaps: list[tuple[str, str]] = field(default_factory=list)
     #: while set, getUpdates answers this (HTTP status, raw body) instead of updates
     get_updates_fault: tuple[int, bytes] | None = None
+    #: sendMessage calls to these chats (from `_held_caller`'s label, or anyone's when None) are
+    #: recorded and then kept in flight until `release_replies`
+    _held_chats: set[int] = field(default_factory=set)
+    _held_caller: str | None = None
+    _release: asyncio.Event | None = None
     _pending: list[Any] = field(default_factory=list)
     _update_ids: Any = field(default_factory=lambda: itertools.count(1000))
     _message_ids: Any = field(default_factory=lambda: itertools.count(1))
@@ -105,8 +133,10 @@ class FakeTelegram:
             asyncio.set_event_loop(loop)
             self._loop = loop
             self._new_update = asyncio.Event()
+            self._release = asyncio.Event()
             app = web.Application(client_max_size=64 * 1024 * 1024)
             app.router.add_route("*", "/bot{token}/{method}", self._method)
+            app.router.add_route("*", "/{label}/bot{token}/{method}", self._method)
             app.router.add_get("/file/bot{token}/{path:.+}", self._download)
             self._runner = web.AppRunner(app, access_log=None)
             loop.run_until_complete(self._runner.setup())
@@ -134,10 +164,16 @@ class FakeTelegram:
         self._closing = True
         if self._new_update is not None:
             self._new_update.set()
+        if self._release is not None:
+            self._release.set()
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/bot"
+
+    def base_url_for(self, label: str) -> str:
+        """`base_url` under which the calls are recorded as `label`'s (one per bot process)."""
+        return f"http://127.0.0.1:{self.port}/{label}/bot"
 
     @property
     def base_file_url(self) -> str:
@@ -275,6 +311,23 @@ class FakeTelegram:
         self._loop.call_soon_threadsafe(self._new_update.set)
         return update
 
+    def hold_replies(self, chat_ids: set[int], *, caller: str | None = None) -> None:
+        """From now on, sendMessage calls to `chat_ids` (made through `base_url_for(caller)`,
+        or by anyone when `caller` is None) are recorded and then left unanswered, the
+        connection kept busy, until `release_replies`."""
+        assert self._loop is not None and self._release is not None
+        with self._changed:
+            self._held_chats = set(chat_ids)
+            self._held_caller = caller
+        self._loop.call_soon_threadsafe(self._release.clear)
+
+    def release_replies(self) -> None:
+        """Answer the held calls (those whose caller is still there) and hold no more."""
+        assert self._loop is not None and self._release is not None
+        with self._changed:
+            self._held_chats = set()
+        self._loop.call_soon_threadsafe(self._release.set)
+
     def deliver(self, update: dict[str, Any], *, secret: str | None = None) -> httpx.Response:
         """POST an update to the registered webhook like Telegram does (webhook mode)."""
         assert self.webhook_url, "no webhook registered"
@@ -363,17 +416,61 @@ class FakeTelegram:
         if request.match_info["token"] != self.token:
             return self._error(401, "Unauthorized")
         method = request.match_info["method"]
+        label = request.match_info.get("label", "")
         params, upload = await self._params(request)
         if method != "getUpdates":
-            self._record(Call(method, params, time.monotonic(), upload))
+            self._record(Call(method, params, time.monotonic(), upload, caller=label))
         if self.fail_methods.get(method, 0) > 0:
             self.fail_methods[method] -= 1
             return self._error(502, "Bad Gateway")
         handler = getattr(self, f"_m_{method}", None)
         if handler is None:
             return self._error(404, f"Not Found: method {method}")
-        response: web.Response = await handler(params, upload)
+        if method != "getUpdates":
+            response: web.Response = await handler(params, upload)
+            if method == "sendMessage" and self._holds(params, label):
+                # aiohttp serves any StreamResponse; `_method` keeps its narrower type for the
+                # subclasses that wrap it (bench/scaleout.py).
+                return cast(web.Response, await self._held(request, response))
+            return response
+        started = time.monotonic()
+        with self._changed:
+            self.pollers.append(label)
+            self.overlaps += [
+                (label, o) for o, n in self.polls_in_flight.items() if n and o != label
+            ]
+            self.polls_in_flight[label] = self.polls_in_flight.get(label, 0) + 1
+        try:
+            response = await handler(params, upload)
+        finally:
+            with self._changed:
+                self.polls_in_flight[label] -= 1
+                self.poll_spans.append((label, started, time.monotonic()))
         return response
+
+    def _holds(self, params: dict[str, Any], label: str) -> bool:
+        with self._changed:
+            if self._held_caller is not None and label != self._held_caller:
+                return False
+            return _chat_of(params) in self._held_chats
+
+    async def _held(self, request: web.Request, answer: web.Response) -> web.StreamResponse:
+        """`answer`, once `release_replies` is called; meanwhile a space every 0.2 s (JSON
+        allows leading whitespace) keeps the client's read timeout from ending the call."""
+        assert self._release is not None
+        held = web.StreamResponse(headers={"Content-Type": "application/json"})
+        try:
+            await held.prepare(request)
+            while not self._release.is_set():
+                await held.write(b" ")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._release.wait(), 0.2)
+            assert isinstance(answer.body, bytes)
+            await held.write(answer.body)
+            await held.write_eof()
+        except (ConnectionError, RuntimeError):  # the caller is gone (killed)
+            pass
+        return held
 
     async def _m_getMe(self, params: dict[str, Any], upload: bytes | None) -> web.Response:
         return self._ok(BOT_USER)

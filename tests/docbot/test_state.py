@@ -104,10 +104,16 @@ async def test_one_update_delivered_to_two_workers_at_once_is_admitted_once() ->
         verdicts = await asyncio.gather(
             *(worker.admit(7_000_001, 90300, 5) for worker in (worker_a, worker_b) * 8)
         )
+        await worker_a.finish(7_000_001)
+        later = await asyncio.gather(
+            *(worker.admit(7_000_001, 90300, 5) for worker in (worker_a, worker_b) * 2)
+        )
     finally:
         await close_all(worker_a, worker_b)
+    # One claims it; the others find it being handled (to be delivered again later), then done.
     assert verdicts.count("ok") == 1
-    assert verdicts.count("duplicate") == 15
+    assert verdicts.count("busy") == 15
+    assert later == ["duplicate"] * 4
 
 
 async def test_a_flood_spread_over_workers_is_counted_whole_and_warned_once() -> None:
@@ -133,11 +139,14 @@ async def test_a_duplicate_does_not_count_against_the_flood_window() -> None:
     store = DialogStore(ttl_seconds=60)
     try:
         first = await store.admit(7_200_001, 90302, 1)
+        while_handled = [await store.admit(7_200_001, 90302, 1) for _ in range(3)]
+        await store.finish(7_200_001)
         repeats = [await store.admit(7_200_001, 90302, 1) for _ in range(5)]
-        following = await store.admit(7_200_002, 90303, 1)
+        following = await store.admit(7_200_002, 90302, 2)
     finally:
         await store.aclose()
     assert first == "ok"
+    assert while_handled == ["busy"] * 3
     assert repeats == ["duplicate"] * 5
     assert following == "ok"
 
@@ -146,11 +155,75 @@ async def test_updates_not_served_are_deduplicated_but_never_flood_counted() -> 
     store = DialogStore(ttl_seconds=60)
     try:
         verdicts = [await store.admit(7_300_000 + n, None, 1) for n in range(5)]
+        await store.finish(7_300_000)
         again = await store.admit(7_300_000, None, 1)
     finally:
         await store.aclose()
     assert verdicts == ["ok"] * 5
     assert again == "duplicate"
+
+
+# --- at-least-once: a claim that is not finished is handled again once it expires ---------
+
+
+async def admitted_within(store: DialogStore, update_id: int, seconds: float) -> list[str]:
+    """Deliver `update_id` again every 50 ms until one delivery claims it (or `seconds`)."""
+    verdicts: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        verdicts.append(await store.admit(update_id, 90310, 50))
+        if verdicts[-1] != "busy":
+            break
+        await asyncio.sleep(0.05)
+    return verdicts
+
+
+async def test_an_update_whose_handler_died_is_handled_again_once_its_claim_expires() -> None:
+    dead, alive = DialogStore(ttl_seconds=60, claim_seconds=0.5), DialogStore(ttl_seconds=60)
+    try:
+        assert await dead.admit(7_400_001, 90310, 50) == "ok"  # then its process dies
+        assert await alive.admit(7_400_001, 90310, 50) == "busy"
+        verdicts = await admitted_within(alive, 7_400_001, 30)
+        await alive.finish(7_400_001)
+        after = await alive.admit(7_400_001, 90310, 50)
+    finally:
+        await close_all(dead, alive)
+    assert set(verdicts[:-1]) <= {"busy"}
+    assert verdicts[-1] == "ok"
+    assert after == "duplicate"
+
+
+async def test_a_claim_renewed_while_its_handler_runs_does_not_expire() -> None:
+    worker, other = DialogStore(ttl_seconds=60, claim_seconds=0.6), DialogStore(ttl_seconds=60)
+    try:
+        assert await worker.admit(7_400_002, 90311, 50) == "ok"
+        verdicts = []
+        for _ in range(8):  # 8 x 0.2 s: well past the claim's 0.6 s, renewed every 0.2 s
+            await asyncio.sleep(0.2)
+            await worker.claim_renew(7_400_002)
+            verdicts.append(await other.admit(7_400_002, 90311, 50))
+        await worker.finish(7_400_002)
+        await worker.claim_renew(7_400_002)  # never turns a done update back into a claim
+        done = await other.admit(7_400_002, 90311, 50)
+    finally:
+        await close_all(worker, other)
+    assert verdicts == ["busy"] * 8
+    assert done == "duplicate"
+
+
+async def test_a_released_claim_is_handled_at_the_next_delivery_and_a_done_one_stays_done() -> None:
+    worker, other = two_workers()
+    try:
+        assert await worker.admit(7_400_003, 90312, 50) == "ok"
+        await worker.claim_release(7_400_003)  # its handler was cancelled
+        again = await other.admit(7_400_003, 90312, 50)
+        await other.finish(7_400_003)
+        await worker.claim_release(7_400_003)
+        after = await worker.admit(7_400_003, 90312, 50)
+    finally:
+        await close_all(worker, other)
+    assert again == "ok"
+    assert after == "duplicate"
 
 
 async def test_dialog_state_written_by_one_worker_is_read_by_another() -> None:

@@ -70,7 +70,8 @@ def asgi_process(redis_url: str, **env: str) -> Iterator[Node]:
     command += [*PRODUCTION_WS_FLAGS, "--ws", PRODUCTION_WS_OPTIONS["ws"]]  # the last --ws wins
     process = subprocess.Popen([*command, "--log-level", "warning"], cwd=ROOT, env=environment)
     try:
-        deadline = time.monotonic() + 30
+        # Generous: a loaded machine may take tens of seconds to import Django and the apps.
+        deadline = time.monotonic() + 120
         while True:
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:

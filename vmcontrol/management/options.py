@@ -136,3 +136,17 @@ def _disk(value: str) -> Disk:
 
 disk_option = _refusing(_disk)
 """`NAME:SIZE_GB` (the size after the last colon) as a protocol `Disk`."""
+
+
+def _server(value: str) -> tuple[str, int]:
+    host, separator, port = value.rpartition(":")
+    if not separator:
+        raise parsers.InvalidValue("value", "format", f"wants HOST:PORT, got {value!r}")
+    return (
+        parsers.identifier(host, field="value", max_length=253),
+        parsers.integer(port, field="value", min_value=1, max_value=65535),
+    )
+
+
+server_option = _refusing(_server)
+"""`HOST:PORT` (the port after the last colon) as a (host, port) pair."""

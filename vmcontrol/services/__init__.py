@@ -4,10 +4,12 @@ services`), which is what other apps may use.
 - `vms`: registration, enrollment, tokens rotated or revoked, operator logout; the domain errors
   and the status-change shape published on `vmcontrol.vms`;
 - `tokens`: tokens and the enrollment secret, hashed and compared in constant time;
-- `commands`: commands to agents over the agent bus (`vmcontrol.bus`) and their answers;
+- `commands`: commands to agents over the agent bus (`vmcontrol.bus`), their answers, an
+  operator's retry of a failed one, and the sweep of commands whose waiter died;
 - `agent_events`: the batched agent events the TCP server applies (enroll, auth, inventory,
   logout, end) and the last-seen flush;
-- `leases`: the TCP servers' leases and the cleanup of sessions whose server is gone.
+- `leases`: the TCP servers' leases (one live process per server name) and the cleanup of
+  sessions whose server is gone.
 """
 
 from vmcontrol.services.agent_events import (
@@ -21,11 +23,16 @@ from vmcontrol.services.agent_events import (
 from vmcontrol.services.commands import (
     AgentTimeout,
     CommandFailed,
+    CommandNotRetryable,
     command_complete,
+    command_retry,
     command_run,
+    commands_expire,
     vm_update_specs,
 )
 from vmcontrol.services.leases import (
+    LeaseHeld,
+    LeaseHolder,
     server_lease_acquire,
     server_lease_release,
     server_lease_renew,
@@ -58,12 +65,17 @@ __all__ = [
     "AgentTimeout",
     "AuthFailed",
     "CommandFailed",
+    "CommandNotRetryable",
+    "LeaseHeld",
+    "LeaseHolder",
     "StatusChange",
     "VmNotAuthorized",
     "agent_events_apply",
     "agent_events_apply_isolated",
     "command_complete",
+    "command_retry",
     "command_run",
+    "commands_expire",
     "disks_replace",
     "last_seen_flush",
     "secret_matches",

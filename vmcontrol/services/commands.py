@@ -3,7 +3,7 @@ answered once (`command_complete`, called by the connection that holds the VM)."
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from common.db import orm_async
 from common.exceptions import Conflict, NotFound, UpstreamTimeout
-from vmcontrol import bus
+from vmcontrol import bus, selectors
 from vmcontrol.lock_objects import vm_lock
 from vmcontrol.models import AuditEvent, Command, CommandStatus, VirtualMachine
 from vmcontrol.protocol import Disk as WireDisk
@@ -42,6 +42,13 @@ class CommandFailed(Conflict):
     default_message = "The agent refused the command."
 
 
+class CommandNotRetryable(Conflict):
+    """409: only a failed or timed-out command can be sent again."""
+
+    code = "command_not_retryable"
+    default_message = "Only a failed or timed-out command can be retried."
+
+
 def _command_create(*, vm_id: int, name: str, args: dict[str, Any], actor: Actor) -> Command:
     with transaction.atomic():
         vm = vm_lock(vm_id)
@@ -64,6 +71,32 @@ def _command_time_out(command_id: uuid.UUID) -> Command:
         pk=command_id, status__in=[CommandStatus.QUEUED, CommandStatus.SENT]
     ).update(status=CommandStatus.TIMED_OUT, finished_at=timezone.now())
     return Command.objects.get(pk=command_id)
+
+
+ABANDONED = {
+    "code": "abandoned",
+    "message": "the process waiting for the agent's answer stopped before the answer came",
+}
+
+
+def commands_expire(*, older_than: float | None = None) -> int:
+    """Time out the commands nobody will finish: still `queued` or `sent` more than
+    `older_than` seconds after they were created (default VMCONTROL_COMMAND_TIMEOUT_SECONDS +
+    VMCONTROL_SERVER_LEASE_TTL_SECONDS, past the deadline of any live waiter). That happens
+    when the process waiting for the answer (`command_run`, a web process) died and the agent
+    never answered, or answered to a server that died too. They become `timed_out` with error
+    `abandoned`, so the operator sees an outcome instead of `sent` forever. One conditional
+    UPDATE (an answer or a waiter's own timeout that won the race is kept); idempotent; safe
+    from many processes at once. Returns how many were timed out."""
+    if older_than is None:
+        older_than = (
+            settings.VMCONTROL_COMMAND_TIMEOUT_SECONDS + settings.VMCONTROL_SERVER_LEASE_TTL_SECONDS
+        )
+    now = timezone.now()
+    return Command.objects.filter(
+        status__in=[CommandStatus.QUEUED, CommandStatus.SENT],
+        created_at__lt=now - timedelta(seconds=older_than),
+    ).update(status=CommandStatus.TIMED_OUT, finished_at=now, error=ABANDONED)
 
 
 def command_run(
@@ -109,6 +142,22 @@ def command_run(
             details={"command_id": str(command.pk), "error": error},
         )
     return command
+
+
+def command_retry(
+    *, command_id: uuid.UUID, actor: Actor = None, timeout: float | None = None
+) -> Command:
+    """Send a failed or timed-out command again: a new command with the same VM, name and
+    args through `command_run` (the old row is kept as it is; a `command.retry` audit row
+    names it). Blocks like `command_run` and returns the new, succeeded command. Not
+    idempotent: every call is a new command. Raises NotFound (`command_not_found`),
+    CommandNotRetryable (409) when the command is queued, sent or succeeded, and what
+    `command_run` raises (VmNotAuthorized, AgentTimeout, CommandFailed)."""
+    old = selectors.command_get(command_id=command_id)
+    if old.status not in (CommandStatus.FAILED, CommandStatus.TIMED_OUT):
+        raise CommandNotRetryable(details={"command_id": str(old.pk), "status": old.status})
+    audit_add(actor=actor, vm_id=old.vm_id, action="command.retry", command_id=str(old.pk))
+    return command_run(vm_id=old.vm_id, name=old.name, args=old.args, actor=actor, timeout=timeout)
 
 
 def vm_update_specs(

@@ -1,16 +1,23 @@
 """The TCP servers' leases (which server process owns which live sessions) and the cleanup of
 sessions whose server is gone: at a server's own restart (`server_sessions_recover`) and for
-any server whose lease expired (`server_leases_reap`, from every server and the beat task)."""
+any server whose lease expired (`server_leases_reap`, from every server and the beat task).
 
+A lease is held by one process, named by its row's (`host`, `pid`): a second live process
+asking for the same server name is told who holds it (`server_lease_acquire`) and must not
+serve under it, since both would close and reap each other's sessions (`LeaseHeld`)."""
+
+import os
 import uuid
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import structlog
 from django.db import transaction
-from django.db.models import DateTimeField, Exists, ExpressionWrapper, OuterRef, Q
+from django.db.models import BooleanField, DateTimeField, Exists, ExpressionWrapper, OuterRef, Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from common.exceptions import Conflict
 from vmcontrol.models import (
     AgentSession,
     AuditEvent,
@@ -65,48 +72,118 @@ def _lease_expiry(ttl: float) -> ExpressionWrapper:
     return ExpressionWrapper(Now() + timedelta(seconds=ttl), output_field=DateTimeField())
 
 
+class LeaseHeld(Conflict):
+    """Another live process serves under this server name (it renewed the lease while this
+    one waited for it to lapse): two copies must not share a name."""
+
+    code = "lease_held"
+    default_message = "Another live process holds this server name's lease."
+
+
+@dataclass(frozen=True)
+class LeaseHolder:
+    """The process holding a lease that `server_lease_acquire` could not take."""
+
+    host: str
+    pid: int
+    renewed_at: datetime
+    """changes at each renewal: a holder seen renewing is alive"""
+    expires_at: datetime
+
+
+def _process_gone(*, host: str, pid: int, own_host: str, own_pid: int) -> bool:
+    """The holder is provably not running: a process of this host that no longer exists, or
+    this process's own pid (a restarted container gets its predecessor's pid). A holder on
+    another host cannot be checked from here."""
+    if host != own_host:
+        return False
+    if pid == own_pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 @transaction.atomic
-def server_lease_acquire(*, server_name: str, ttl: float, host: str = "", pid: int = 0) -> None:
-    """Claim the lease `server_name` for `ttl` seconds of the database's clock (taking over a
-    predecessor's row; `host`, `pid` are for operators). Idempotent (an upsert). Called at
-    server start, after `server_sessions_recover` and before accepting agents."""
-    now = timezone.now()
-    ServerLease.objects.bulk_create(
-        [
-            ServerLease(
-                name=server_name,
-                host=host[:255],
-                pid=pid,
-                started_at=now,
-                renewed_at=now,
-                expires_at=now,
+def server_lease_acquire(
+    *, server_name: str, ttl: float, host: str, pid: int
+) -> LeaseHolder | None:
+    """Claim the lease `server_name` for `ttl` seconds of the database's clock for the process
+    (`host`, `pid`). Returns None when claimed: the name was free, its lease had expired, or
+    its holder is provably gone (a killed predecessor on this host). Otherwise nothing changes
+    and the holder is returned: it may be alive (another copy under the same name) or a
+    predecessor on another host; the caller waits for its lease to lapse or to be renewed
+    (`ServerState.lease_acquire`). Locks the lease row; idempotent for its holder. Called at
+    server start before `server_sessions_recover` and before accepting agents."""
+    host = host[:255]
+    current = None
+    while current is None:
+        # A reaper may delete the expired row while this waits for its lock: insert again.
+        now = timezone.now()
+        ServerLease.objects.bulk_create(
+            [
+                ServerLease(
+                    name=server_name,
+                    host=host,
+                    pid=pid,
+                    started_at=now,
+                    renewed_at=now,
+                    expires_at=now,
+                )
+            ],
+            ignore_conflicts=True,
+        )
+        current = (
+            ServerLease.objects.select_for_update()
+            .filter(name=server_name)
+            .annotate(
+                expired=ExpressionWrapper(Q(expires_at__lte=Now()), output_field=BooleanField())
             )
-        ],
-        ignore_conflicts=True,
-    )
+            .first()
+        )
+    ours = (current.host, current.pid) == (host, pid)
+    if not (
+        ours
+        or current.expired
+        or _process_gone(host=current.host, pid=current.pid, own_host=host, own_pid=pid)
+    ):
+        return LeaseHolder(
+            host=current.host,
+            pid=current.pid,
+            renewed_at=current.renewed_at,
+            expires_at=current.expires_at,
+        )
     ServerLease.objects.filter(name=server_name).update(
-        host=host[:255], pid=pid, started_at=Now(), renewed_at=Now(), expires_at=_lease_expiry(ttl)
+        host=host, pid=pid, started_at=Now(), renewed_at=Now(), expires_at=_lease_expiry(ttl)
     )
+    return None
 
 
-def server_lease_renew(*, server_name: str, ttl: float) -> bool:
-    """Extend the lease by `ttl` seconds from now. False when the row is gone: another process
-    reaped it after it expired (this server stalled or lost the database for longer than
-    `ttl`), so the sessions it holds were closed and the caller must drop them. One
+def server_lease_renew(*, server_name: str, ttl: float, host: str, pid: int) -> bool:
+    """Extend the lease by `ttl` seconds from now, if the process (`host`, `pid`) still holds
+    it. False when it does not: another process reaped the row after it expired (this server
+    stalled or lost the database for longer than `ttl`), so the sessions it holds were closed,
+    or another process took the name over since; the caller must drop its sessions. One
     conditional UPDATE; idempotent."""
     return bool(
-        ServerLease.objects.filter(name=server_name).update(
+        ServerLease.objects.filter(name=server_name, host=host[:255], pid=pid).update(
             renewed_at=Now(), expires_at=_lease_expiry(ttl)
         )
     )
 
 
-def server_lease_release(*, server_name: str) -> None:
-    """Clean stop: the server ended every session, its lease goes. A lease under which
-    sessions are still open (their end could not be written, or another process runs under
-    the same name) stays, to expire and be reaped. Idempotent."""
+def server_lease_release(*, server_name: str, host: str, pid: int) -> None:
+    """Clean stop of the process (`host`, `pid`): the server ended every session, its lease
+    goes. A lease under which sessions are still open (their end could not be written) stays,
+    to expire and be reaped; a lease another process holds is not touched. Idempotent."""
     still_open = AgentSession.objects.filter(server_name=OuterRef("name"), ended_at__isnull=True)
-    ServerLease.objects.filter(name=server_name).exclude(Exists(still_open)).delete()
+    ServerLease.objects.filter(name=server_name, host=host[:255], pid=pid).exclude(
+        Exists(still_open)
+    ).delete()
 
 
 @transaction.atomic

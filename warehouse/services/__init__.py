@@ -4,7 +4,11 @@ rebuild (`stock`) and the consumer heartbeat (`heartbeat`). Other apps and the d
 names below from `warehouse.services`."""
 
 from warehouse.services.dead_letters import dead_letter_replay
-from warehouse.services.heartbeat import consumer_heartbeat_beat, consumer_heartbeat_clear
+from warehouse.services.heartbeat import (
+    consumer_heartbeat_beat,
+    consumer_heartbeat_clear,
+    consumer_heartbeats_prune,
+)
 from warehouse.services.ingest import (
     STOCK_TOPIC,
     BatchResult,
@@ -23,6 +27,7 @@ __all__ = [
     "Problem",
     "consumer_heartbeat_beat",
     "consumer_heartbeat_clear",
+    "consumer_heartbeats_prune",
     "dead_letter_replay",
     "movements_ingest",
     "movements_ingest_isolated",

@@ -11,16 +11,26 @@ committed but not acked finds its messages already placed and changes nothing (o
 The steps of `_ingest`, in order (each a function below):
 1. `_classify`: skip messages already placed (a key seen earlier in the batch, or dead-lettered
    by an earlier delivery), parse the rest, group copies of one event within the batch;
-2. `_match_stored`: events already in the ledger become repeats (same payload) or conflicts;
-3. `_reject_short_departures` (WAREHOUSE_STRICT_STOCK only): lock the stock rows, refuse
-   departures that would go below zero;
-4. `_count_repeats`: each repeat is a `duplicate` (counted once per message key) or
+2. `_lock_stock` (WAREHOUSE_STRICT_STOCK only): lock the stock rows of the batch's pairs;
+3. `_match_stored`: events already in the ledger become repeats (same payload) or conflicts;
+4. `_reject_short_departures` (WAREHOUSE_STRICT_STOCK only): refuse departures that would go
+   below zero;
+5. `_count_repeats`: each repeat is a `duplicate` (counted once per message key) or
    `redelivered`;
-5. `_store`: insert the new ledger rows, bump the duplicate counters, record the duplicates'
-   message keys, apply the stock deltas;
-6. `_dead_letter`: every refused message becomes a dead letter (once per message key);
-7. `_announce`: after commit the read cache is written through and the metrics counted; the
+6. `_store`: insert the new ledger rows and apply their stock deltas, settle the events another
+   transaction stored meanwhile (`_settle_stored_meanwhile`), record the duplicates' message keys
+   and bump the duplicate counters;
+7. `_dead_letter`: every refused message becomes a dead letter (once per message key);
+8. `_announce`: after commit the read cache is written through and the metrics counted; the
    stock changes are published on `warehouse.stock`.
+
+Several consumers can run this on one queue at once (and the REST ingest beside them): two
+batches holding copies of one event both find it new in step 3, and the one that inserts second
+waits for the first to commit, skips the row and settles those messages as repeats of the
+stored row in the same transaction (`_settle_stored_meanwhile`), as if it had found the row in
+step 3. Every row two batches can both write is taken in ascending key order (`ledger_sql`), so
+they never deadlock; a transaction the database still rolls back (a deadlock or serialization
+failure from elsewhere) is retried whole (`movements_ingest_isolated`), logged in one line.
 """
 
 import json
@@ -36,19 +46,21 @@ from typing import Any
 import structlog
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, transaction
-from django.db.models import F
 from django.utils import timezone
 from prometheus_client import Counter, Histogram
 
+from common.console import console_count
 from realtime.services import publish
 from warehouse import read_cache
 from warehouse.lock_objects import stock_lock
-from warehouse.models import DeadLetter, DuplicateMessage, LedgerEntry
+from warehouse.models import DeadLetter, DuplicateMessage
 from warehouse.read_cache import StockView
 from warehouse.schemas import Envelope, EnvelopeInvalid, envelope_parse, envelope_validate
 from warehouse.services.ledger_sql import (
     EventKey,
     Pair,
+    duplicates_add,
+    duplicates_claim,
     entries_existing,
     ledger_store,
     message_keys_known,
@@ -158,6 +170,8 @@ class _Batch:
     fresh: dict[EventKey, tuple[int, Envelope]] = field(default_factory=dict)
     copies: dict[EventKey, list[int]] = field(default_factory=lambda: defaultdict(list))
     repeats: dict[int, _Repeat] = field(default_factory=dict)
+    # The stock rows' versions after the batch, parallel to its `stock_changes`.
+    stock_versions: list[int] = field(default_factory=list)
 
     def fail(self, indexes: list[int], reason: str, detail: str, envelope: Envelope) -> None:
         for index in indexes:
@@ -167,6 +181,33 @@ class _Batch:
         """Take event `key` out of `fresh`: the indexes of its first copy and later copies."""
         index, _ = self.fresh.pop(key)
         return [index, *self.copies.pop(key, [])]
+
+
+@dataclass
+class _Counts:
+    """The duplicates a batch counts: new duplicate messages per event, the pks of rows stored
+    before the batch whose counters get them, and the message keys to record (message key ->
+    its index in the batch and its event)."""
+
+    new: Tally[EventKey] = field(default_factory=Tally)
+    stored_pks: dict[EventKey, int] = field(default_factory=dict)
+    records: dict[str, tuple[int, EventKey]] = field(default_factory=dict)
+
+    def forget(self, keys: set[EventKey]) -> None:
+        """Drop everything counted for the events `keys`."""
+        for key in keys:
+            self.new.pop(key, None)
+            self.stored_pks.pop(key, None)
+        self.records = {m: entry for m, entry in self.records.items() if entry[1] not in keys}
+
+    def merge(self, other: "_Counts", indexes: list[int]) -> None:
+        """Add the counts of a sub-batch whose message `i` is this batch's `indexes[i]`."""
+        self.new.update(other.new)
+        self.stored_pks.update(other.stored_pks)
+        self.records.update(
+            (message, (indexes[position], key))
+            for message, (position, key) in other.records.items()
+        )
 
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -238,7 +279,7 @@ def _classify(batch: _Batch) -> None:
 
 
 def _match_stored(batch: _Batch) -> None:
-    """Step 2. Events already in the ledger leave `fresh`: with the stored payload their copies
+    """Step 3. Events already in the ledger leave `fresh`: with the stored payload their copies
     are repeats of the stored row, with another payload they are all conflicts."""
     if not batch.fresh:
         return
@@ -253,15 +294,18 @@ def _match_stored(batch: _Batch) -> None:
             batch.fail(group, "conflict", "differs from the stored event", env)
 
 
-def _reject_short_departures(batch: _Batch) -> None:
-    """Step 3 (WAREHOUSE_STRICT_STOCK). Lock the stock rows of the batch's pairs (ascending key
-    order, for the rest of the transaction) and, in batch order, refuse each departure that
-    would drive its stock below zero, with all its copies (`insufficient_stock`)."""
-    if not batch.fresh:
-        return
-    balances = stock_lock(
-        pairs={(env.warehouse_id, env.product_id) for _, env in batch.fresh.values()}
-    )
+def _lock_stock(batch: _Batch) -> dict[Pair, int]:
+    """Step 2 (WAREHOUSE_STRICT_STOCK). Lock the stock rows of the pairs of the batch's new
+    events (ascending key order, for the rest of the transaction) and return their balances.
+    Taken before step 3: a transaction that stored one of these events holds its pair's row
+    until it commits, so step 3 then sees everything stored for these pairs."""
+    return stock_lock(pairs={(env.warehouse_id, env.product_id) for _, env in batch.fresh.values()})
+
+
+def _reject_short_departures(batch: _Batch, balances: dict[Pair, int]) -> None:
+    """Step 4 (WAREHOUSE_STRICT_STOCK). In batch order, refuse each departure that would drive
+    its stock (`balances`, locked in step 2) below zero, with all its copies
+    (`insufficient_stock`)."""
     for key, (_, env) in sorted(batch.fresh.items(), key=lambda item: item[1][0]):
         pair = (env.warehouse_id, env.product_id)
         after = balances.get(pair, 0) + env.delta
@@ -272,54 +316,37 @@ def _reject_short_departures(batch: _Batch) -> None:
         balances[pair] = after
 
 
-def _count_repeats(
-    batch: _Batch,
-) -> tuple[Tally[EventKey], dict[EventKey, int], list[DuplicateMessage]]:
-    """Step 4. Later in-batch copies of the events stored now are repeats too. Each repeat is
+def _count_repeats(batch: _Batch) -> _Counts:
+    """Step 5. Later in-batch copies of the events stored now are repeats too. Each repeat is
     `redelivered` when its message key stored the row or was counted before, else a
-    `duplicate`. Returns the new duplicates per event, the pks of the stored rows to bump, and
-    the `DuplicateMessage` records of the counted message keys."""
+    `duplicate`. Returns what to count (`_Counts`)."""
     for key, indexes in batch.copies.items():
         batch.repeats.update((member, _Repeat(key, None, "")) for member in indexes)
     keys = batch.keys
     counted = message_keys_known(DuplicateMessage, {keys[i] for i in batch.repeats if keys[i]})
-    new_duplicates: Tally[EventKey] = Tally()
-    stored_pks: dict[EventKey, int] = {}
-    records: list[DuplicateMessage] = []
+    counts = _Counts()
     for index, repeat in batch.repeats.items():
         message = keys[index]
         if message and (message == repeat.stored_by or message in counted):
             batch.outcomes[index] = "redelivered"
             continue
         batch.outcomes[index] = "duplicate"
-        new_duplicates[repeat.key] += 1
+        counts.new[repeat.key] += 1
         if repeat.row is not None:
-            stored_pks[repeat.key] = repeat.row
+            counts.stored_pks[repeat.key] = repeat.row
         if message:
-            movement_id, event = repeat.key
-            records.append(
-                DuplicateMessage(
-                    message_key=message, movement_id=movement_id, event=event, received_at=batch.now
-                )
-            )
-    return new_duplicates, stored_pks, records
+            counts.records[message] = (index, repeat.key)
+    return counts
 
 
-def _store(
-    batch: _Batch,
-    new_duplicates: Tally[EventKey],
-    stored_pks: dict[EventKey, int],
-    records: list[DuplicateMessage],
-) -> list[StockView]:
-    """Step 5. Insert the new ledger rows (`stored`), bump the duplicate counters of rows
-    stored earlier (`F()`), record the counted duplicates' message keys and apply the stock
-    deltas; returns the moved pairs' new views."""
+def _store(batch: _Batch, counts: _Counts) -> list[StockView]:
+    """Step 6. Insert the new ledger rows (`stored`) with their stock deltas, settle the events
+    another transaction stored meanwhile, record the counted duplicates' message keys and bump
+    the counters of rows stored earlier; returns the moved pairs' new views (their versions go
+    to `batch.stock_versions`)."""
     entries: list[tuple[Any, ...]] = []
-    deltas: dict[Pair, int] = defaultdict(int)
-    now, outcomes, keys = batch.now, batch.outcomes, batch.keys
+    now, keys = batch.now, batch.keys
     for key, (index, env) in batch.fresh.items():
-        outcomes[index] = "stored"
-        delta = env.delta
         # In `ledger_sql.LEDGER_COLUMNS` order.
         entries.append(
             (
@@ -328,32 +355,85 @@ def _store(
                 env.warehouse_id,
                 env.product_id,
                 env.quantity,
-                delta,
+                env.delta,
                 env.timestamp,
                 env.source,
                 env.id,
                 env.time,
                 env.fingerprint,
-                new_duplicates.get(key, 0),
+                counts.new.get(key, 0),
                 now,
                 keys[index],
             )
         )
-        deltas[(env.warehouse_id, env.product_id)] += delta
-    balances = ledger_store(entries, deltas, now)
-    by_count: dict[int, list[int]] = defaultdict(list)
-    for key, pk in stored_pks.items():
-        by_count[new_duplicates[key]].append(pk)
-    for count, pks in by_count.items():
-        LedgerEntry.objects.filter(pk__in=pks).update(duplicates=F("duplicates") + count)
-    # A plain insert: a concurrent delivery of the same message fails this batch (retried
-    # message by message) rather than counting it twice.
-    DuplicateMessage.objects.bulk_create(records)
-    return read_cache.stock_views(balances, updated_at=now)
+    stored = ledger_store(entries, now)
+    if stored.missed:
+        _settle_stored_meanwhile(batch, counts, stored.missed)
+    for index, _ in batch.fresh.values():
+        batch.outcomes[index] = "stored"
+    _record_duplicates(batch, counts)
+    batch.stock_versions = [version for *_, version in stored.balances]
+    return read_cache.stock_views(
+        [(w, p, balance) for w, p, balance, _ in stored.balances], updated_at=now
+    )
+
+
+def _settle_stored_meanwhile(batch: _Batch, counts: _Counts, missed: set[EventKey]) -> None:
+    """Events of `fresh` that another transaction stored (and committed) after step 3 looked:
+    their messages (first copies and in-batch copies) run through steps 1, 3 and 5 again as a
+    sub-batch, which now finds the stored rows, and its outcomes, refusals and counts replace
+    what this batch had planned for them. Nothing of them was written yet but their (skipped)
+    ledger rows."""
+    counts.forget(missed)
+    indexes = [index for key in sorted(missed) for index in batch.group(key)]
+    sub = _Batch(
+        bodies=[batch.bodies[i] for i in indexes],
+        keys=[batch.keys[i] for i in indexes],
+        now=batch.now,
+        outcomes=[""] * len(indexes),
+        parsed=None if batch.parsed is None else [batch.parsed[i] for i in indexes],
+    )
+    _classify(sub)
+    _match_stored(sub)
+    if sub.fresh:
+        raise RuntimeError("events skipped as stored meanwhile are not in the ledger")
+    counts.merge(_count_repeats(sub), indexes)
+    for position, index in enumerate(indexes):
+        batch.outcomes[index] = sub.outcomes[position]
+        if position in sub.failures:
+            batch.failures[index] = sub.failures[position]
+
+
+def _record_duplicates(batch: _Batch, counts: _Counts) -> None:
+    """Record the counted duplicates' message keys and add the counts to the rows stored before
+    the batch. A message key another transaction recorded meanwhile (the same message delivered
+    twice at once, e.g. redelivered while its first delivery was still committing) is not
+    counted again: `redelivered`."""
+    if counts.records:
+        claimed = duplicates_claim(
+            [
+                DuplicateMessage(
+                    message_key=message,
+                    movement_id=key[0],
+                    event=key[1],
+                    received_at=batch.now,
+                )
+                for message, (_, key) in counts.records.items()
+            ]
+        )
+        # Only repeats of rows stored before the batch can lose their claim: another batch
+        # sees a row this one inserts only after this one committed, claims included.
+        for message, (index, key) in counts.records.items():
+            if message not in claimed:
+                batch.outcomes[index] = "redelivered"
+                counts.new[key] -= 1
+    duplicates_add(
+        {pk: counts.new[key] for key, pk in counts.stored_pks.items() if counts.new[key] > 0}
+    )
 
 
 def _dead_letter(batch: _Batch, *, record: bool) -> list[Problem]:
-    """Step 6. Each failure sets its message's outcome to the reason and, with `record`,
+    """Step 7. Each failure sets its message's outcome to the reason and, with `record`,
     becomes a dead letter (a message key dead-lettered before adds nothing). Returns the
     problems in message order."""
     problems: list[Problem] = []
@@ -372,7 +452,10 @@ def _dead_letter(batch: _Batch, *, record: bool) -> list[Problem]:
                     event=failure.envelope.event if failure.envelope else "",
                     message_key=batch.keys[index],
                 )
-                for index, failure in batch.failures.items()
+                # In message key order, as every insert two batches may share.
+                for index, failure in sorted(
+                    batch.failures.items(), key=lambda item: batch.keys[item[0]]
+                )
             ],
             ignore_conflicts=True,
         )
@@ -380,11 +463,14 @@ def _dead_letter(batch: _Batch, *, record: bool) -> list[Problem]:
 
 
 def _announce(batch: _Batch, result: BatchResult) -> None:
-    """Step 7. After commit: write the read cache through and count the metrics. The stock
+    """Step 8. After commit: write the read cache through and count the metrics. The stock
     changes go out on `warehouse.stock` (realtime delivers them after commit too)."""
-    movement_ids = {env.movement_id for _, env in batch.fresh.values()}
+    events: dict[uuid.UUID, int] = defaultdict(int)
+    for movement_id, event in batch.fresh:
+        events[movement_id] |= read_cache.EVENT_BITS[event]
     sent_times = [env.time for _, env in batch.fresh.values()]
-    transaction.on_commit(lambda: _after_commit(result, movement_ids, sent_times))
+    versions = batch.stock_versions
+    transaction.on_commit(lambda: _after_commit(result, versions, events, sent_times))
     if result.stock_changes:
         publish(STOCK_TOPIC, {"changes": result.stock_changes})
 
@@ -400,10 +486,12 @@ def _ingest(
         bodies=bodies, keys=keys, now=timezone.now(), outcomes=[""] * len(bodies), parsed=parsed
     )
     _classify(batch)
+    strict = settings.WAREHOUSE_STRICT_STOCK
+    balances = _lock_stock(batch) if strict and batch.fresh else {}
     _match_stored(batch)
-    if settings.WAREHOUSE_STRICT_STOCK:
-        _reject_short_departures(batch)
-    changes = _store(batch, *_count_repeats(batch))
+    if strict and batch.fresh:
+        _reject_short_departures(batch, balances)
+    changes = _store(batch, _count_repeats(batch))
     problems = _dead_letter(batch, record=record_dead_letters)
     result = BatchResult(outcomes=batch.outcomes, stock_changes=changes, problems=problems)
     _announce(batch, result)
@@ -411,9 +499,12 @@ def _ingest(
 
 
 def _after_commit(
-    result: BatchResult, movement_ids: set[uuid.UUID], sent_times: list[datetime]
+    result: BatchResult,
+    versions: list[int],
+    events: dict[uuid.UUID, int],
+    sent_times: list[datetime],
 ) -> None:
-    read_cache.stock_changes_write_through(result.stock_changes, movement_ids)
+    read_cache.stock_changes_write_through(result.stock_changes, versions, events)
     tally = Tally(result.outcomes)
     for outcome, count in tally.items():
         if outcome in ("stored", "duplicate", "redelivered"):
@@ -422,6 +513,8 @@ def _after_commit(
             MESSAGES.labels("dead_letter").inc(count)
             DEAD_LETTERS.labels(outcome).inc(count)
     MOVEMENTS_STORED.inc(tally.get("stored", 0))
+    console_count("warehouse.messages", len(result.outcomes))
+    console_count("warehouse.duplicates", tally.get("duplicate", 0))
     STOCK_SHORT.inc(sum(1 for change in result.stock_changes if change["short"]))
     BATCH_SIZE.observe(len(result.outcomes))
     now = timezone.now()
@@ -443,9 +536,13 @@ def movements_ingest(
     `keys` are the messages' identities (`schemas.message_key`; "" or None for REST items,
     which are new messages every time): idempotent per message key, so a redelivered batch
     changes nothing. Idempotent per event key `(movement_id, event)` whatever the keys: a
-    repeat only counts a duplicate. Locks: the stock rows of the batch's pairs (ascending key
-    order; with WAREHOUSE_STRICT_STOCK from the start of the check). Invalid messages are dead
-    letters, never raised; anything unexpected raises (nothing of the batch is then written).
+    repeat only counts a duplicate. Safe beside concurrent batches with the same events or
+    messages (other consumers on the queue, the REST ingest): whichever commits second counts
+    them as repeats of the first one's rows, as if they had come later. Locks, until commit, in
+    ascending key order: the new ledger keys, the moved pairs' stock rows (with
+    WAREHOUSE_STRICT_STOCK from before the ledger lookup), the bumped ledger rows and the
+    recorded duplicates' message keys. Invalid messages are dead letters, never raised;
+    anything unexpected raises (nothing of the batch is then written).
     Side effects (cache write-through, metrics, the `warehouse.stock` publish) happen after
     commit; the caller acks only after this returns. `parsed` is `movements_parse(bodies)`
     when the caller validated the bodies ahead."""
@@ -463,11 +560,13 @@ def movements_ingest_isolated(
     transaction, so a poison message hurts only itself: one that still fails is dead-lettered
     as `error` (once per message key) and the rest of the batch is applied.
 
-    A lost database (OperationalError, InterfaceError) is raised, not dead-lettered: nothing was
-    acked and the messages come back."""
+    A transaction the database rolled back because of a concurrent one (deadlock victim,
+    serialization failure) is run again as it was, up to ROLLBACK_RETRIES times, with one
+    warning line each (`_ingest_retrying`). A lost database (OperationalError, InterfaceError)
+    is raised, not dead-lettered: nothing was acked and the messages come back."""
     keys = list(keys or [""] * len(bodies))
     try:
-        return movements_ingest(bodies=bodies, keys=keys, parsed=parsed)
+        return _ingest_retrying(bodies=bodies, keys=keys, parsed=parsed)
     except Exception as exc:
         if database_unavailable(exc):
             raise
@@ -475,7 +574,7 @@ def movements_ingest_isolated(
     result = BatchResult()
     for index, (body, key) in enumerate(zip(bodies, keys, strict=True)):
         try:
-            single = movements_ingest(
+            single = _ingest_retrying(
                 bodies=[body], keys=[key], parsed=None if parsed is None else [parsed[index]]
             )
         except Exception as exc:
@@ -485,6 +584,41 @@ def movements_ingest_isolated(
             single = _dead_letter_error(body, key, exc)
         result.extend(single)
     return result
+
+
+ROLLBACK_RETRIES = 5
+
+
+def rolled_back_by_peer(exc: BaseException) -> str | None:
+    """The SQLSTATE when the database rolled the transaction back because of a concurrent one
+    (class 40: deadlock victim 40P01, serialization failure 40001), which running it again
+    resolves; None for anything else."""
+    state = getattr(exc.__cause__, "sqlstate", None)
+    return state if isinstance(state, str) and state.startswith("40") else None
+
+
+def _ingest_retrying(
+    *, bodies: Sequence[Body], keys: Sequence[str], parsed: Sequence[Parsed] | None
+) -> BatchResult:
+    """`movements_ingest`, run again when the database rolled it back because of a concurrent
+    transaction (`rolled_back_by_peer`), at most ROLLBACK_RETRIES times in all; only as the
+    outermost transaction (inside another one the rollback is the caller's to handle)."""
+    attempt = 1
+    while True:
+        try:
+            return movements_ingest(bodies=bodies, keys=keys, parsed=parsed)
+        except OperationalError as exc:
+            state = rolled_back_by_peer(exc)
+            outermost = not transaction.get_connection().in_atomic_block
+            if state is None or not outermost or attempt >= ROLLBACK_RETRIES:
+                raise
+            logger.warning(
+                "warehouse_batch_rolled_back_retrying",
+                sqlstate=state,
+                attempt=attempt,
+                size=len(bodies),
+            )
+            attempt += 1
 
 
 @transaction.atomic

@@ -1,6 +1,6 @@
 """Stock maintenance: rebuilding every balance from the ledger."""
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
@@ -13,12 +13,24 @@ def stock_rebuild() -> int:
     """Recompute every balance from the ledger (stock == Σ ledger deltas); returns the number
     of stock rows written.
 
-    Deletes and rewrites the whole stock table in one transaction (concurrent ingest waits on
-    the rows it touches); idempotent. After commit the stock cache entries are rewritten in
-    chunks (and those of pairs that no longer exist invalidated); nothing else in the cache is
-    touched. Raises nothing of its own."""
+    Deletes and rewrites the whole stock table in one transaction; on PostgreSQL the table is
+    locked against writes first (SHARE ROW EXCLUSIVE: reads go on, concurrent ingest waits for
+    the commit), so no batch commits between the sums and the rewrite. Every row's `version` is
+    raised (kept monotonic, so the rewritten cache entries replace the ones cached before).
+    Idempotent. After commit the stock cache entries are rewritten in chunks (and those of pairs
+    that no longer exist invalidated); nothing else in the cache is touched. Raises nothing of
+    its own."""
     now = timezone.now()
-    before = set(Stock.objects.values_list("warehouse_id", "product_id"))
+    if connection.vendor == "postgresql":
+        table = connection.ops.quote_name(Stock._meta.db_table)
+        with connection.cursor() as cursor:
+            cursor.execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
+    before = {
+        (warehouse_id, product_id): version
+        for warehouse_id, product_id, version in Stock.objects.values_list(
+            "warehouse_id", "product_id", "version"
+        )
+    }
     Stock.objects.all().delete()
     rows = (
         LedgerEntry.objects.values("warehouse_id", "product_id")
@@ -31,13 +43,15 @@ def stock_rebuild() -> int:
             product_id=row["product_id"],
             balance=row["total"],
             updated_at=now,
+            version=before.get((row["warehouse_id"], row["product_id"]), 0) + 1,
         )
         for row in rows
     ]
     Stock.objects.bulk_create(stock, batch_size=5000)
     views = {
-        read_cache.stock_cache_key(row.warehouse_id, row.product_id): read_cache.body_of(
-            read_cache.stock_view_of(row)
+        read_cache.stock_cache_key(row.warehouse_id, row.product_id): (
+            row.version,
+            read_cache.body_of(read_cache.stock_view_of(row)),
         )
         for row in stock
     }

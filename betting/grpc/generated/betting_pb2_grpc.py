@@ -112,7 +112,8 @@ class LineProviderServicer(object):
 
     def WatchEvents(self, request, context):
         """A snapshot of every event, then every change in global sequence order, with heartbeats
-        when idle. With `from_sequence` set: no snapshot, every change after that sequence.
+        when idle. With `from_sequence` set: no snapshot, every change after that sequence. The
+        same on every copy: a stream resumed on another copy continues without gap or duplicate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

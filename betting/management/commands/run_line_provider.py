@@ -12,6 +12,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from betting.grpc.server import serve
 from betting.grpc.transport import configured_mode
+from common.heartbeat import process_heartbeat_start
 from common.signals import run_until_signal
 
 
@@ -23,6 +24,8 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=settings.GRPC_PORT)
 
     def handle(self, *args: Any, host: str, port: int, **options: Any) -> None:
+        process_heartbeat_start("grpc")
+
         def bound(actual: int) -> None:
             self.stdout.write(
                 f"betting line provider serving gRPC on {host}:{actual} ({configured_mode()})",

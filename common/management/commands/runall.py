@@ -16,6 +16,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from common.db import orm_async
+from common.heartbeat import process_heartbeat_start
 from common.processes import embedded_processes
 from common.signals import run_until_signal
 
@@ -78,6 +79,11 @@ class Command(BaseCommand):
         for process in embedded_processes():
             for variable, process_host, process_port in process.listens():
                 _check_free(variable, process_host, process_port)
+        # One process runs every kind: the console shows it once, with what it runs.
+        names = ["http", *(p.name for p in embedded_processes())]
+        if settings.CELERY_TASK_ALWAYS_EAGER:
+            names.append("beat")
+        process_heartbeat_start("embedded", names=names)
         run_until_signal(lambda stop: self._main(stop, host, port))
 
     async def _main(self, stop: asyncio.Event, host: str, port: int) -> None:
@@ -131,6 +137,7 @@ class Command(BaseCommand):
         for label, url in [
             ("Home", f"{base}/"),
             ("Admin", f"{base}/admin/"),
+            ("Console", f"{base}/console/"),
             ("API docs", f"{base}/api/docs/"),
             ("Health", f"{base}/health"),
             ("Readiness", f"{base}/readyz"),

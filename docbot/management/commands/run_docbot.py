@@ -7,6 +7,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from telegram import Bot
 
+from common.heartbeat import process_heartbeat_start
 from common.metrics import metrics_server_start
 from common.signals import run_until_signal
 from docbot import runtime, services, telegram, texts
@@ -23,6 +24,7 @@ class Command(BaseCommand):
         parser.add_argument("--poll-timeout", type=int, default=10)
 
     def handle(self, *args: Any, **options: Any) -> None:
+        process_heartbeat_start("bot")
         if not runtime.bot_enabled():
             if telegram.sandbox_enabled():
                 self.stdout.write(
@@ -57,7 +59,9 @@ class Command(BaseCommand):
 
         async def poll(stop: asyncio.Event) -> None:
             self.stdout.write("docbot polling; Ctrl-C stops.")
-            await run_polling(config, stop, poll_timeout=poll_timeout)
+            # Single-active: a second copy stands by until this one's lease expires.
+            lease = runtime.poll_lease(config.token)
+            await run_polling(config, stop, lease=lease, poll_timeout=poll_timeout)
 
         run_until_signal(poll)
 

@@ -34,6 +34,7 @@ from vmcontrol.management.options import (
     identifier_option,
     integer_option,
     seconds_option,
+    server_option,
     text_option,
 )
 from vmcontrol.protocol import (
@@ -61,7 +62,7 @@ TEXTS = {
     "vmcontrol_agent_logged_out": "VM {vm_id} logged out by the server ({reason})",
     "vmcontrol_agent_command": "VM {vm_id} ran {command}: {outcome}",
     "vmcontrol_agent_reconnecting": (
-        "{reason}; reconnecting in {delay_seconds} s (attempt {attempt})"
+        "{reason}; reconnecting in {delay_seconds} s to {next_server} (attempt {attempt})"
     ),
     "vmcontrol_agent_auth_failed": (
         "VM {vm_id}: credentials refused ({error}), attempt {attempt} of {attempts}"
@@ -186,6 +187,15 @@ class Command(OptionValuesCommand):
             "--port",
             type=integer_option(min_value=1, max_value=65535),
             default=settings.VMCONTROL_PORT,
+        )
+        parser.add_argument(
+            "--server",
+            action="append",
+            type=server_option,
+            default=[],
+            metavar="HOST:PORT",
+            help="another copy of the server (repeatable): when a connection fails or ends the "
+            "agent dials the next one in turn; a --count fleet starts spread over all of them",
         )
         parser.add_argument(
             "--vm-id",
@@ -320,6 +330,7 @@ class Command(OptionValuesCommand):
             tls=tls,
             server_hostname=options["tls_server_name"],
             max_auth_failures=options["auth_attempts"],
+            more_servers=options["server"],
         )
         with agent_logging(json_lines=options["json"], verbosity=options["verbosity"]):
             run_until_signal(lambda stop: self._main(fleet, options, stop))

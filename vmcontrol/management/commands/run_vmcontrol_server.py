@@ -5,10 +5,12 @@ import gc
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from common.heartbeat import process_heartbeat_start
 from common.metrics import metrics_server_start
 from common.signals import run_until_signal
+from vmcontrol import services
 from vmcontrol.consumers import application
 from vmcontrol.server import serve
 
@@ -21,6 +23,7 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=settings.VMCONTROL_PORT)
 
     def handle(self, *args: Any, host: str, port: int, **options: Any) -> None:
+        process_heartbeat_start("tcp")
         if settings.METRICS_PORT:
             metrics_server_start(settings.METRICS_PORT)
         # Thousands of long-lived connection objects make full collections stall the event loop
@@ -35,4 +38,7 @@ class Command(BaseCommand):
         async def main(stop: asyncio.Event) -> None:
             await serve(stop, app=application, host=host, port=port, started=started)
 
-        run_until_signal(main)
+        try:
+            run_until_signal(main)
+        except services.LeaseHeld as held:
+            raise CommandError(held.message) from None

@@ -10,6 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
+from common.heartbeat import process_heartbeat_start
 from common.metrics import metrics_server_start
 from common.signals import run_until_signal
 from warehouse.queue import MovementConsumer, consumer_run
@@ -24,9 +25,10 @@ class Command(BaseCommand):
         parser.add_argument("--batch-size", type=int, default=None)
         parser.add_argument("--prefetch", type=int, default=None)
         parser.add_argument("--linger-ms", type=int, default=None)
-        parser.add_argument("--name", default=None, help="heartbeat name (default host:queue)")
+        parser.add_argument("--name", default=None, help="heartbeat name (default host:queue:pid)")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        process_heartbeat_start("consumer")
         consumer = MovementConsumer(
             url=options["url"],
             queue_name=options["queue"],
