@@ -507,6 +507,12 @@ DOCBOT_STATE_TTL_SECONDS = env.int("DOCBOT_STATE_TTL_SECONDS", default=7 * 24 * 
 DOCBOT_POLL_LEASE_SECONDS = env.float("DOCBOT_POLL_LEASE_SECONDS", default=15.0)
 if not DOCBOT_POLL_LEASE_SECONDS > 0:
     raise ImproperlyConfigured("DOCBOT_POLL_LEASE_SECONDS must be > 0")
+# An update being handled is claimed for this long, renewed every third of it while its handler
+# runs: a process that dies mid-update leaves a claim that expires after this, and the next
+# delivery (the poller that takes over, Telegram's webhook retry) handles the update again.
+DOCBOT_UPDATE_CLAIM_SECONDS = env.float("DOCBOT_UPDATE_CLAIM_SECONDS", default=30.0)
+if not DOCBOT_UPDATE_CLAIM_SECONDS > 0:
+    raise ImproperlyConfigured("DOCBOT_UPDATE_CLAIM_SECONDS must be > 0")
 DOCBOT_RATE_LIMIT_PER_SECOND = env.float("DOCBOT_RATE_LIMIT_PER_SECOND", default=30.0)
 # Without TELEGRAM_BOT_TOKEN, `make run` serves the bot against a built-in Bot API stand-in with a
 # staff chat page at /docbot/sandbox/; off with DJANGO_DEBUG=false unless set explicitly.

@@ -70,7 +70,7 @@ def settings_from_django(*, service_token: str, mode: str | None = None) -> BotS
         max_file_bytes=settings.DOCBOT_MAX_FILE_BYTES,
         state_ttl_seconds=settings.DOCBOT_STATE_TTL_SECONDS,
         rate_limit_per_second=settings.DOCBOT_RATE_LIMIT_PER_SECOND,
-        update_claim_seconds=float(getattr(settings, "DOCBOT_UPDATE_CLAIM_SECONDS", CLAIM_SECONDS)),
+        update_claim_seconds=settings.DOCBOT_UPDATE_CLAIM_SECONDS,
     )
 
 

@@ -457,7 +457,6 @@ class Poller:
             task = asyncio.ensure_future(self._handle_one(update.update_id, update))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-            self.offsets.finished(update.update_id, True)  # REVERT-A: confirm on hand-over
         return usable
 
     async def _handle_one(self, update_id: int, update: Update) -> None:

@@ -107,6 +107,9 @@ class FakeTelegram:
     #: sendMessage calls to these chats (from `_held_caller`'s label, or anyone's when None) are
     #: recorded and then kept in flight until `release_replies`
     _held_chats: set[int] = field(default_factory=set)
+    #: the chats of held sendMessage calls whose caller hung up before the answer (it died, or
+    #: its handler was cancelled)
+    hung_up: list[int] = field(default_factory=list)
     _held_caller: str | None = None
     _release: asyncio.Event | None = None
     _pending: list[Any] = field(default_factory=list)
@@ -431,7 +434,7 @@ class FakeTelegram:
             if method == "sendMessage" and self._holds(params, label):
                 # aiohttp serves any StreamResponse; `_method` keeps its narrower type for the
                 # subclasses that wrap it (bench/scaleout.py).
-                return cast(web.Response, await self._held(request, response))
+                return cast(web.Response, await self._held(request, response, _chat_of(params)))
             return response
         started = time.monotonic()
         with self._changed:
@@ -454,9 +457,12 @@ class FakeTelegram:
                 return False
             return _chat_of(params) in self._held_chats
 
-    async def _held(self, request: web.Request, answer: web.Response) -> web.StreamResponse:
+    async def _held(
+        self, request: web.Request, answer: web.Response, chat_id: int | None
+    ) -> web.StreamResponse:
         """`answer`, once `release_replies` is called; meanwhile a space every 0.2 s (JSON
-        allows leading whitespace) keeps the client's read timeout from ending the call."""
+        allows leading whitespace) keeps the client's read timeout from ending the call, and
+        shows when the caller hangs up (`hung_up`)."""
         assert self._release is not None
         held = web.StreamResponse(headers={"Content-Type": "application/json"})
         try:
@@ -468,9 +474,21 @@ class FakeTelegram:
             assert isinstance(answer.body, bytes)
             await held.write(answer.body)
             await held.write_eof()
-        except (ConnectionError, RuntimeError):  # the caller is gone (killed)
-            pass
+        except (ConnectionError, RuntimeError):  # the caller is gone
+            with self._changed:
+                self.hung_up.append(chat_id if chat_id is not None else 0)
+                self._changed.notify_all()
         return held
+
+    def wait_hung_up(self, chat_id: int, *, timeout: float = 30) -> None:
+        """Until the caller of a held reply to `chat_id` has hung up."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while chat_id not in self.hung_up:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"the held reply to {chat_id} is still awaited")
+                self._changed.wait(remaining)
 
     async def _m_getMe(self, params: dict[str, Any], upload: bytes | None) -> web.Response:
         return self._ok(BOT_USER)

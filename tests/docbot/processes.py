@@ -17,7 +17,7 @@ from tests.realtime.nodes import database_url
 ROOT = Path(__file__).resolve().parents[2]
 #: A loaded machine may take tens of seconds to start a Django process.
 START_SECONDS = 120.0
-SETTINGS_MODULE = "tests.docbot.process_settings"
+SETTINGS_MODULE = "config.settings_test"
 
 
 @dataclass

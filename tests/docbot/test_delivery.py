@@ -85,9 +85,10 @@ def test_a_new_lease_term_forgets_all_but_the_updates_still_running() -> None:
     offsets.restart()
     assert offsets.next is None  # another poller may have confirmed anything meanwhile
     assert [offsets.fetched(i) for i in (31, 32, 33)] == [False, True, True]
-    offsets.finished(31, True)
     offsets.finished(32, True)
     offsets.finished(33, True)
+    assert offsets.next is None  # 31 still runs here
+    offsets.finished(31, True)
     assert offsets.next == 34
 
 
@@ -181,6 +182,25 @@ def test_an_update_claimed_by_a_poller_that_died_is_handled_once_its_claim_expir
     assert [len(helps(fake, user)) for user in (8201, 8202)] == [1, 1]
 
 
+def test_the_claim_of_an_update_still_being_handled_is_renewed_past_its_ttl(
+    polling_bot: BotEnv,
+) -> None:
+    fake = polling_bot.fake
+    fake.hold_replies({8211})
+    update = fake.push(fake.text_update(8211, "/help"))
+    held = fake.wait_for(lambda c: c.chat_id == 8211 and c.method == "sendMessage")
+    while time.monotonic() < held.at + 2 * CLAIM:  # the moment under test: an unrenewed
+        time.sleep(0.05)  # claim would have expired by now
+    # Another process delivered the same update now: it is still being handled here.
+    other = DialogStore(ttl_seconds=60, claim_seconds=CLAIM)
+    assert asyncio.run(_claim(other, update["update_id"])) == "busy"
+    fake.release_replies()
+    wait_until(lambda: highest_offset(fake) > update["update_id"], 30, "confirmed")
+    other = DialogStore(ttl_seconds=60, claim_seconds=CLAIM)
+    assert asyncio.run(_claim(other, update["update_id"])) == "duplicate"
+    assert len(helps(fake, 8211)) == 1
+
+
 async def _claim(store: DialogStore, update_id: int) -> str:
     try:
         return await store.admit(update_id, 8201, 50)
@@ -259,6 +279,7 @@ async def test_a_webhook_update_whose_handler_was_cut_off_is_answered_on_the_ret
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
             await request
+        await asyncio.to_thread(fake.wait_hung_up, 8401)  # the handler is gone
     fake.release_replies()
     statuses = await asyncio.to_thread(deliver_until_accepted, fake.webhook_url, update)
     await asyncio.to_thread(fake.wait_for, lambda c: len(helps(fake, 8401)) >= 2)
