@@ -41,9 +41,9 @@ the clients recorded:
 - chat: per room seqs gap-free, every message delivered to every member, each socket's live
   deliveries in strictly increasing seq, every ack names the stored message;
 - commands: none left queued/sent past its timeout; the last acknowledged RAM of a VM stored;
-- bot: every update answered exactly once, none with the failure text (an update not answered
-  in time is classified by the stand-in: never fetched, fetched, fetched and confirmed by a
-  later getUpdates offset);
+- bot: every update answered (at most one extra answer per user, for a reply cut by the
+  kill), none with the failure text (an update not answered in time is classified by the
+  stand-in: never fetched, fetched, fetched and confirmed by a later getUpdates offset);
 - agents: every agent authorized again at the end, none gave up;
 - no process exited on its own.
 Phase B also reports how long each restarted copy took to listen (or consume) again.
@@ -1807,9 +1807,11 @@ class Phase:
         lost = sum(max(0, pushed[u] - answers[u]) for u in pushed)
         twice = sum(max(0, answers[u] - pushed[u]) for u in pushed)
         failed = sum(failures.values())
+        # At-least-once (README "Scaling out"): an update the killed poller was replying to may be
+        # answered again by the copy that takes over; each user has at most one in flight.
         self.check(
-            "bot: every update answered exactly once",
-            lost == 0 and twice == 0,
+            "bot: every update answered, at most once more if its reply was cut by the kill",
+            lost == 0 and twice <= BOT_USERS,
             f"{sum(pushed.values())} updates: {lost} unanswered, {twice} extra answers"
             f" ({bot['conflicts']} getUpdates conflicts, {bot['polls']} polls; not answered"
             f" within {ANSWER_WAIT:.0f} s: {bot['unanswered_in_time']})",
