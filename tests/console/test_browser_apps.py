@@ -92,6 +92,10 @@ def test_the_four_app_panels_follow_their_apps_on_one_page(
 ) -> None:
     page = console_page.page
     page.evaluate("window.__notReloaded = true")
+    # pytest-django's `settings` must take its snapshot before the scenarios' override_settings
+    # (LIFO): the docbot scenario writes to it while the warehouse override is active, and its
+    # teardown would otherwise restore that override (strict stock) for every later test.
+    settings.DEBUG = settings.DEBUG
     shown: dict[str, Any] = {}
     with ExitStack() as running:
         shown["vmcontrol"] = running.enter_context(vmcontrol_scenario(console_page))
