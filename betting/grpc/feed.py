@@ -174,8 +174,11 @@ class ChangeFeed:
                 except Exception:
                     logger.exception("betting_feed_poll_failed")
                 pause = started + self.poll_seconds - time.monotonic()
+                # asyncio.timeout, not wait_for: no helper task per pause (3.11's wait_for wraps
+                # the wait in a task on every poll).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=max(pause, 0.0))
+                    async with asyncio.timeout(max(pause, 0.0)):
+                        await self._wake.wait()
         finally:
             if listener is not None:
                 listener.cancel()
@@ -285,7 +288,8 @@ class ChangeFeed:
             refreshed = self._refreshed
             self.wake()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(refreshed.wait(), timeout=remaining)
+                async with asyncio.timeout(remaining):
+                    await refreshed.wait()
         return True
 
     async def catch_up(self, sequence: int, within: float = 5.0) -> None:
@@ -300,7 +304,8 @@ class ChangeFeed:
         while self.sequence <= sequence:
             tick = self._tick
             try:
-                await asyncio.wait_for(tick.wait(), timeout=max(within, 0))
+                async with asyncio.timeout(max(within, 0)):
+                    await tick.wait()
             except TimeoutError:
                 return self.sequence > sequence
         return True
