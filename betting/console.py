@@ -9,7 +9,7 @@ had to redo (the settlement task had not run) in the last day.
 """
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -27,6 +27,7 @@ from common.console import (
     PanelSample,
     Row,
     console_count_totals,
+    console_when,
 )
 
 PANEL = "betting"
@@ -34,14 +35,6 @@ BETS = "betting.bets"
 REDONE_WINDOW = timedelta(days=1)
 LIMIT = 20
 VIA = "console"
-
-
-def _when(moment: datetime | None) -> str:
-    """Local time, with the date only when it is not today (the cells stay narrow)."""
-    if moment is None:
-        return ""
-    local = timezone.localtime(moment)
-    return local.strftime("%H:%M:%S" if local.date() == timezone.localdate() else "%Y-%m-%d %H:%M")
 
 
 def _money(amount: Decimal | None) -> str:
@@ -67,7 +60,7 @@ def _open_row(event: Event) -> Row:
         "cells": [
             event.name,
             schemas.money_format(event.coefficient),
-            _when(event.deadline),
+            console_when(event.deadline),
             _money(getattr(event, "pending_stake", None)),
             _money(getattr(event, "pending_payout", None)),
         ],
@@ -79,7 +72,7 @@ def _open_row(event: Event) -> Row:
 def _overdue(event: Event) -> Attention:
     return {
         "key": f"overdue-{event.id}",
-        "text": f"event {event.id} ({event.name}) past its deadline {_when(event.deadline)}",
+        "text": f"event {event.id} ({event.name}) past its deadline {console_when(event.deadline)}",
         "link": _event_link(event.id),
         "actions": _actions(event.id),
     }
@@ -91,7 +84,7 @@ def _redone(entry: AuditEntry) -> Attention:
         "key": f"redone-{entry.pk}",
         "text": (
             f"the reconciler settled {data.get('bets', '?')} bet(s) of event {entry.subject_id} "
-            f"({data.get('status', entry.action)}) at {_when(entry.at)}"
+            f"({data.get('status', entry.action)}) at {console_when(entry.at)}"
         ),
         "link": reverse("admin:betting_auditentry_change", args=[entry.pk]),
     }
@@ -113,7 +106,7 @@ def sample() -> PanelSample:
                 "key": "backlog",
                 "text": (
                     f"{backlog} ended event(s) with bets still unsettled, the oldest ended "
-                    f"{_when(oldest)}"
+                    f"{console_when(oldest)}"
                 ),
                 "link": reverse("admin:betting_event_changelist"),
             }

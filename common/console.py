@@ -30,9 +30,11 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, NotRequired, TypedDict
 
 import structlog
+from django.utils import timezone
 
 logger = structlog.get_logger(__name__)
 
@@ -199,6 +201,15 @@ def console_gauge_totals(keys: Iterable[str]) -> dict[str, float]:
 _HUB: list[ConsoleHub] = []
 
 
+def console_when(moment: datetime | None) -> str:
+    """A moment for a panel cell: local time, with the date only when it is not today (the
+    cells stay narrow); "" for None."""
+    if moment is None:
+        return ""
+    local = timezone.localtime(moment)
+    return local.strftime("%H:%M:%S" if local.date() == timezone.localdate() else "%Y-%m-%d %H:%M")
+
+
 def console_panel_register(panel: ConsolePanel) -> None:
     """Add (or replace) a panel; declares its topic staff-only once a hub is registered."""
     _PANELS[panel.name] = panel
@@ -247,4 +258,5 @@ __all__ = [
     "console_panel",
     "console_panel_register",
     "console_panels",
+    "console_when",
 ]

@@ -8,11 +8,9 @@ each with a retry.
 """
 
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 from django.urls import reverse
-from django.utils import timezone
 
 from common import parsers
 from common.console import (
@@ -22,6 +20,7 @@ from common.console import (
     PanelSample,
     console_count_totals,
     console_gauge_totals,
+    console_when,
 )
 from docbot import selectors, services
 from docbot.models import Document, IngestionFailure
@@ -32,21 +31,13 @@ DIALOGS = "docbot.dialogs"
 LIMIT = 20
 
 
-def _when(moment: datetime | None) -> str:
-    """Local time, with the date only when it is not today (the cells stay narrow)."""
-    if moment is None:
-        return ""
-    local = timezone.localtime(moment)
-    return local.strftime("%H:%M:%S" if local.date() == timezone.localdate() else "%Y-%m-%d %H:%M")
-
-
 def _failure(failure: IngestionFailure) -> Attention:
     name = getattr(failure, "document_name", None) or f"#{failure.document_id}"
     return {
         "key": f"failure-{failure.document_id}",
         "text": (
             f"document {name} (#{failure.document_id}) failed to ingest at "
-            f"{_when(failure.created_at)}: {failure.error[:160]}"
+            f"{console_when(failure.created_at)}: {failure.error[:160]}"
         ),
         "link": reverse("admin:docbot_ingestionfailure_change", args=[failure.pk]),
         "actions": [

@@ -10,7 +10,7 @@ one service, answer one line; a refusal is the service's `ApplicationError`.
 """
 
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from django.urls import reverse
@@ -25,6 +25,7 @@ from common.console import (
     PanelSample,
     Row,
     console_count_totals,
+    console_when,
 )
 from vmcontrol import selectors, services
 from vmcontrol.models import Command, CommandStatus, VirtualMachine, VmStatus
@@ -33,14 +34,6 @@ PANEL = "vmcontrol"
 HEARTBEATS = "vmcontrol.heartbeats"
 OFFLINE_WINDOW = timedelta(hours=1)
 LIMIT = 20
-
-
-def _when(moment: datetime | None) -> str:
-    """Local time, with the date only when it is not today (the cells stay narrow)."""
-    if moment is None:
-        return ""
-    local = timezone.localtime(moment)
-    return local.strftime("%H:%M:%S" if local.date() == timezone.localdate() else "%Y-%m-%d %H:%M")
 
 
 def _vm_link(vm_id: int) -> str:
@@ -63,7 +56,9 @@ def _gone_offline(vm: VirtualMachine) -> Attention:
     reason = getattr(vm, "last_end_reason", "") or "its server stopped"
     return {
         "key": f"offline-{vm.pk}",
-        "text": f"VM {vm.name} (#{vm.pk}) offline, last seen {_when(vm.last_seen_at)} ({reason})",
+        "text": (
+            f"VM {vm.name} (#{vm.pk}) offline, last seen {console_when(vm.last_seen_at)} ({reason})"
+        ),
         "link": _vm_link(vm.pk),
     }
 
@@ -76,7 +71,8 @@ def _failed(command: Command) -> Attention:
         "key": f"command-{command.pk}",
         "text": (
             f"{command.name} to VM {command.vm.name} (#{command.vm_id}) {outcome} "
-            f"at {_when(command.finished_at or command.created_at)}" + (f": {why}" if why else "")
+            f"at {console_when(command.finished_at or command.created_at)}"
+            + (f": {why}" if why else "")
         ),
         "link": _command_link(command),
         "actions": [_retry_ref(command)],
@@ -87,7 +83,7 @@ def _live_row(vm: VirtualMachine) -> Row:
     status = str(getattr(vm, "live_status", vm.status))
     row: Row = {
         "key": str(vm.pk),
-        "cells": [f"{vm.name} (#{vm.pk})", status, _when(vm.last_seen_at)],
+        "cells": [f"{vm.name} (#{vm.pk})", status, console_when(vm.last_seen_at)],
         "link": _vm_link(vm.pk),
     }
     if status == VmStatus.AUTHORIZED:

@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 from django.urls import reverse
-from django.utils import timezone
 
 from common import parsers
 from common.console import (
@@ -25,6 +24,7 @@ from common.console import (
     PanelSample,
     Row,
     console_count_totals,
+    console_when,
 )
 from warehouse import selectors, services
 from warehouse.models import DeadLetter, Stock
@@ -35,14 +35,6 @@ DUPLICATES = "warehouse.duplicates"
 LIMIT = 20
 
 
-def _when(moment: datetime | None) -> str:
-    """Local time, with the date only when it is not today (the cells stay narrow)."""
-    if moment is None:
-        return ""
-    local = timezone.localtime(moment)
-    return local.strftime("%H:%M:%S" if local.date() == timezone.localdate() else "%Y-%m-%d %H:%M")
-
-
 def _dead_letter_row(letter: DeadLetter) -> Row:
     return {
         "key": str(letter.pk),
@@ -50,7 +42,7 @@ def _dead_letter_row(letter: DeadLetter) -> Row:
             f"#{letter.pk}",
             letter.reason,
             letter.detail[:120],
-            _when(letter.received_at),
+            console_when(letter.received_at),
             letter.replay_outcome,
         ],
         "link": reverse("admin:warehouse_deadletter_change", args=[letter.pk]),
@@ -62,7 +54,7 @@ def _reason(reason: str, count: int, newest: datetime) -> Attention:
     changelist = reverse("admin:warehouse_deadletter_changelist")
     return {
         "key": f"dead-{reason}",
-        "text": f"{count} dead letter(s) {reason}, newest {_when(newest)}",
+        "text": f"{count} dead letter(s) {reason}, newest {console_when(newest)}",
         "link": f"{changelist}?{urlencode({'reason__exact': reason})}",
     }
 
@@ -94,7 +86,7 @@ def sample() -> PanelSample:
             "label": "consumer lag (s)",
             "value": None if lag_seconds is None else round(lag_seconds, 2),
         },
-        {"key": "last_stored", "label": "last stored", "value": _when(lag["recorded_at"])},
+        {"key": "last_stored", "label": "last stored", "value": console_when(lag["recorded_at"])},
         {"key": "consumers", "label": "consumers", "value": selectors.console_consumers_alive()},
         {
             "key": "ledger_rows",
